@@ -1,0 +1,1 @@
+"""Training data: TFDS builders for the fusion datasets and the patch pipeline."""

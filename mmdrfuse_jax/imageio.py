@@ -1,0 +1,195 @@
+"""Reading, pairing and atomically writing image files.
+
+Every function here deals with files that come from users, so every failure is an
+`ImageError` whose message names the file and the problem in one line. Images are never
+decoded with anything that can execute code (PIL only decodes pixels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import tempfile
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".pgm", ".ppm")
+
+
+class ImageError(ValueError):
+  """A user's image file (or pair of files) cannot be used; the message says why."""
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+  """Reads an image file as stored: 8-bit or 16-bit, gray (H, W) or colour (H, W, 3).
+
+  Palette and alpha images become RGB; 32-bit integer gray ("I" mode, as PIL opens some
+  16-bit PNGs) is returned as uint16 when its values fit.
+
+  Raises:
+    ImageError: the file is missing, unreadable, or of an unsupported pixel format.
+  """
+  path = pathlib.Path(path)
+  try:
+    with Image.open(path) as img:
+      img.load()
+      mode = img.mode
+      if mode in ("1", "L"):
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+      if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return np.asarray(img, dtype=np.uint16)
+      if mode == "I":
+        arr = np.asarray(img)
+        if arr.min() < 0 or arr.max() > 65535:
+          raise ImageError(f"{path}: 32-bit integer pixels outside 0..65535 are not supported")
+        return arr.astype(np.uint16)
+      if mode in ("RGB", "RGBA", "P", "PA", "LA", "CMYK", "YCbCr"):
+        if mode in ("LA",):
+          return np.asarray(img.convert("L"), dtype=np.uint8)
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+      raise ImageError(f"{path}: unsupported pixel format {mode!r}")
+  except ImageError:
+    raise
+  except FileNotFoundError:
+    raise ImageError(f"{path}: no such file") from None
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def max_value(image: np.ndarray) -> int:
+  """The full-scale value of an image's integer type (255 or 65535)."""
+  return 65535 if image.dtype == np.uint16 else 255
+
+
+def to_gray_published(image: np.ndarray) -> np.ndarray:
+  """Gray conversion used by the published inference: PIL's `convert("L")` for 8-bit RGB.
+
+  PIL computes `(R*19595 + G*38470 + B*7471 + 0x8000) >> 16` (ITU-R 601-2 in fixed point).
+  16-bit colour has no PIL equivalent, so the same weights are applied in float and rounded.
+
+  Returns:
+    A gray image of the input's integer dtype.
+  """
+  if image.ndim == 2:
+    return image
+  if image.dtype == np.uint8:
+    return np.asarray(Image.fromarray(image, "RGB").convert("L"), dtype=np.uint8)
+  weights = np.array([0.299, 0.587, 0.114])
+  return np.floor(image.astype(np.float64) @ weights + 0.5).astype(image.dtype)
+
+
+def to_unit_float(image: np.ndarray) -> np.ndarray:
+  """Scales an integer image to float32 in [0, 1] by its type's full scale."""
+  return image.astype(np.float32) / np.float32(max_value(image))
+
+
+def read_gray(path: str | os.PathLike) -> np.ndarray:
+  """Reads a file as a float32 (H, W) gray image in [0, 1], as the published code does."""
+  image = read_image(path)
+  return to_unit_float(to_gray_published(image))
+
+
+def write_image_atomic(path: str | os.PathLike, image: np.ndarray) -> None:
+  """Writes `image` to `path` through a temporary file in the same folder, then renames.
+
+  A reader never sees a half-written file, and an existing file at `path` is only
+  replaced once the new one is complete.
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fmt = Image.registered_extensions().get(path.suffix.lower())
+  if fmt is None:
+    raise ImageError(f"{path}: unknown image extension {path.suffix!r}")
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      Image.fromarray(np.ascontiguousarray(image)).save(f, format=fmt)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+@dataclasses.dataclass(frozen=True)
+class PairingResult:
+  """Files of several folders matched by stem.
+
+  Attributes:
+    pairs: (stem, (path_in_folder_0, path_in_folder_1, ...)) sorted by stem.
+    problems: one-line messages for files that could not be matched.
+  """
+
+  pairs: list[tuple[str, tuple[pathlib.Path, ...]]]
+  problems: list[str]
+
+
+def _images_by_stem(folder: pathlib.Path, problems: list[str]) -> dict[str, pathlib.Path]:
+  by_stem: dict[str, pathlib.Path] = {}
+  for path in sorted(folder.iterdir()):
+    if not path.is_file() or path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+      continue
+    if path.stem in by_stem:
+      problems.append(f"{path}: another image in {folder} has the same stem ({by_stem[path.stem].name})")
+      continue
+    by_stem[path.stem] = path
+  return by_stem
+
+
+def pair_folders(folders: Sequence[str | os.PathLike]) -> PairingResult:
+  """Pairs the image files of several folders by file stem (`a.png` pairs with `a.jpg`).
+
+  Raises:
+    ImageError: a folder does not exist or holds no image.
+  """
+  folders = [pathlib.Path(f) for f in folders]
+  problems: list[str] = []
+  maps = []
+  for folder in folders:
+    if not folder.is_dir():
+      raise ImageError(f"{folder}: no such folder")
+    found = _images_by_stem(folder, problems)
+    if not found:
+      raise ImageError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    maps.append(found)
+  all_stems = sorted(set().union(*maps))
+  pairs = []
+  for stem in all_stems:
+    present = [m.get(stem) for m in maps]
+    if all(p is not None for p in present):
+      pairs.append((stem, tuple(present)))
+    else:
+      have = next(p for p in present if p is not None)
+      missing = [str(f) for f, p in zip(folders, present) if p is None]
+      problems.append(f"{have}: no partner with stem {stem!r} in {', '.join(missing)}")
+  return PairingResult(pairs=pairs, problems=problems)
+
+
+def pair_inputs(paths: Sequence[str | os.PathLike]) -> PairingResult:
+  """Pairs inputs given either as files (one pair) or as folders (paired by stem).
+
+  Raises:
+    ImageError: the inputs mix files and folders, or a path does not exist.
+  """
+  paths = [pathlib.Path(p) for p in paths]
+  if all(p.is_dir() for p in paths):
+    return pair_folders(paths)
+  for p in paths:
+    if not p.exists():
+      raise ImageError(f"{p}: no such file or folder")
+    if p.is_dir():
+      raise ImageError(f"{p}: is a folder, but the other input is a file; give two files or two folders")
+  return PairingResult(pairs=[(paths[0].stem, tuple(paths))], problems=[])
+
+
+def check_same_size(paths: Iterable[pathlib.Path], images: Iterable[np.ndarray]) -> None:
+  """Raises ImageError naming the files when the images' heights and widths differ."""
+  paths, images = list(paths), list(images)
+  sizes = [img.shape[:2] for img in images]
+  if len(set(sizes)) > 1:
+    desc = ", ".join(f"{p.name} is {w}x{h}" for p, (h, w) in zip(paths, sizes))
+    raise ImageError(f"{paths[0]}: pair of different sizes ({desc})")

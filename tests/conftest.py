@@ -1,0 +1,25 @@
+"""Shared test fixtures.
+
+Reference material lives outside the repository (`$MMDRFUSE_SHARED`, default `../shared`
+from the repo root); tests that need it skip, saying why, where it is absent.
+"""
+
+import os
+import pathlib
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def shared_path() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("MMDRFUSE_SHARED", REPO_ROOT.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared() -> pathlib.Path:
+  """The reference folder; skips the test when it is missing."""
+  path = shared_path()
+  if not (path / "reference" / "SPEC.md").is_file():
+    pytest.skip(f"reference material not found at {path} (set MMDRFUSE_SHARED)")
+  return path
