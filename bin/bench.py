@@ -1,0 +1,26 @@
+#!/usr/bin/env python
+"""Benchmarks: `python bin/bench.py SUBCOMMAND --help`. The last line printed is JSON."""
+
+import argparse
+import sys
+
+from mmdrfuse_jax.benchmarks import common
+
+# Each module has add_parser(subparsers) that registers its subcommand with a `run` default.
+from mmdrfuse_jax.benchmarks import infer  # noqa: E402
+
+BENCHMARKS = [infer]
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__)
+  subparsers = parser.add_subparsers(dest="command", required=True)
+  for module in BENCHMARKS:
+    module.add_parser(subparsers)
+  args = parser.parse_args(argv)
+  common.print_result(args.run(args))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmarks behind `bin/bench.py`: one module per subcommand, each with `add_parser`."""

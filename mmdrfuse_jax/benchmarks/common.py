@@ -1,0 +1,53 @@
+"""Timing helpers shared by the benchmarks.
+
+Every benchmark reports the median of repeated runs after compilation, with device work
+finished (`jax.block_until_ready`), and names the device it ran on.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+
+
+def device_description() -> str:
+  """A human-readable name of the default device (with the CPU core count on CPU)."""
+  dev = jax.devices()[0]
+  if dev.platform == "cpu":
+    import os
+
+    return f"cpu ({os.cpu_count()} cores, {len(jax.devices())} jax device(s))"
+  return f"{dev.platform}: {dev.device_kind} x{len(jax.devices())}"
+
+
+def time_call(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2, min_seconds: float = 0.0) -> dict:
+  """Times `fn()` (which returns JAX arrays) after `warmup` calls that absorb compilation.
+
+  Args:
+    fn: a zero-argument callable whose result is blocked on.
+    repeats: at least this many timed runs.
+    warmup: untimed runs first (the first one compiles).
+    min_seconds: keep running past `repeats` until this much time has been measured.
+
+  Returns:
+    A dict with `median_s`, `min_s`, `runs`.
+  """
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  while len(times) < repeats or sum(times) < min_seconds:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return {"median_s": statistics.median(times), "min_s": min(times), "runs": len(times)}
+
+
+def print_result(result: dict) -> None:
+  """Prints a benchmark's result as the last line: one JSON object, with the device."""
+  result = dict(result)
+  result.setdefault("device", device_description())
+  print(json.dumps(result, sort_keys=True))
