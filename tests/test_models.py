@@ -114,3 +114,26 @@ def test_student_on_canvas_equals_cropped(height, width):
 def test_get_model_rejects_unknown_name():
   with pytest.raises(ValueError, match="unknown model"):
     models.get_model("professor")
+
+
+def _reference_student(params, x):
+  """The student with XLA's convolution, to check the planar implementation and its grads."""
+  def conv(y, p):
+    y = models.reflect_pad(y)
+    return jax.lax.conv_general_dilated(y, p["kernel"], (1, 1), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=jax.lax.Precision.HIGHEST) + p["bias"]
+  return jax.numpy.tanh(conv(jax.nn.relu(conv(x, params["conv1"])), params["conv2"]))
+
+
+def test_student_values_and_gradients_match_xla_convolution():
+  params = models.init_params("student", jax.random.key(4))
+  rng = np.random.default_rng(4)
+  x = rng.random((2, 19, 23, 2), dtype=np.float32)
+  target = rng.random((2, 19, 23, 1), dtype=np.float32)
+  loss = lambda p, f: jax.numpy.mean((f(p, x) - target) ** 2)
+  ours = lambda p, x: models.Student().apply({"params": p}, x)["out"]
+  np.testing.assert_allclose(ours(params, x), _reference_student(params, x), atol=1e-6)
+  g_ours = jax.grad(loss)(params, ours)
+  g_ref = jax.grad(loss)(params, _reference_student)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g_ours, g_ref)
