@@ -233,8 +233,9 @@ def check_pairs(pairs: Sequence[tuple[str, tuple[pathlib.Path, pathlib.Path]]], 
       continue
     if ir_size != vis_size and not resize_visible:
       problems.append(
-          f"{ir_path}: pair of different sizes ({ir_path.name} is {ir_size[1]}x{ir_size[0]}, "
-          f"{vis_path.name} is {vis_size[1]}x{vis_size[0]})")
+          f"{ir_path}: pair of different sizes ({ir_path.parent.name}/{ir_path.name} is {ir_size[1]}x{ir_size[0]}, "
+          f"{vis_path.parent.name}/{vis_path.name} is {vis_size[1]}x{vis_size[0]}; resize_visible / "
+          "--resize_visible would resize the visible image)")
       continue
     good.append((stem, (ir_path, vis_path)))
   return good, problems

@@ -73,34 +73,52 @@ def _rect(yy, xx, y0, x0, y1, x1, soft):
   return np.clip((np.minimum(dy, dx) + soft) / (2 * soft), 0, 1)
 
 
+def _window(h: int, w: int, y0: float, x0: float, y1: float, x1: float, margin: float):
+  """The slices of a box (grown by `margin`) clipped to the image, and its coordinate vectors."""
+  ys = slice(max(int(y0 - margin), 0), min(int(np.ceil(y1 + margin)) + 1, h))
+  xs = slice(max(int(x0 - margin), 0), min(int(np.ceil(x1 + margin)) + 1, w))
+  yy = np.arange(ys.start, ys.stop, dtype=np.float32)[:, None]
+  xx = np.arange(xs.start, xs.stop, dtype=np.float32)[None, :]
+  return (ys, xs), yy, xx
+
+
+def _paste(image: np.ndarray, sl, mask: np.ndarray, value) -> None:
+  """image[sl] <- mix(image[sl], value, mask), in place (mask (h, w); image 2-D or RGB)."""
+  region = image[sl]
+  m = mask if image.ndim == 2 else mask[..., None]
+  region += m * (value - region)
+
+
 def make_pair(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
   """One scene: infrared uint8 (H, W) and visible RGB uint8 (H, W, 3)."""
   h, w = height, width
-  yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+  f32 = np.float32
+  yy = np.arange(h, dtype=f32)[:, None]
+  xx = np.arange(w, dtype=f32)[None, :]
   horizon = rng.uniform(0.25, 0.5) * h
-  sky = yy < horizon
+  sky = np.broadcast_to(yy < horizon, (h, w))
   ground_t = np.clip((yy - horizon) / max(h - horizon, 1), 0, 1)
 
   # Infrared background: cool sky warming towards the horizon, ground slightly warmer,
   # all smooth.
-  ir = np.where(sky, 0.08 + 0.12 * yy / max(horizon, 1), 0.25 + 0.1 * ground_t)
-  ir = ir + 0.08 * (_fractal(rng, h, w, 3, 3) - 0.5)
+  ir = np.where(sky, 0.08 + 0.12 * yy / max(horizon, 1), 0.25 + 0.1 * ground_t).astype(f32)
+  ir += (0.08 * (_fractal(rng, h, w, 3, 3) - 0.5)).astype(f32)
 
   # Visible background: bright sky, textured ground (grass or gravel).
-  sky_rgb = np.array([0.55, 0.65, 0.85]) * rng.uniform(0.8, 1.1)
-  ground_rgb = rng.uniform([0.25, 0.3, 0.15], [0.45, 0.45, 0.3])
-  tex = _fractal(rng, h, w, 16, 4)
+  sky_rgb = (np.array([0.55, 0.65, 0.85]) * rng.uniform(0.8, 1.1)).astype(f32)
+  ground_rgb = rng.uniform([0.25, 0.3, 0.15], [0.45, 0.45, 0.3]).astype(f32)
+  tex = _fractal(rng, h, w, 16, 4).astype(f32)
   vis = np.where(sky[..., None], sky_rgb * (1 - 0.3 * (yy / max(horizon, 1)))[..., None],
-                 ground_rgb * (0.6 + 0.8 * tex)[..., None])
+                 ground_rgb * (0.6 + 0.8 * tex)[..., None]).astype(f32)
 
   # Road: a darker band to the horizon with dashed lane marks; warmer than grass in infrared.
   road_cx = rng.uniform(0.3, 0.7) * w
   half = (0.05 + 0.4 * ground_t) * w
   road = (~sky) & (np.abs(xx - road_cx) < half)
-  vis = np.where(road[..., None], (0.3 + 0.1 * tex)[..., None] * np.ones(3), vis)
+  vis = np.where(road[..., None], (0.3 + 0.1 * tex)[..., None], vis)
   dash = road & (np.abs(xx - road_cx) < 0.006 * w + 0.01 * half) & ((yy // max(h // 24, 1)) % 2 == 0)
-  vis = np.where(dash[..., None], 0.9, vis)
-  ir = np.where(road, ir + 0.06, ir)
+  vis[dash] = 0.9
+  ir[road] += 0.06
 
   # Buildings on the horizon: facades with window grids; windows are warm in infrared.
   for _ in range(rng.integers(1, 4)):
@@ -108,15 +126,16 @@ def make_pair(height: int, width: int, rng: np.random.Generator) -> tuple[np.nda
     x0 = rng.uniform(0, w - bw)
     y1 = horizon + rng.uniform(0, 0.05) * h
     y0 = y1 - bh
-    m = _rect(yy, xx, y0, x0, y1, x0 + bw, 1.0)
+    sl, wy, wx = _window(h, w, y0, x0, y1, x0 + bw, 2)
+    m = _rect(wy, wx, y0, x0, y1, x0 + bw, 1.0)
     cell = rng.uniform(0.03, 0.06) * w
-    wy, wx = ((yy - y0) % cell) / cell, ((xx - x0) % cell) / cell
-    window = m * ((wy > 0.3) & (wy < 0.75) & (wx > 0.25) & (wx < 0.7))
-    facade = rng.uniform(0.3, 0.7, size=3) * (0.85 + 0.3 * tex[..., None])
-    vis = vis * (1 - m[..., None]) + m[..., None] * facade
-    vis = vis * (1 - window[..., None]) + window[..., None] * rng.uniform(0.05, 0.25)
-    ir = ir * (1 - m) + m * rng.uniform(0.3, 0.45)
-    ir = ir + window * rng.uniform(0.05, 0.2)
+    fy, fx = ((wy - y0) % cell) / cell, ((wx - x0) % cell) / cell
+    window = m * ((fy > 0.3) & (fy < 0.75) & (fx > 0.25) & (fx < 0.7))
+    facade = rng.uniform(0.3, 0.7, size=3).astype(f32) * (0.85 + 0.3 * tex[sl][..., None])
+    _paste(vis, sl, m, facade)
+    _paste(vis, sl, window, f32(rng.uniform(0.05, 0.25)))
+    _paste(ir, sl, m, f32(rng.uniform(0.3, 0.45)))
+    ir[sl] += window * f32(rng.uniform(0.05, 0.2))
 
   # Warm objects: people and vehicles on the ground.
   objects = []
@@ -127,49 +146,50 @@ def make_pair(height: int, width: int, rng: np.random.Generator) -> tuple[np.nda
     if rng.random() < 0.6:  # person
       ry, rx = 0.09 * h * scale, 0.022 * w * scale
       cy = foot - ry
-      m = _ellipse(yy, xx, cy, cx, ry, rx, 0.15)
-      head = _ellipse(yy, xx, cy - 1.15 * ry, cx, 0.25 * ry, 0.9 * rx, 0.2)
-      m = np.maximum(m, head)
-      temp = rng.uniform(0.75, 0.95)
-      heat = temp * np.ones_like(m)
-      colour = rng.uniform(0.05, 0.8, size=3)
-      stripes = 1.0
+      sl, wy, wx = _window(h, w, cy - 1.5 * ry, cx - 1.3 * rx, foot + 0.2 * ry, cx + 1.3 * rx, 2)
+      m = np.maximum(_ellipse(wy, wx, cy, cx, ry, rx, 0.15),
+                     _ellipse(wy, wx, cy - 1.15 * ry, cx, 0.25 * ry, 0.9 * rx, 0.2))
+      heat = f32(rng.uniform(0.75, 0.95))
+      colour = rng.uniform(0.05, 0.8, size=3).astype(f32)
+      stripes = f32(1.0)
     else:  # vehicle with a hot engine at one end
       vh, vw = 0.07 * h * scale, 0.12 * w * scale
-      m = _rect(yy, xx, foot - vh, cx - vw, foot, cx + vw, 1.5)
+      sl, wy, wx = _window(h, w, foot - vh, cx - vw, foot, cx + vw, 3)
+      m = _rect(wy, wx, foot - vh, cx - vw, foot, cx + vw, 1.5)
       side = rng.choice([-1, 1])
-      engine = _ellipse(yy, xx, foot - 0.5 * vh, cx + side * 0.7 * vw, 0.4 * vh, 0.3 * vw, 0.5)
-      temp = rng.uniform(0.5, 0.7)
-      heat = temp + 0.3 * engine
-      colour = rng.uniform(0.1, 0.9, size=3)
-      stripes = (1 + 0.25 * np.sign(np.sin(2 * np.pi * (yy - foot) / max(vh / 3, 1))))[..., None]
-    objects.append((m, cx, foot))
-    ir = ir * (1 - m) + m * heat
-    obj_vis = colour * (0.8 + 0.4 * tex[..., None]) * stripes
-    vis = vis * (1 - m[..., None]) + m[..., None] * obj_vis
+      engine = _ellipse(wy, wx, foot - 0.5 * vh, cx + side * 0.7 * vw, 0.4 * vh, 0.3 * vw, 0.5)
+      heat = rng.uniform(0.5, 0.7) + 0.3 * engine
+      colour = rng.uniform(0.1, 0.9, size=3).astype(f32)
+      stripes = (1 + 0.25 * np.sign(np.sin(2 * np.pi * (wy - foot) / max(vh / 3, 1))))[..., None]
+    objects.append((cx, foot))
+    _paste(ir, sl, m, heat)
+    _paste(vis, sl, m, colour * (0.8 + 0.4 * tex[sl][..., None]) * stripes)
 
   # Illumination: low global level, smooth unevenness, street-light pools, deep shadows.
   level = rng.uniform(0.12, 0.9)
-  light = level * (0.5 + _smooth_noise(rng, h, w, 3))
+  light = (level * (0.5 + _smooth_noise(rng, h, w, 3))).astype(f32)
   for _ in range(rng.integers(0, 4)):
-    light += rng.uniform(0.3, 0.8) * np.exp(
-        -(((yy - rng.uniform(horizon, h)) ** 2 + (xx - rng.uniform(0, w)) ** 2) / (2 * (rng.uniform(0.05, 0.15) * w) ** 2)))
-  shadow = np.zeros((h, w))
+    sy, sx, sr = rng.uniform(horizon, h), rng.uniform(0, w), rng.uniform(0.05, 0.15) * w
+    light += f32(rng.uniform(0.3, 0.8)) * np.exp(-((yy - sy) ** 2 + (xx - sx) ** 2) / f32(2 * sr * sr))
+  shadow = np.zeros((h, w), f32)
   hidden = objects[rng.integers(len(objects))]  # this one is always in deep shadow
   for k in range(rng.integers(1, 4)):
     if k == 0:
-      cy, cx = hidden[2] - 0.08 * h, hidden[1]
+      cy, cx = hidden[1] - 0.08 * h, hidden[0]
     else:
       cy, cx = rng.uniform(horizon, h), rng.uniform(0, w)
-    shadow = np.maximum(shadow, _ellipse(yy, xx, cy, cx, rng.uniform(0.12, 0.25) * h, rng.uniform(0.12, 0.3) * w, 0.3))
-  light = light * (1 - 0.92 * shadow)
-  vis = vis * light[..., None]
-  vis = vis + rng.normal(0, 0.01 + 0.025 * (1 - level), size=vis.shape)
-  vis = np.clip(vis, 0, 1) ** rng.uniform(0.9, 1.2)
+    ry, rx = rng.uniform(0.12, 0.25) * h, rng.uniform(0.12, 0.3) * w
+    sl, wy, wx = _window(h, w, cy - 1.3 * ry, cx - 1.3 * rx, cy + 1.3 * ry, cx + 1.3 * rx, 1)
+    np.maximum(shadow[sl], _ellipse(wy, wx, cy, cx, ry, rx, 0.3), out=shadow[sl])
+  light *= 1 - f32(0.92) * shadow
+  vis *= light[..., None]
+  vis += rng.standard_normal(size=vis.shape, dtype=f32) * f32(0.01 + 0.025 * (1 - level))
+  vis = np.clip(vis, 0, 1) ** f32(rng.uniform(0.9, 1.2))
 
   # Infrared sensor: optics blur, Gaussian noise, fixed-pattern column stripes.
   ir = _box_blur(ir, 1)
-  ir = ir + rng.normal(0, rng.uniform(0.008, 0.02), size=ir.shape) + rng.normal(0, 0.008, size=(1, w))
+  ir += rng.standard_normal(size=ir.shape, dtype=f32) * f32(rng.uniform(0.008, 0.02))
+  ir += rng.standard_normal(size=(1, w), dtype=f32) * f32(0.008)
   ir_u8 = np.floor(np.clip(ir, 0, 1) * 255 + 0.5).astype(np.uint8)
   vis_u8 = np.floor(np.clip(vis, 0, 1) * 255 + 0.5).astype(np.uint8)
   return ir_u8, vis_u8
