@@ -38,7 +38,10 @@ def main(argv=None) -> int:
 
   from mmdrfuse_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
   tfds.disable_progress_bar()
+  absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS warns about its own temporary folders.
   try:
     built = builders.prepare(
         args.dataset, args.manual_dir, args.data_dir, skip_bad=args.skip_bad,

@@ -18,6 +18,8 @@ published code reads its training images; 16-bit files are scaled to 8 bits.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import io
 import os
@@ -234,8 +236,7 @@ def check_pairs(pairs: Sequence[tuple[str, tuple[pathlib.Path, pathlib.Path]]], 
     if ir_size != vis_size and not resize_visible:
       problems.append(
           f"{ir_path}: pair of different sizes ({ir_path.parent.name}/{ir_path.name} is {ir_size[1]}x{ir_size[0]}, "
-          f"{vis_path.parent.name}/{vis_path.name} is {vis_size[1]}x{vis_size[0]}; resize_visible / "
-          "--resize_visible would resize the visible image)")
+          f"{vis_path.parent.name}/{vis_path.name} is {vis_size[1]}x{vis_size[0]})")
       continue
     good.append((stem, (ir_path, vis_path)))
   return good, problems
@@ -273,7 +274,50 @@ def format_report(problems: Sequence[str], *, skipped: bool) -> str:
   head = (f"skipped {len(problems)} problem(s) in the dataset folder:" if skipped else
           f"{len(problems)} problem(s) in the dataset folder (fix them, or pass --skip_bad / skip_bad=True "
           "to leave those files out):")
-  return "\n".join([head, *(f"  - {p}" for p in problems)])
+  lines = [head, *(f"  - {p}" for p in problems)]
+  if not skipped and any("pair of different sizes" in p for p in problems):
+    lines.append("  (if the visible images are the same views at another resolution, --resize_visible / "
+                 "resize_visible=True resizes them to the infrared size)")
+  return "\n".join(lines)
+
+
+def encode_pair(ir_path: pathlib.Path, vis_path: pathlib.Path, resize_visible: bool) -> dict | imageio.ImageError:
+  """`read_pair`, then PNG-encoded as the builder's features (or the ImageError)."""
+  try:
+    pair = read_pair(ir_path, vis_path, resize_visible=resize_visible)
+  except imageio.ImageError as e:
+    return e
+  height, width = pair["ir"].shape
+  return {
+      "ir": _png(pair["ir"]),
+      "vis": _png(pair["vis"]),
+      "ir_color": _png(pair["ir_color"] if pair["ir_color"] is not None else _NO_COLOR),
+      "vis_color": _png(pair["vis_color"] if pair["vis_color"] is not None else _NO_COLOR),
+      "ir_has_color": pair["ir_color"] is not None,
+      "vis_has_color": pair["vis_color"] is not None,
+      "height": height,
+      "width": width,
+      "resized": pair["resized"],
+  }
+
+
+def _encode_in_threads(pairs, resize_visible: bool, num_threads: int | None = None):
+  """Yields (stem, ir_path, vis_path, encode_pair(...)) in input order, decoding in threads.
+
+  PIL releases the GIL while decoding, resizing and encoding, so threads scale; at most
+  2 * num_threads pairs are held at once.
+  """
+  num_threads = num_threads or min(8, os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    pending = collections.deque()
+    for stem, (ir_path, vis_path) in pairs:
+      pending.append((stem, ir_path, vis_path, pool.submit(encode_pair, ir_path, vis_path, resize_visible)))
+      if len(pending) >= 2 * num_threads:
+        stem_, a, b, fut = pending.popleft()
+        yield stem_, a, b, fut.result()
+    while pending:
+      stem_, a, b, fut = pending.popleft()
+      yield stem_, a, b, fut.result()
 
 
 # ---------------------------------------------------------------------------------------
@@ -306,6 +350,13 @@ class FusionPairs(tfds.core.GeneratorBasedBuilder):
     self._skip_bad = skip_bad
     self._resize_visible = resize_visible
     super().__init__(**kwargs)
+
+  # TFDS prints download sizes (none here) to stdout; bin/prepare_data.py says what it built.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
 
   @property
   def resize_visible(self) -> bool:
@@ -376,31 +427,16 @@ class FusionPairs(tfds.core.GeneratorBasedBuilder):
     table = self.info.metadata["images"].setdefault(split, [])
     resized = self.info.metadata["resized"].setdefault(split, [])
     problems = []
-    for stem, (ir_path, vis_path) in pairs:
-      try:
-        pair = read_pair(ir_path, vis_path, resize_visible=self.resize_visible)
-      except imageio.ImageError as e:
-        problems.append(str(e))
+    for stem, ir_path, vis_path, encoded in _encode_in_threads(pairs, self.resize_visible):
+      if isinstance(encoded, imageio.ImageError):
+        problems.append(str(encoded))
         continue
-      if pair["resized"]:
+      if encoded.pop("resized"):
         resized.append(stem)
       image_id = len(table)
-      height, width = pair["ir"].shape
-      table.append([stem, height, width])
-      yield image_id, {
-          "ir": _png(pair["ir"]),
-          "vis": _png(pair["vis"]),
-          "ir_color": _png(pair["ir_color"] if pair["ir_color"] is not None else _NO_COLOR),
-          "vis_color": _png(pair["vis_color"] if pair["vis_color"] is not None else _NO_COLOR),
-          "ir_has_color": pair["ir_color"] is not None,
-          "vis_has_color": pair["vis_color"] is not None,
-          "stem": stem,
-          "ir_file": ir_path.name,
-          "vis_file": vis_path.name,
-          "height": height,
-          "width": width,
-          "image_id": image_id,
-      }
+      table.append([stem, encoded["height"], encoded["width"]])
+      yield image_id, {**encoded, "stem": stem, "ir_file": ir_path.name, "vis_file": vis_path.name,
+                       "image_id": image_id}
     if problems:
       # Found only by decoding (the header checks passed): raise after the loop so the
       # report lists every such file; the failed build leaves nothing behind.
