@@ -411,10 +411,7 @@ class FusionPairs(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = pathlib.Path(dl_manager.manual_dir)
-    try:
-      layout = find_layout(manual_dir, self.builder_config)
-    except DataError as e:
-      raise DataError(str(e)) from None
+    layout = find_layout(manual_dir, self.builder_config)
     problems: list[str] = []
     split_pairs = {}
     for split, (ir_dir, vis_dir) in layout.items():
@@ -430,6 +427,9 @@ class FusionPairs(tfds.core.GeneratorBasedBuilder):
       for split, pairs in split_pairs.items():
         problems += decode_problems(pairs, self.resize_visible)
       raise DataError(format_report(problems, skipped=False))
+    split_pairs = {s: pairs for s, pairs in split_pairs.items() if pairs}
+    if not split_pairs:
+      raise DataError(f"{manual_dir}: no usable pair left\n{format_report(problems, skipped=True)}")
     meta = self.info.metadata
     meta["source"] = {
         "manual_dir": str(manual_dir.resolve()),
