@@ -99,6 +99,13 @@ def test_single_pass(params, num_taps, convs):
   assert str(jaxpr).count("conv_general_dilated") == convs
 
 
+def test_gradient_through_taps(params):
+  def loss(x):
+    return sum(jnp.mean(t**2) for t in vgg.vgg19_taps(params, x, num_taps=2))
+  grads = jax.jit(jax.grad(loss))(jax.random.uniform(jax.random.PRNGKey(0), (1, 8, 8, 1)))
+  assert bool(jnp.all(jnp.isfinite(grads))) and float(jnp.max(jnp.abs(grads))) > 0
+
+
 def test_odd_size_floor_pooling(params, taps_fn):
   taps = taps_fn(params, jnp.zeros((1, 37, 35, 1)))
   assert [t.shape[1:3] for t in taps] == [(37, 35), (18, 17), (9, 8), (4, 4), (2, 2)]
