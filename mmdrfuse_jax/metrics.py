@@ -55,7 +55,11 @@ def _sum(x: Array, mask: Optional[Array] = None) -> Array:
   """Sum of a (H, W) array (where `mask`), by rows then over rows (blocked, for float32)."""
   if mask is not None:
     x = jnp.where(mask, x, 0.0)
-  return jnp.sum(jnp.sum(x, axis=-1), axis=-1)
+  # Matrix-vector products instead of jnp.sum: XLA's CPU reduction loops are several times
+  # slower than a dot when a long elementwise chain is fused into them.
+  ones_w = jnp.ones((x.shape[-1],), x.dtype)
+  ones_h = jnp.ones((x.shape[-2],), x.dtype)
+  return jnp.dot(ones_h, jnp.dot(x, ones_w, precision="highest"), precision="highest")
 
 
 def _mean(x: Array, mask: Array, count: Array) -> Array:
@@ -82,33 +86,37 @@ def _corr(x: Array, y: Array, mask: Array, count: Array) -> Array:
 # Separable 'valid' filters.
 
 
-def _filter_rows(x: Array, taps: Sequence[float]) -> Array:
-  """'valid' correlation along axis -2 with the 1-D window `taps`."""
+def _filter_axis(x: Array, taps: Sequence[float], axis: int, stride: int = 1) -> Array:
+  """'valid' correlation along `axis` with the 1-D window `taps`, keeping every `stride`-th output."""
   n = len(taps)
-  out_len = x.shape[-2] - n + 1
+  out_len = (x.shape[axis] - n) // stride + 1
+
+  def tap(k):
+    return jax.lax.slice_in_dim(x, k, k + (out_len - 1) * stride + 1, stride, axis=axis)
+
   acc = None
-  for k, t in enumerate(taps):
-    term = jax.lax.slice_in_dim(x, k, k + out_len, axis=-2)
-    term = term if t == 1.0 else term * np.float32(t)
+  for k in range((n + 1) // 2):
+    # Symmetric windows: add the mirrored taps first, then multiply once.
+    term = tap(k) if k == n - 1 - k else tap(k) + tap(n - 1 - k)
+    if taps[k] != 1.0:
+      term = term * np.float32(taps[k])
     acc = term if acc is None else acc + term
   return acc
 
 
-def _filter_cols(x: Array, taps: Sequence[float]) -> Array:
-  """'valid' correlation along axis -1 with the 1-D window `taps`."""
-  n = len(taps)
-  out_len = x.shape[-1] - n + 1
-  acc = None
-  for k, t in enumerate(taps):
-    term = jax.lax.slice_in_dim(x, k, k + out_len, axis=-1)
-    term = term if t == 1.0 else term * np.float32(t)
-    acc = term if acc is None else acc + term
-  return acc
+def _filter_valid(x: Array, taps: Sequence[float], stride: int = 1) -> Array:
+  """'valid' 2-D correlation with the separable window outer(taps, taps).
 
-
-def _filter_valid(x: Array, taps: Sequence[float]) -> Array:
-  """'valid' 2-D correlation with the separable window outer(taps, taps)."""
-  return _filter_cols(_filter_rows(x, taps), taps)
+  Equals scipy's `convolve2d(x, rot90(outer(taps, taps), 2), 'valid')[::stride, ::stride]`.
+  Both passes run along the contiguous axis with a transpose in between: the transpose
+  makes XLA materialise the first pass, which it would otherwise fuse into the second and
+  recompute for every tap (N^2 instead of 2N operations per pixel; optimization_barrier
+  does not prevent that fusion on CPU).
+  """
+  last = x.ndim - 1
+  y = _filter_axis(x, taps, last, stride)
+  y = _filter_axis(jnp.swapaxes(y, -1, -2), taps, last, stride)
+  return jnp.swapaxes(y, -1, -2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +268,9 @@ def _vif_taps(scale: int) -> tuple[float, ...]:
   # The published window zeroes entries under eps * max; none are that small for these
   # sizes, which keeps the window exactly separable.
   assert not np.any(win < np.finfo(np.float64).eps * win.max())
-  return tuple(g / g.sum())
+  taps = g / g.sum()
+  assert np.allclose(taps, taps[::-1])
+  return tuple(taps)
 
 
 _VIF_SIGMA_NSQ = 2.0
@@ -276,8 +286,8 @@ def _vif_pairs(ref_list: Sequence[Array], dist: Array, h: Array, w: Array) -> li
     taps = _vif_taps(scale)
     n = len(taps)
     if scale > 1:
-      refs = [_filter_valid(r, taps)[::2, ::2] for r in refs]
-      dist = _filter_valid(dist, taps)[::2, ::2]
+      refs = [_filter_valid(r, taps, stride=2) for r in refs]
+      dist = _filter_valid(dist, taps, stride=2)
       h = (h - n + 2) // 2  # ceil((h - n + 1) / 2)
       w = (w - n + 2) // 2
     mask = _mask((dist.shape[0] - n + 1, dist.shape[1] - n + 1), h - n + 1, w - n + 1)
@@ -340,10 +350,23 @@ def _sobel(x: Array) -> tuple[Array, Array]:
   return sx, sy
 
 
+def _arctan(x: Array) -> Array:
+  """float32 arctan (Cephes atanf, max error ~1.4e-7); XLA's CPU arctan is 15x slower."""
+  ax = jnp.abs(x)
+  big = ax > np.float32(2.414213562373095)  # tan(3 pi / 8)
+  mid = (ax > np.float32(0.4142135623730950)) & ~big  # tan(pi / 8)
+  t = jnp.where(big, -1.0 / jnp.where(big, ax, 1.0), jnp.where(mid, (ax - 1.0) / (ax + 1.0), ax))
+  y0 = jnp.where(big, np.float32(math.pi / 2), jnp.where(mid, np.float32(math.pi / 4), 0.0))
+  z = t * t
+  y = y0 + ((((np.float32(8.05374449538e-2) * z - np.float32(1.38776856032e-1)) * z
+               + np.float32(1.99777106478e-1)) * z - np.float32(3.33329491539e-1)) * z * t + t)
+  return jnp.where(x < 0, -y, y)
+
+
 def _edges(x: Array) -> tuple[Array, Array]:
   sx, sy = _sobel(x)
   g = jnp.sqrt(sx * sx + sy * sy)
-  alpha = jnp.where(sx == 0, np.float32(math.pi / 2), jnp.arctan(sy / jnp.where(sx == 0, 1.0, sx)))
+  alpha = jnp.where(sx == 0, np.float32(math.pi / 2), _arctan(sy / jnp.where(sx == 0, 1.0, sx)))
   return g, alpha
 
 
