@@ -52,14 +52,14 @@ def _mask(shape: Sequence[int], h: Array, w: Array) -> Array:
 
 
 def _sum(x: Array, mask: Optional[Array] = None) -> Array:
-  """Sum of a (H, W) array (where `mask`), by rows then over rows (blocked, for float32)."""
+  """Sum over the last two axes (where `mask`), by rows then over rows (blocked, for float32)."""
   if mask is not None:
     x = jnp.where(mask, x, 0.0)
   # Matrix-vector products instead of jnp.sum: XLA's CPU reduction loops are several times
   # slower than a dot when a long elementwise chain is fused into them.
   ones_w = jnp.ones((x.shape[-1],), x.dtype)
   ones_h = jnp.ones((x.shape[-2],), x.dtype)
-  return jnp.dot(ones_h, jnp.dot(x, ones_w, precision="highest"), precision="highest")
+  return jnp.dot(jnp.dot(x, ones_w, precision="highest"), ones_h, precision="highest")
 
 
 def _mean(x: Array, mask: Array, count: Array) -> Array:
@@ -277,49 +277,45 @@ _VIF_SIGMA_NSQ = 2.0
 _VIF_EPS = 1e-10
 
 
-def _vif_pairs(ref_list: Sequence[Array], dist: Array, h: Array, w: Array) -> list[Array]:
-  """VIFp(ref, dist) for each ref in `ref_list`, sharing the work on `dist`."""
-  nums = [jnp.float32(0.0) for _ in ref_list]
-  dens = [jnp.float32(0.0) for _ in ref_list]
-  refs = list(ref_list)
+def _vif_pair(a: Array, b: Array, f: Array, h: Array, w: Array) -> Array:
+  """(VIFp(A, F), VIFp(B, F)), filtering all maps of a scale as one stacked array."""
+  num = jnp.zeros((2,), jnp.float32)
+  den = jnp.zeros((2,), jnp.float32)
+  imgs = jnp.stack([a, b, f])
   for scale in range(1, 5):
     taps = _vif_taps(scale)
     n = len(taps)
     if scale > 1:
-      refs = [_filter_valid(r, taps, stride=2) for r in refs]
-      dist = _filter_valid(dist, taps, stride=2)
+      imgs = _filter_valid(imgs, taps, stride=2)
       h = (h - n + 2) // 2  # ceil((h - n + 1) / 2)
       w = (w - n + 2) // 2
-    mask = _mask((dist.shape[0] - n + 1, dist.shape[1] - n + 1), h - n + 1, w - n + 1)
+    refs, dist = imgs[:2], imgs[2:]
     # No centering: black backgrounds (exact zeros) then give exactly zero variance, as in
     # float64. Bright flat regions leave float32 noise of order 255^2 * 2^-24 in the
     # variances, which moves VIF by < 1e-4 relative on the golden sets.
-    mu2 = _filter_valid(dist, taps)
-    s2 = jnp.maximum(_filter_valid(dist * dist, taps) - mu2 * mu2, 0.0)
-    for i, r in enumerate(refs):
-      mu1 = _filter_valid(r, taps)
-      s1 = jnp.maximum(_filter_valid(r * r, taps) - mu1 * mu1, 0.0)
-      s12 = _filter_valid(r * dist, taps) - mu1 * mu2
-      g = s12 / (s1 + _VIF_EPS)
-      sv = s2 - g * s12
-      low1 = s1 < _VIF_EPS
-      g = jnp.where(low1, 0.0, g)
-      sv = jnp.where(low1, s2, sv)
-      s1 = jnp.where(low1, 0.0, s1)
-      low2 = s2 < _VIF_EPS
-      g = jnp.where(low2, 0.0, g)
-      sv = jnp.where(low2, 0.0, sv)
-      neg = g < 0
-      sv = jnp.where(neg, s2, sv)
-      g = jnp.where(neg, 0.0, g)
-      sv = jnp.maximum(sv, _VIF_EPS)
-      nums[i] += _sum(jnp.log10(1.0 + g * g * s1 / (sv + _VIF_SIGMA_NSQ)), mask)
-      dens[i] += _sum(jnp.log10(1.0 + s1 / _VIF_SIGMA_NSQ), mask)
-  out = []
-  for num, den in zip(nums, dens):
-    v = num / den
-    out.append(jnp.where(jnp.isnan(v), 1.0, v))
-  return out
+    maps = _filter_valid(jnp.concatenate([imgs, imgs * imgs, refs * dist]), taps)
+    mu1, mu2 = maps[0:2], maps[2:3]
+    s1 = jnp.maximum(maps[3:5] - mu1 * mu1, 0.0)
+    s2 = jnp.maximum(maps[5:6] - mu2 * mu2, 0.0)
+    s12 = maps[6:8] - mu1 * mu2
+    mask = _mask(maps.shape[-2:], h - n + 1, w - n + 1)
+    g = s12 / (s1 + _VIF_EPS)
+    sv = s2 - g * s12
+    low1 = s1 < _VIF_EPS
+    g = jnp.where(low1, 0.0, g)
+    sv = jnp.where(low1, s2, sv)
+    s1 = jnp.where(low1, 0.0, s1)
+    low2 = s2 < _VIF_EPS
+    g = jnp.where(low2, 0.0, g)
+    sv = jnp.where(low2, 0.0, sv)
+    neg = g < 0
+    sv = jnp.where(neg, s2, sv)
+    g = jnp.where(neg, 0.0, g)
+    sv = jnp.maximum(sv, _VIF_EPS)
+    num += _sum(jnp.log10(1.0 + g * g * s1 / (sv + _VIF_SIGMA_NSQ)), mask)
+    den += _sum(jnp.log10(1.0 + s1 / _VIF_SIGMA_NSQ), mask)
+  v = num / den
+  return jnp.where(jnp.isnan(v), 1.0, v)
 
 
 def vif(fused: Array, ir: Array, vis: Array, *, size=None) -> Array:
@@ -327,8 +323,7 @@ def vif(fused: Array, ir: Array, vis: Array, *, size=None) -> Array:
   h, w = _size(fused, size)
   mask = _mask(fused.shape, h, w)
   f, a, b = (_prepare(x, mask) for x in (fused, ir, vis))
-  va, vb = _vif_pairs([a, b], f, h, w)
-  return va + vb
+  return jnp.sum(_vif_pair(a, b, f, h, w))
 
 
 # Qabf: Xydeas-Petrovic edge preservation with 3x3 Sobel responses.
@@ -342,11 +337,11 @@ def _sobel(x: Array) -> tuple[Array, Array]:
     convolution flips the kernels, so sx = smooth_v(x[j-1] - x[j+1]) and
     sy = smooth_h(x[i+1] - x[i-1]).
   """
-  p = jnp.pad(x, 1)
-  smooth_v = p[:-2, :] + 2.0 * p[1:-1, :] + p[2:, :]  # (H, W+2)
-  smooth_h = p[:, :-2] + 2.0 * p[:, 1:-1] + p[:, 2:]  # (H+2, W)
-  sx = smooth_v[:, :-2] - smooth_v[:, 2:]
-  sy = smooth_h[2:, :] - smooth_h[:-2, :]
+  p = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)])
+  smooth_v = p[..., :-2, :] + 2.0 * p[..., 1:-1, :] + p[..., 2:, :]  # (H, W+2)
+  smooth_h = p[..., :, :-2] + 2.0 * p[..., :, 1:-1] + p[..., :, 2:]  # (H+2, W)
+  sx = smooth_v[..., :, :-2] - smooth_v[..., :, 2:]
+  sy = smooth_h[..., 2:, :] - smooth_h[..., :-2, :]
   return sx, sy
 
 
@@ -383,12 +378,10 @@ def qabf(fused: Array, ir: Array, vis: Array, *, size=None) -> Array:
   """Qabf: gradient-weighted edge preservation sum(Q_AF gA + Q_BF gB) / sum(gA + gB)."""
   h, w = _size(fused, size)
   mask = _mask(fused.shape, h, w)
-  f, a, b = (_prepare(x, mask) for x in (fused, ir, vis))
-  g_f, a_f = _edges(f)
-  g_a, a_a = _edges(a)
-  g_b, a_b = _edges(b)
-  num = _sum(_qabf_q(g_a, a_a, g_f, a_f) * g_a + _qabf_q(g_b, a_b, g_f, a_f) * g_b, mask)
-  return num / _sum(g_a + g_b, mask)
+  g, alpha = _edges(jnp.stack([_prepare(x, mask) for x in (ir, vis, fused)]))
+  g_src, a_src = g[:2], alpha[:2]
+  q = _qabf_q(g_src, a_src, g[2:], alpha[2:])
+  return jnp.sum(_sum(q * g_src, mask)) / jnp.sum(_sum(g_src, mask))
 
 
 # SSIM: scikit-image 0.19 defaults (7x7 uniform window, sample covariance, borders cropped).
@@ -416,40 +409,31 @@ def _window_n2_cov(n: float, sum_xy: Array, sum_x: Array, sum_y: Array) -> Array
   return big + small
 
 
-def _ssim_pairs(f: Array, others: Sequence[Array], h: Array, w: Array, data_range: float) -> list[Array]:
+def _ssim_pair(a: Array, b: Array, f: Array, h: Array, w: Array, data_range: float) -> Array:
+  """(SSIM(F, A), SSIM(F, B)), box-filtering all maps as one stacked array."""
   n = _SSIM_WIN
   np_ = float(n * n)
   cov_norm = np_ / (np_ - 1.0)
   c1 = (0.01 * data_range) ** 2
   c2 = (0.03 * data_range) ** 2
-  ones = (1.0,) * n
-  mask = _mask((f.shape[0] - n + 1, f.shape[1] - n + 1), h - n + 1, w - n + 1)
-  count = _count(h - n + 1, w - n + 1)
-
-  def box(x):
-    # Window sums of integer-valued images centred by 128 (|x| <= 128, so up to
-    # 49 * 128^2 < 2^24) are exact in float32.
-    return _filter_valid(x, ones)
-
-  fc = f - 128.0
-  sf1 = box(fc)
-  sff = box(fc * fc)
+  # Window sums of integer-valued images centred by 128 (|x| <= 128, so up to
+  # 49 * 128^2 < 2^24) are exact in float32.
+  imgs = jnp.stack([a, b, f]) - 128.0
+  src, fc = imgs[:2], imgs[2:]
+  sums = _filter_valid(jnp.concatenate([imgs, imgs * imgs, src * fc]), (1.0,) * n)
+  s_src, s_f = sums[0:2], sums[2:3]
   inv = np.float32(1.0 / (np_ * np_))
-  var_f = _window_n2_cov(np_, sff, sf1, sf1) * inv
-  mu_f = sf1 / np.float32(np_) + 128.0
-  out = []
-  for o in others:
-    oc = o - 128.0
-    so1 = box(oc)
-    var_o = _window_n2_cov(np_, box(oc * oc), so1, so1) * inv
-    cov = _window_n2_cov(np_, box(fc * oc), sf1, so1) * inv
-    mu_o = so1 / np.float32(np_) + 128.0
-    a1 = 2.0 * mu_f * mu_o + c1
-    a2 = 2.0 * cov_norm * cov + c2
-    b1 = mu_f * mu_f + mu_o * mu_o + c1
-    b2 = cov_norm * (var_f + var_o) + c2
-    out.append(_sum((a1 * a2) / (b1 * b2), mask) / count)
-  return out
+  var_src = _window_n2_cov(np_, sums[3:5], s_src, s_src) * inv
+  var_f = _window_n2_cov(np_, sums[5:6], s_f, s_f) * inv
+  cov = _window_n2_cov(np_, sums[6:8], s_f, s_src) * inv
+  mu_src = s_src / np.float32(np_) + 128.0
+  mu_f = s_f / np.float32(np_) + 128.0
+  a1 = 2.0 * mu_f * mu_src + c1
+  a2 = 2.0 * cov_norm * cov + c2
+  b1 = mu_f * mu_f + mu_src * mu_src + c1
+  b2 = cov_norm * (var_f + var_src) + c2
+  mask = _mask(sums.shape[-2:], h - n + 1, w - n + 1)
+  return _sum((a1 * a2) / (b1 * b2), mask) / _count(h - n + 1, w - n + 1)
 
 
 def ssim(fused: Array, ir: Array, vis: Array, *, size=None, data_range: float = 2.0) -> Array:
@@ -457,8 +441,7 @@ def ssim(fused: Array, ir: Array, vis: Array, *, size=None, data_range: float = 
   h, w = _size(fused, size)
   mask = _mask(fused.shape, h, w)
   f, a, b = (_prepare(x, mask) for x in (fused, ir, vis))
-  sa, sb = _ssim_pairs(f, [a, b], h, w, data_range)
-  return sa + sb
+  return jnp.sum(_ssim_pair(a, b, f, h, w, data_range))
 
 
 # ---------------------------------------------------------------------------------------------
