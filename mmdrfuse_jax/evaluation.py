@@ -124,7 +124,7 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def assign_buckets(sizes: Sequence[tuple[int, int]], *, multiple: int = 32,
-                   max_waste: float = 2.0) -> list[tuple[int, int]]:
+                   max_waste: float = 3.0) -> list[tuple[int, int]]:
   """A canvas shape for each image size, sharing canvases to limit compilations.
 
   Larger images are placed first; an image joins an existing canvas that holds it when the
@@ -167,7 +167,7 @@ def _load(triple: Triple, fuse_fn: Optional[FuseFn], save_dir: Optional[pathlib.
 def evaluate(triples: Sequence[Triple], *, names: Sequence[str] = metrics.METRIC_NAMES,
              ssim_data_range: float = 2.0, mi_base: Optional[float] = None,
              fuse_fn: Optional[FuseFn] = None, save_fused: Optional[str | os.PathLike] = None,
-             batch_size: int = 4, bucket_multiple: int = 32, max_waste: float = 2.0,
+             batch_size: int = 1, bucket_multiple: int = 32, max_waste: float = 3.0,
              progress: bool = False) -> EvaluationResult:
   """Scores image triples; files that cannot be used are reported, the rest scored.
 
@@ -196,9 +196,15 @@ def evaluate(triples: Sequence[Triple], *, names: Sequence[str] = metrics.METRIC
   sized: list[tuple[Triple, tuple[int, int]]] = []
   for t in triples:
     try:
-      sized.append((t, image_size(t.ir)))
+      size = image_size(t.ir)
     except ImageError as e:
       problems.append(str(e))
+      continue
+    if min(size) < metrics.MIN_SIZE:
+      problems.append(f"{t.ir}: image of {size[1]}x{size[0]} pixels is too small to score "
+                      f"(at least {metrics.MIN_SIZE}x{metrics.MIN_SIZE}, for VIF)")
+      continue
+    sized.append((t, size))
   canvases = assign_buckets([s for _, s in sized], multiple=bucket_multiple, max_waste=max_waste)
   groups: dict[tuple[int, int], list[Triple]] = {}
   for (t, _), canvas in zip(sized, canvases):

@@ -32,6 +32,9 @@ METRIC_NAMES = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "CC"
 
 ALL_NAMES = METRIC_NAMES + ("MSE",)
 
+MIN_SIZE = 41
+"""Smallest height and width VIF's four scales (17x17 window, then halvings) are defined for."""
+
 
 # ---------------------------------------------------------------------------------------------
 # Helpers: sizes, masks, masked reductions.
@@ -319,7 +322,13 @@ def _vif_pair(a: Array, b: Array, f: Array, h: Array, w: Array) -> Array:
 
 
 def vif(fused: Array, ir: Array, vis: Array, *, size=None) -> Array:
-  """VIF: VIFp(A, F) + VIFp(B, F), pixel-domain 4-scale VIF with sigma_n^2 = 2."""
+  """VIF: VIFp(A, F) + VIFp(B, F), pixel-domain 4-scale VIF with sigma_n^2 = 2.
+
+  Needs images of at least MIN_SIZE x MIN_SIZE (a smaller `size` on a larger canvas gives
+  NaN-free but meaningless values; `evaluation` rejects such images).
+  """
+  if min(fused.shape[-2:]) < MIN_SIZE:
+    raise ValueError(f"VIF needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels, got shape {fused.shape}")
   h, w = _size(fused, size)
   mask = _mask(fused.shape, h, w)
   f, a, b = (_prepare(x, mask) for x in (fused, ir, vis))
