@@ -116,10 +116,16 @@ def _filter_valid(x: Array, taps: Sequence[float], stride: int = 1) -> Array:
   recompute for every tap (N^2 instead of 2N operations per pixel; optimization_barrier
   does not prevent that fusion on CPU).
   """
-  last = x.ndim - 1
-  y = _filter_axis(x, taps, last, stride)
-  y = _filter_axis(jnp.swapaxes(y, -1, -2), taps, last, stride)
-  return jnp.swapaxes(y, -1, -2)
+  def one(m):
+    y = _filter_axis(m, taps, m.ndim - 1, stride)
+    y = _filter_axis(jnp.swapaxes(y, -1, -2), taps, m.ndim - 1, stride)
+    return jnp.swapaxes(y, -1, -2)
+
+  if x.ndim == 2:
+    return one(x)
+  # A loop over the stacked maps: loop outputs are materialised, so XLA cannot fuse the
+  # second pass into each of the (several) elementwise consumers and recompute it there.
+  return jax.lax.map(one, x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,6 +465,11 @@ def ssim(fused: Array, ir: Array, vis: Array, *, size=None, data_range: float = 
 
 def _single_metrics(fused: Array, ir: Array, vis: Array, size, names: tuple[str, ...],
                     ssim_data_range: float, mi_base: Optional[float]) -> dict[str, Array]:
+  return {name: _one_metric(name, fused, ir, vis, size, ssim_data_range, mi_base) for name in names}
+
+
+def _one_metric(name: str, fused: Array, ir: Array, vis: Array, size, ssim_data_range: float,
+                mi_base: Optional[float]) -> Array:
   fns: dict[str, Callable[[], Array]] = {
       "EN": lambda: en(fused, size=size),
       "SD": lambda: sd(fused, size=size),
@@ -473,7 +484,7 @@ def _single_metrics(fused: Array, ir: Array, vis: Array, size, names: tuple[str,
       "PSNR": lambda: psnr(fused, ir, vis, size=size),
       "MSE": lambda: mse(fused, ir, vis, size=size),
   }
-  return {name: fns[name]() for name in names}
+  return fns[name]()
 
 
 @functools.partial(jax.jit, static_argnames=("names", "ssim_data_range", "mi_base"))
