@@ -210,7 +210,8 @@ def evaluate(triples: Sequence[Triple], *, names: Sequence[str] = metrics.METRIC
   for (t, _), canvas in zip(sized, canvases):
     groups.setdefault(canvas, []).append(t)
 
-  # metrics.all_metrics is jitted with these as static arguments: one compile per canvas.
+  # Each metric of metrics.all_metrics is compiled with these as static arguments: one
+  # compile per canvas shape.
   fn = functools.partial(metrics.all_metrics, names=names, ssim_data_range=float(ssim_data_range),
                          mi_base=mi_base)
   scores: dict[str, dict[str, float]] = {}

@@ -463,11 +463,6 @@ def ssim(fused: Array, ir: Array, vis: Array, *, size=None, data_range: float = 
 # The full set.
 
 
-def _single_metrics(fused: Array, ir: Array, vis: Array, size, names: tuple[str, ...],
-                    ssim_data_range: float, mi_base: Optional[float]) -> dict[str, Array]:
-  return {name: _one_metric(name, fused, ir, vis, size, ssim_data_range, mi_base) for name in names}
-
-
 def _one_metric(name: str, fused: Array, ir: Array, vis: Array, size, ssim_data_range: float,
                 mi_base: Optional[float]) -> Array:
   fns: dict[str, Callable[[], Array]] = {
@@ -487,11 +482,25 @@ def _one_metric(name: str, fused: Array, ir: Array, vis: Array, size, ssim_data_
   return fns[name]()
 
 
-@functools.partial(jax.jit, static_argnames=("names", "ssim_data_range", "mi_base"))
+@functools.partial(jax.jit, static_argnames=("name", "ssim_data_range", "mi_base"))
+def _metric_program(name: str, fused: Array, ir: Array, vis: Array, size, ssim_data_range: float,
+                    mi_base: Optional[float]) -> Array:
+  """One metric, compiled on its own, for one image or (vmapped) a batch."""
+  fn = functools.partial(_one_metric, name, ssim_data_range=ssim_data_range, mi_base=mi_base)
+  if fused.ndim == 2:
+    return fn(fused, ir, vis, size)
+  return jax.vmap(fn)(fused, ir, vis, size)
+
+
 def all_metrics(fused: Array, ir: Array, vis: Array, size: Optional[Array] = None, *,
                 names: tuple[str, ...] = METRIC_NAMES, ssim_data_range: float = 2.0,
                 mi_base: Optional[float] = None) -> dict[str, Array]:
-  """All metrics of `names` for one image triple (H, W) or a batch (B, H, W), in one jit.
+  """All metrics of `names` for one image triple (H, W) or a batch (B, H, W).
+
+  Each metric runs as its own compiled program (cached per shape). On CPU, eleven small
+  programs dispatched one after the other run about twice as fast as one program holding
+  them all, whose cross-metric fusions XLA schedules poorly. Called inside an outer
+  `jax.jit` or `jax.vmap`, this still traces to one pure function.
 
   Args:
     fused, ir, vis: float images on 0..255, all of the same shape.
@@ -506,12 +515,9 @@ def all_metrics(fused: Array, ir: Array, vis: Array, size: Optional[Array] = Non
   unknown = set(names) - set(ALL_NAMES)
   if unknown:
     raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(ALL_NAMES)}")
-  fn = functools.partial(_single_metrics, names=names, ssim_data_range=ssim_data_range,
-                         mi_base=mi_base)
-  if fused.ndim == 2:
-    return fn(fused, ir, vis, size)
-  if fused.ndim != 3:
+  if fused.ndim not in (2, 3):
     raise ValueError(f"expected (H, W) or (B, H, W) images, got shape {fused.shape}")
-  if size is None:
+  if fused.ndim == 3 and size is None:
     size = jnp.broadcast_to(jnp.asarray(fused.shape[-2:], jnp.int32), (fused.shape[0], 2))
-  return jax.vmap(fn)(fused, ir, vis, size)
+  return {name: _metric_program(name, fused, ir, vis, size, ssim_data_range, mi_base)
+          for name in names}
