@@ -1,0 +1,191 @@
+"""Network weights: the published PyTorch files and the project's own formats.
+
+Three formats are read by `load_params`, chosen by what the path is:
+- a PyTorch zip checkpoint (`.model`, `.pth`, `.pt`: the published weights), read by the
+  restricted reader of `torch_reader` (no PyTorch, no code execution);
+- a `.npz` file of the project (arrays named `conv1/kernel`, ...; read with
+  `allow_pickle=False`), the handy single-file format for the 0.44 KB student;
+- a directory holding an orbax checkpoint of the parameter tree.
+
+Every problem with a file (missing, truncated, wrong layers or shapes, a teacher given as a
+student) is a `WeightsError` whose one-line message names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+import zipfile
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from mmdrfuse_jax import models
+from mmdrfuse_jax.torch_reader import WeightsError, load_state_dict
+
+__all__ = ["WeightsError", "expected_shapes", "load_params", "params_from_state_dict",
+           "params_to_state_dict", "save_params"]
+
+_MODEL_LAYERS = {"student": models.STUDENT_LAYERS, "teacher": models.TEACHER_LAYERS}
+
+
+def expected_shapes(model: str) -> dict[str, dict[str, tuple[int, ...]]]:
+  """Flax parameter shapes per layer of `model`, e.g. {"conv1": {"kernel": (3,3,2,4), ...}}."""
+  shapes = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
+  return {layer: {k: tuple(v.shape) for k, v in p.items()} for layer, p in shapes.items()}
+
+
+def _which_model(layers: set[str]) -> str | None:
+  for name, names in _MODEL_LAYERS.items():
+    if layers == set(names):
+      return name
+  return None
+
+
+def _check_layers(source: str, layers: set[str], model: str) -> None:
+  """Raises WeightsError when `layers` are not exactly `model`'s layers."""
+  if layers == set(_MODEL_LAYERS[model]):
+    return
+  found = _which_model(layers)
+  if found is not None:
+    raise WeightsError(f"{source}: holds {found} weights, but the {model} was asked for")
+  missing = sorted(set(_MODEL_LAYERS[model]) - layers)
+  extra = sorted(layers - set(_MODEL_LAYERS[model]))
+  parts = []
+  if missing:
+    parts.append(f"missing layers {', '.join(missing)}")
+  if extra:
+    parts.append(f"unexpected layers {', '.join(extra)}")
+  raise WeightsError(f"{source}: not {model} weights ({'; '.join(parts)})")
+
+
+def _validated(source: str, flat: Mapping[tuple[str, str], np.ndarray], model: str) -> dict:
+  """Builds the Flax tree from {(layer, "kernel"|"bias"): array}, checking every entry."""
+  _check_layers(source, {layer for layer, _ in flat}, model)
+  params = {}
+  for layer, shapes in expected_shapes(model).items():
+    params[layer] = {}
+    for name, shape in shapes.items():
+      if (layer, name) not in flat:
+        raise WeightsError(f"{source}: missing {layer} {name}")
+      value = np.asarray(flat[(layer, name)])
+      if value.shape != shape:
+        raise WeightsError(f"{source}: {layer} {name} has shape {value.shape}, expected {shape}")
+      if not np.issubdtype(value.dtype, np.floating):
+        raise WeightsError(f"{source}: {layer} {name} has dtype {value.dtype}, expected floats")
+      if not np.all(np.isfinite(value)):
+        raise WeightsError(f"{source}: {layer} {name} holds non-finite values")
+      params[layer][name] = value.astype(np.float32)
+  unexpected = set(flat) - {(l, n) for l, s in expected_shapes(model).items() for n in s}
+  if unexpected:
+    raise WeightsError(f"{source}: unexpected entries {sorted('/'.join(k) for k in unexpected)}")
+  return params
+
+
+def params_from_state_dict(state: Mapping[str, np.ndarray], model: str, source: str = "state dict") -> dict:
+  """Converts a published PyTorch state dict (`<layer>.1.weight`, OIHW) to Flax params (HWIO)."""
+  flat = {}
+  for key, value in state.items():
+    parts = key.split(".")
+    if len(parts) != 3 or parts[1] != "1" or parts[2] not in ("weight", "bias"):
+      raise WeightsError(f"{source}: unexpected entry {key!r} (expected '<layer>.1.weight|bias')")
+    value = np.asarray(value)
+    if parts[2] == "weight":
+      if value.ndim != 4:
+        raise WeightsError(f"{source}: {key} has shape {value.shape}, expected a 4-D OIHW kernel")
+      flat[(parts[0], "kernel")] = value.transpose(2, 3, 1, 0)
+    else:
+      flat[(parts[0], "bias")] = value
+  return _validated(source, flat, model)
+
+
+def params_to_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The inverse of `params_from_state_dict`: Flax params to a published-style state dict."""
+  state = {}
+  for layer, p in params.items():
+    state[f"{layer}.1.weight"] = np.asarray(p["kernel"], np.float32).transpose(3, 2, 0, 1)
+    state[f"{layer}.1.bias"] = np.asarray(p["bias"], np.float32)
+  return state
+
+
+def _load_npz(path: pathlib.Path, model: str) -> dict:
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      flat = {}
+      for key in data.files:
+        layer, _, name = key.partition("/")
+        flat[(layer, name)] = data[key]
+  except ValueError as e:
+    # allow_pickle=False refuses object arrays (which could run code) with a ValueError.
+    raise WeightsError(f"{path}: not a plain-array .npz weights file ({e})") from None
+  except (OSError, zipfile.BadZipFile, EOFError) as e:
+    raise WeightsError(f"{path}: corrupt or truncated .npz ({type(e).__name__}: {e})") from None
+  return _validated(str(path), flat, model)
+
+
+def _load_orbax(path: pathlib.Path, model: str) -> dict:
+  import orbax.checkpoint as ocp
+
+  try:
+    restored = ocp.StandardCheckpointer().restore(path.resolve())
+  except Exception as e:  # orbax raises many types for a folder that is not a checkpoint.
+    raise WeightsError(f"{path}: not a readable orbax checkpoint ({type(e).__name__}: {e})") from None
+  if isinstance(restored, Mapping) and "params" in restored and isinstance(restored["params"], Mapping):
+    restored = restored["params"]
+  if not isinstance(restored, Mapping):
+    raise WeightsError(f"{path}: the orbax checkpoint does not hold a parameter tree")
+  flat = {}
+  for layer, p in restored.items():
+    if not isinstance(p, Mapping):
+      raise WeightsError(f"{path}: entry {layer!r} is not a layer of parameters")
+    for name, value in p.items():
+      flat[(layer, name)] = np.asarray(value)
+  return _validated(str(path), flat, model)
+
+
+def load_params(path: str | os.PathLike, model: str = "student") -> dict:
+  """Loads the weights of `model` ("student" or "teacher") from any supported format.
+
+  Raises:
+    WeightsError: the file is missing or unusable; the message says why.
+  """
+  if model not in _MODEL_LAYERS:
+    raise ValueError(f"unknown model {model!r}; choose one of {sorted(_MODEL_LAYERS)}")
+  path = pathlib.Path(path)
+  if path.is_dir():
+    return _load_orbax(path, model)
+  if not path.is_file():
+    raise WeightsError(f"{path}: no such weights file")
+  if path.suffix == ".npz":
+    return _load_npz(path, model)
+  return params_from_state_dict(load_state_dict(path), model, str(path))
+
+
+def save_params(path: str | os.PathLike, params: Mapping[str, Any]) -> None:
+  """Saves a parameter tree: `.npz` single file, else an orbax checkpoint directory.
+
+  Both are written under a temporary name and renamed, so an interrupted save never
+  leaves a half-written weights file behind.
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  host = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
+  if path.suffix == ".npz":
+    arrays = {f"{layer}/{name}": v for layer, p in host.items() for name, v in p.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+      with os.fdopen(fd, "wb") as f:
+        np.savez(f, **arrays)
+      os.replace(tmp, path)
+    except BaseException:
+      pathlib.Path(tmp).unlink(missing_ok=True)
+      raise
+    return
+  import orbax.checkpoint as ocp
+
+  # Orbax itself writes to a temporary directory and renames it when complete.
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path.resolve(), host, force=True)
+  checkpointer.wait_until_finished()

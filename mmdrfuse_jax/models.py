@@ -1,0 +1,129 @@
+"""The MMDRFuse networks as Flax Linen modules (NHWC).
+
+Both networks take the two gray sources stacked as channels, `[ir, visible]`, each in
+[0, 1], shape (B, H, W, 2), and return a dict of the fused image and the intermediates the
+losses need. Every 3x3 convolution is preceded by reflection padding of 1, as published.
+Parameter trees are named after the published layers (`conv1`, ..., `conv00`) so that the
+published PyTorch weights map one to one (see `checkpoints.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+STUDENT_LAYERS = ("conv1", "conv2")
+TEACHER_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "conv6", "conv66", "conv55",
+                  "conv44", "conv33", "conv22", "conv11", "conv00")
+
+
+def reflect_pad(x: jax.Array, pad: int = 1) -> jax.Array:
+  """Reflection padding of the spatial axes (PyTorch `ReflectionPad2d`)."""
+  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+
+
+def _conv(features: int, name: str, strides: int = 1) -> nn.Conv:
+  # Parameters sit directly under the layer's published name ({"conv1": {"kernel", "bias"}}).
+  return nn.Conv(features, (3, 3), strides=(strides, strides), padding="VALID",
+                 precision=jax.lax.Precision.HIGHEST, name=name)
+
+
+class Student(nn.Module):
+  """The 113-parameter student: conv1 (2->4) + ReLU, conv2 (4->1) + tanh.
+
+  Returns:
+    A dict with `feat_pre` (conv1 output), `feat` (its ReLU), `out_pre` (conv2 output) and
+    `out` (tanh(out_pre), the fused image in [-1, 1]; in practice in [0, 1]).
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+    feat_pre = _conv(4, "conv1")(reflect_pad(x))
+    feat = nn.relu(feat_pre)
+    out_pre = _conv(1, "conv2")(reflect_pad(feat))
+    return {"feat_pre": feat_pre, "feat": feat, "out_pre": out_pre, "out": jnp.tanh(out_pre)}
+
+
+def upsample2x_bicubic(x: jax.Array) -> jax.Array:
+  """PyTorch's `interpolate(scale_factor=2, mode="bicubic", align_corners=False)`.
+
+  PyTorch uses the cubic coefficient -0.75 and no antialiasing; plain
+  `jax.image.resize(method="bicubic")` uses -0.5 and differs.
+  """
+  b, h, w, c = x.shape
+  return jax.image.resize(x, (b, 2 * h, 2 * w, c), method="bicubic-pytorch", antialias=False,
+                          precision=jax.lax.Precision.HIGHEST)
+
+
+class Teacher(nn.Module):
+  """The 556,489-parameter teacher (dense encoder, stride-2 middle, bicubic x2 decoder).
+
+  The published teacher only works on even heights and widths: its stride-2 `conv3` and
+  the x2 upsampling must give back the input size. With `any_size=True` (the default) an
+  odd height or width is first reflection-padded by one row/column at the bottom/right,
+  the network runs on the even size, and every full-resolution output is cropped back to
+  the input size (half-resolution encoder taps keep the padded size's half). With
+  `any_size=False` an odd size raises, as the published code would fail.
+
+  Returns:
+    A dict with `encoder` (G1..G6), `feat_pre` (conv11 output), `feat` (its ReLU),
+    `out_pre` (conv00 output) and `out` (tanh(out_pre)).
+  """
+
+  any_size: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> dict[str, Any]:
+    height, width = x.shape[1:3]
+    pad_h, pad_w = height % 2, width % 2
+    if pad_h or pad_w:
+      if not self.any_size:
+        raise ValueError(f"the published teacher needs even sizes, got {height}x{width}")
+      x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
+
+    def conv_relu(features, name, *inputs, strides=1):
+      y = jnp.concatenate(inputs, axis=-1) if len(inputs) > 1 else inputs[0]
+      return nn.relu(_conv(features, name, strides)(reflect_pad(y)))
+
+    g1 = conv_relu(32, "conv1", x)
+    g2 = conv_relu(32, "conv2", g1)
+    g3 = conv_relu(64, "conv3", g1, g2, strides=2)
+    g4 = conv_relu(64, "conv4", g3)
+    g5 = conv_relu(64, "conv5", g3, g4)
+    g6 = conv_relu(64, "conv6", g3, g4, g5)
+    d6 = conv_relu(64, "conv66", g6)
+    d5 = conv_relu(64, "conv55", g5, d6)
+    d4 = conv_relu(64, "conv44", g4, d5)
+    d3 = conv_relu(64, "conv33", g3, d4)
+    d2 = conv_relu(32, "conv22", g2, upsample2x_bicubic(d3))
+    feat_pre = _conv(4, "conv11")(reflect_pad(jnp.concatenate([g1, d2], axis=-1)))
+    feat = nn.relu(feat_pre)
+    out_pre = _conv(1, "conv00")(reflect_pad(feat))
+    outputs = {"feat_pre": feat_pre, "feat": feat, "out_pre": out_pre, "out": jnp.tanh(out_pre)}
+    outputs = {k: v[:, :height, :width] for k, v in outputs.items()}
+    outputs["encoder"] = (g1[:, :height, :width], g2[:, :height, :width], g3, g4, g5, g6)
+    return outputs
+
+
+MODELS = {"student": Student, "teacher": Teacher}
+
+
+def get_model(name: str) -> nn.Module:
+  """The network called `name` ("student" or "teacher")."""
+  try:
+    return MODELS[name]()
+  except KeyError:
+    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}") from None
+
+
+def init_params(name: str, rng: jax.Array, shape: Sequence[int] = (1, 16, 16, 2)) -> Any:
+  """Freshly initialised parameters of the network called `name`."""
+  return get_model(name).init(rng, jnp.zeros(shape, jnp.float32))["params"]
+
+
+def count_params(params: Any) -> int:
+  """Total number of scalars in a parameter tree."""
+  return sum(p.size for p in jax.tree_util.tree_leaves(params))
