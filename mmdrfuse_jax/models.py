@@ -9,6 +9,7 @@ published PyTorch weights map one to one (see `checkpoints.py`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -23,6 +24,30 @@ TEACHER_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "conv6", "conv66"
 def reflect_pad(x: jax.Array, pad: int = 1) -> jax.Array:
   """Reflection padding of the spatial axes (PyTorch `ReflectionPad2d`)."""
   return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+
+
+def reflect_pad_within(x: jax.Array, sizes: jax.Array) -> jax.Array:
+  """Reflection padding of 1 around the top-left `sizes[b]` region of each image.
+
+  For images placed on a larger canvas (to share one compiled shape), this pads each image
+  as if the canvas ended at its true height and width: rows/columns of the result up to
+  the true size + 2 equal `reflect_pad` of the cropped image; the rest is don't-care.
+
+  Args:
+    x: (B, H, W, C) canvas.
+    sizes: (B, 2) int32 true (height, width) of each image, each at least 2.
+  """
+
+  def pad_axis(image, size, axis):
+    padded = jnp.pad(image, [(1, 1) if a == axis else (0, 0) for a in range(image.ndim)],
+                     mode="reflect")  # The leading side is already right: index -1 -> 1.
+    mirror = jax.lax.dynamic_slice_in_dim(image, size - 2, 1, axis=axis)
+    return jax.lax.dynamic_update_slice_in_dim(padded, mirror, size + 1, axis=axis)
+
+  def pad_one(image, size):
+    return pad_axis(pad_axis(image, size[0], 0), size[1], 1)
+
+  return jax.vmap(pad_one)(x, sizes)
 
 
 def _conv(features: int, name: str, strides: int = 1) -> nn.Conv:
@@ -40,10 +65,19 @@ class Student(nn.Module):
   """
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
-    feat_pre = _conv(4, "conv1")(reflect_pad(x))
+  def __call__(self, x: jax.Array, sizes: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Runs the student.
+
+    Args:
+      x: (B, H, W, 2) stacked [ir, visible].
+      sizes: optional (B, 2) true (height, width) of images placed top-left on the canvas
+        `x`; the outputs inside each true region then equal those of the cropped image
+        (used to share one compilation among images of different sizes).
+    """
+    pad = reflect_pad if sizes is None else functools.partial(reflect_pad_within, sizes=sizes)
+    feat_pre = _conv(4, "conv1")(pad(x))
     feat = nn.relu(feat_pre)
-    out_pre = _conv(1, "conv2")(reflect_pad(feat))
+    out_pre = _conv(1, "conv2")(pad(feat))
     return {"feat_pre": feat_pre, "feat": feat, "out_pre": out_pre, "out": jnp.tanh(out_pre)}
 
 

@@ -1,0 +1,190 @@
+"""Image fusion: the pure JAX `fuse` and a convenience layer for image arrays and files.
+
+`fuse(params, ir, vis)` is what a JAX pipeline calls: batched NHWC float arrays in [0, 1]
+in, the network's fused image (its tanh output) out. `Fuser` wraps it for images as they
+come from files: 8- or 16-bit, gray or RGB, the published "minmax" output stretch or plain
+clipping, and colour fusion (fuse the luma, put the colour image's chroma back).
+
+Compilation: `fuse` is jit-compiled once per distinct (batch, height, width); a folder of
+mixed sizes compiles once per size, not once per image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmdrfuse_jax import imageio, models
+
+OUTPUT_MODES = ("minmax", "clip")
+
+
+def model_of(params: Mapping[str, Any]) -> str:
+  """Which network ("student" or "teacher") a parameter tree belongs to, from its layers."""
+  layers = set(params)
+  if layers == set(models.STUDENT_LAYERS):
+    return "student"
+  if layers == set(models.TEACHER_LAYERS):
+    return "teacher"
+  raise ValueError(f"parameters with layers {sorted(layers)} are neither the student's nor the teacher's")
+
+
+@jax.jit
+def fuse(params: Mapping[str, Any], ir: jax.Array, vis: jax.Array) -> jax.Array:
+  """Fuses batches of gray image pairs with the network the parameters belong to.
+
+  Args:
+    params: student or teacher parameters (the tree's layer names say which; the tree
+      structure is static under jit, so this costs nothing at run time).
+    ir: infrared (or PET/SPECT/CT) images, (B, H, W, 1) floats in [0, 1].
+    vis: visible (or MRI) images, (B, H, W, 1) floats in [0, 1].
+
+  Returns:
+    The fused images, (B, H, W, 1) float32: the network's tanh output.
+  """
+  network = models.get_model(model_of(params))
+  x = jnp.concatenate([ir, vis], axis=-1).astype(jnp.float32)
+  return network.apply({"params": params}, x)["out"]
+
+
+@jax.jit
+def fuse_within(params: Mapping[str, Any], ir: jax.Array, vis: jax.Array, sizes: jax.Array) -> jax.Array:
+  """`fuse` for student images placed top-left on a larger canvas of one shared shape.
+
+  Inside each image's true region (`sizes[b]` = (height, width)) the result equals `fuse`
+  on the cropped image exactly: the reflection padding is taken at the true border (see
+  `models.reflect_pad_within`). One compilation then serves every size up to the canvas.
+  """
+  if model_of(params) != "student":
+    raise ValueError("fuse_within supports the student only; use fuse for the teacher")
+  x = jnp.concatenate([ir, vis], axis=-1).astype(jnp.float32)
+  return models.Student().apply({"params": params}, x, sizes=sizes)["out"]
+
+
+def bucket_shape(height: int, width: int, multiple: int) -> tuple[int, int]:
+  """The canvas shape an image is placed on: each side rounded up to `multiple`."""
+  return (-(-height // multiple) * multiple, -(-width // multiple) * multiple)
+
+
+def quantize(fused: np.ndarray, output: str = "minmax", max_value: int = 255) -> np.ndarray:
+  """Turns one fused float image (H, W) into integers on 0..max_value.
+
+  "minmax" (the published behaviour): stretch the image's own min..max to 0..max_value
+  and round half up. "clip": clip to [0, 1], scale, round half up.
+  """
+  y = np.asarray(fused, np.float32)
+  if output == "minmax":
+    low, high = y.min(), y.max()
+    scale = np.float32(max_value) / (high - low) if high > low else np.float32(0)
+    y = (y - low) * scale
+  elif output == "clip":
+    y = np.clip(y, 0, 1) * np.float32(max_value)
+  else:
+    raise ValueError(f"unknown output mode {output!r}; choose one of {OUTPUT_MODES}")
+  dtype = np.uint16 if max_value > 255 else np.uint8
+  return np.floor(y + np.float32(0.5)).astype(dtype)
+
+
+# Full-range ITU-R BT.601 (JPEG) colour conversion, the field's convention for colour fusion.
+_RGB_TO_YCBCR = np.array([[0.299, 0.587, 0.114],
+                          [-0.168736, -0.331264, 0.5],
+                          [0.5, -0.418688, -0.081312]])
+_YCBCR_TO_RGB = np.array([[1.0, 0.0, 1.402],
+                          [1.0, -0.344136, -0.714136],
+                          [1.0, 1.772, 0.0]])
+
+
+def rgb_to_ycbcr(rgb: np.ndarray, max_value: int = 255) -> np.ndarray:
+  """(H, W, 3) RGB integers to float YCbCr on the same scale (chroma centred at half scale)."""
+  ycbcr = rgb.astype(np.float64) @ _RGB_TO_YCBCR.T
+  ycbcr[..., 1:] += (max_value + 1) / 2
+  return ycbcr
+
+
+def ycbcr_to_rgb(ycbcr: np.ndarray, max_value: int = 255) -> np.ndarray:
+  """Float YCbCr back to RGB integers (rounded, clipped to 0..max_value)."""
+  centred = ycbcr.astype(np.float64).copy()
+  centred[..., 1:] -= (max_value + 1) / 2
+  rgb = centred @ _YCBCR_TO_RGB.T
+  dtype = np.uint16 if max_value > 255 else np.uint8
+  return np.clip(np.floor(rgb + 0.5), 0, max_value).astype(dtype)
+
+
+@dataclasses.dataclass
+class Fuser:
+  """Fuses image arrays as read from files (see `imageio.read_image`).
+
+  Attributes:
+    params: student or teacher parameters.
+    output: "minmax" (published) or "clip".
+    color: fuse the luma of the colour input and restore its chroma (visible first; the
+      infrared slot's when only it is colour, as PET/SPECT are). Without it, colour inputs
+      are made gray with PIL's `convert("L")`, as published.
+    bucket: the student runs on canvases whose sides are multiples of this (exactly, see
+      `fuse_within`), so a folder of many sizes compiles once per bucket; 0 compiles once
+      per exact size. The teacher always compiles per exact size.
+  """
+
+  params: Mapping[str, Any]
+  output: str = "minmax"
+  color: bool = False
+  bucket: int = 64
+
+  def __post_init__(self):
+    if self.output not in OUTPUT_MODES:
+      raise ValueError(f"unknown output mode {self.output!r}; choose one of {OUTPUT_MODES}")
+    self.model = model_of(self.params)
+    self.params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, self.params))
+
+  def fuse_images(self, ir: np.ndarray, vis: np.ndarray) -> np.ndarray:
+    """Fuses one pair of integer images of the same height and width.
+
+    Returns:
+      The image to write: gray (H, W), or RGB (H, W, 3) in colour mode with a colour input;
+      16-bit when either input is 16-bit, else 8-bit.
+
+    Raises:
+      ValueError: the two images differ in height or width, or are too small.
+    """
+    if ir.shape[:2] != vis.shape[:2]:
+      raise ValueError(f"pair of different sizes ({ir.shape[1]}x{ir.shape[0]} and "
+                       f"{vis.shape[1]}x{vis.shape[0]})")
+    if min(ir.shape[:2]) < 4:
+      raise ValueError(f"image of {ir.shape[1]}x{ir.shape[0]} pixels is too small (at least 4x4)")
+    out_max = max(imageio.max_value(ir), imageio.max_value(vis))
+    chroma_source = None
+    if self.color:
+      chroma_source = "vis" if vis.ndim == 3 else ("ir" if ir.ndim == 3 else None)
+    gray = {}
+    for slot, image in (("ir", ir), ("vis", vis)):
+      if slot == chroma_source:
+        ycbcr = rgb_to_ycbcr(image, imageio.max_value(image))
+        gray[slot] = (ycbcr[..., 0] / imageio.max_value(image)).astype(np.float32)
+      else:
+        gray[slot] = imageio.to_unit_float(imageio.to_gray_published(image))
+    fused = self._fuse_gray(gray["ir"], gray["vis"])
+    luma = quantize(fused, self.output, out_max)
+    if chroma_source is None:
+      return luma
+    source = vis if chroma_source == "vis" else ir
+    # Rescale the chroma source when the other input has more bits (8-bit RGB with 16-bit IR).
+    ycbcr = rgb_to_ycbcr(source.astype(np.float64) * (out_max / imageio.max_value(source)), out_max)
+    ycbcr[..., 0] = luma
+    return ycbcr_to_rgb(ycbcr, out_max)
+
+  def _fuse_gray(self, ir: np.ndarray, vis: np.ndarray) -> np.ndarray:
+    """Fuses two (H, W) float images, on a bucketed canvas for the student."""
+    height, width = ir.shape
+    if self.model != "student" or not self.bucket:
+      return np.asarray(fuse(self.params, ir[None, ..., None], vis[None, ..., None]))[0, ..., 0]
+    canvas_h, canvas_w = bucket_shape(height, width, self.bucket)
+    pad = ((0, 0), (0, canvas_h - height), (0, canvas_w - width), (0, 0))
+    sizes = np.array([[height, width]], np.int32)
+    fused = fuse_within(self.params, np.pad(ir[None, ..., None], pad),
+                        np.pad(vis[None, ..., None], pad), sizes)
+    return np.asarray(fused)[0, :height, :width, 0]
