@@ -8,9 +8,10 @@ from mmdrfuse_jax.benchmarks import common
 
 # Each module has add_parser(subparsers) that registers its subcommand with a `run` default.
 from mmdrfuse_jax.benchmarks import infer  # noqa: E402
+from mmdrfuse_jax.benchmarks import pipeline  # noqa: E402
 from mmdrfuse_jax.benchmarks import train_step  # noqa: E402
 
-BENCHMARKS = [infer, train_step]
+BENCHMARKS = [infer, pipeline, train_step]
 
 
 def main(argv=None) -> int:
