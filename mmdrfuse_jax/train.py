@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
+import os
+import pathlib
+import signal
+import threading
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax.training import train_state
@@ -129,6 +133,8 @@ def create_train_state(model: str, tx: optax.GradientTransformation, rng: jax.Ar
     teacher_params: for a student, the frozen teacher (its conv00 initialises conv2).
     params: initial parameters to use instead of a fresh initialisation.
   """
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.key_data(rng)  # Raw uint32 keys checkpoint as plain arrays.
   init_rng, state_rng = jax.random.split(rng)
   net = models.get_model(model)
   if params is None:
@@ -167,14 +173,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Frozen, *
 
   Args:
     state: the train state.
-    batch: `ir`, `vi` (B, H, W, 1) float32 in [0, 1] and `patch_id` (B,) int32.
+    batch: `ir`, `vis` (B, H, W, 1) float32 in [0, 1] and `patch_id` (B,) int32.
     frozen: VGG-19 params and, for the student, the teacher's params.
     cfg: static step settings.
 
   Returns:
     The new state and a dict of scalar metrics (loss terms and refresh statistics).
   """
-  ir, vi, ids = batch["ir"], batch["vi"], batch["patch_id"]
+  ir, vi, ids = batch["ir"], batch["vis"], batch["patch_id"]
   b = ir.shape[0]
   x = jnp.concatenate([ir, vi], axis=-1)
   rcfg = cfg.refresh
@@ -280,8 +286,12 @@ def make_mesh(batch_size: int, devices=None) -> Mesh:
   return Mesh(np.array(devices[:n]), ("data",))
 
 
+@functools.lru_cache(maxsize=8)
 def make_train_step(cfg: StepConfig, mesh: Mesh):
-  """`train_step` jitted for `mesh`: batch split on `data`, state replicated and donated."""
+  """`train_step` jitted for `mesh`: batch split on `data`, state replicated and donated.
+
+  Cached, so that runs with the same settings in one process (stages, tests) compile once.
+  """
   replicated = NamedSharding(mesh, P())
   sharded = NamedSharding(mesh, P("data"))
   return jax.jit(
@@ -294,3 +304,247 @@ def make_train_step(cfg: StepConfig, mesh: Mesh):
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places every array of `tree` on all devices of `mesh`."""
   return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+# ------------------------------------------------------------------------------ training run
+
+
+class TrainingError(RuntimeError):
+  """A user-facing problem with a run's inputs (message is one line)."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What `train_and_evaluate` did."""
+
+  weights: pathlib.Path | None  # The trained model's weights file (None if interrupted).
+  step: int  # The last completed step.
+  total_steps: int
+  interrupted_by: int | None = None  # The signal number that stopped the run early.
+  nonfinite_skips: int = 0
+
+
+def load_dataset(config: Any):
+  """The training patches the config names (built dataset, or procedural pairs)."""
+  from mmdrfuse_jax.data import builders, pipeline  # pylint: disable=g-import-not-at-top
+
+  d = config.data
+  kwargs = dict(patch_size=int(d.patch_size), patch_stride=int(d.patch_stride))
+  if int(d.synthetic_pairs) > 0:
+    return pipeline.PatchDataset.from_synthetic(
+      int(d.synthetic_pairs), int(d.synthetic_height), int(d.synthetic_width), seed=int(config.seed),
+      **kwargs)
+  if not d.dataset or not d.data_dir:
+    raise TrainingError(
+      "no training data: set --config.data.dataset=NAME and --config.data.data_dir=DIR of a dataset "
+      "built with `python bin/prepare_data.py --dataset NAME --manual_dir FOLDER --data_dir DIR` "
+      "(or use configs/quickstart.py)")
+  try:
+    return pipeline.PatchDataset.from_tfds(os.path.expanduser(d.data_dir), d.dataset, d.split,
+                                           **kwargs)
+  except (builders.DataError, ValueError) as e:
+    raise TrainingError(str(e)) from None
+
+
+def load_vgg(config: Any, log) -> Any:
+  """The frozen VGG-19: converted weights, or (quickstart only) a seeded random one."""
+  if config.vgg_weights:
+    try:
+      return vgg.load_params(os.path.expanduser(config.vgg_weights))
+    except vgg.VGGWeightsError as e:
+      raise TrainingError(str(e)) from None
+  if config.allow_random_vgg:
+    log(f"NOTE: no --config.vgg_weights given: using a RANDOM VGG-19 (seed {config.random_vgg_seed}); "
+        "perception losses are only structural stand-ins. For real training: " + vgg.HOW_TO_GET)
+    return vgg.random_params(int(config.random_vgg_seed))
+  raise TrainingError(f"no VGG-19 weights: set --config.vgg_weights=FILE.npz; to get one, {vgg.HOW_TO_GET}")
+
+
+def load_teacher(config: Any) -> Any:
+  """The frozen teacher of a student run."""
+  from mmdrfuse_jax import checkpoints  # pylint: disable=g-import-not-at-top
+
+  if not config.teacher_weights:
+    raise TrainingError(
+      "a student run needs its teacher: set --config.teacher_weights to the project's teacher weights "
+      "(teacher.npz written by a configs/teacher.py run) or the published teacher.model")
+  try:
+    return checkpoints.load_params(os.path.expanduser(config.teacher_weights), "teacher")
+  except checkpoints.WeightsError as e:
+    raise TrainingError(str(e)) from None
+
+
+class _SignalCatcher:
+  """Turns SIGTERM/SIGINT into a flag checked between steps (so a checkpoint can be saved)."""
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None:  # A second signal: stop now.
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
+def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
+  stacked = jax.device_get(history)
+  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+def _format_metrics(step: int, total: int, m: dict[str, float]) -> str:
+  terms = " ".join(f"{k[2:]} {m[k]:.4g}" for k in ("l_int", "l_percep", "l_grad", "l_distill",
+                                                    "l_refresh") if k in m)
+  parts = [f"step {step}/{total}", f"loss {m['loss']:.4g}", terms]
+  for name in ("ssim", "gmsd"):
+    if f"refresh/{name}_gap" in m:
+      parts.append(f"{name}: refreshed {m[f'refresh/{name}_refreshed']:.0%} "
+                   f"loss-on {m[f'refresh/{name}_loss_on']:.0%} gap {m[f'refresh/{name}_gap']:+.3g}")
+  if m.get("nonfinite", 0) > 0:
+    parts.append(f"non-finite steps skipped {m['nonfinite']:.0%}")
+  return " | ".join(parts)
+
+
+def train_and_evaluate(config: Any, workdir: str | os.PathLike, *, log=print,
+                       stop_at_step: int | None = None) -> RunResult:
+  """Trains `config.model` in `workdir`, resuming from its latest checkpoint.
+
+  With `config.teacher_run` (the quickstart), the teacher is trained first in
+  `workdir/teacher` and the student then distils from it in `workdir/student`.
+
+  Args:
+    config: the run's ml_collections config (see configs/default.py).
+    workdir: where checkpoints, logs and the final weights (`<model>.npz`) go.
+    log: where progress lines go.
+    stop_at_step: stop (with a checkpoint) once this step is reached, as if interrupted.
+
+  Returns:
+    A `RunResult`.
+
+  Raises:
+    TrainingError: missing or unusable data, VGG or teacher weights (one-line message).
+  """
+  workdir = pathlib.Path(workdir).expanduser()
+  if config.get("teacher_run") is not None:
+    teacher_cfg = config.teacher_run
+    if not teacher_cfg.vgg_weights and config.vgg_weights:
+      teacher_cfg.vgg_weights = config.vgg_weights
+    log("== stage 1/2: teacher")
+    first = train_and_evaluate(teacher_cfg, workdir / "teacher", log=log, stop_at_step=stop_at_step)
+    if first.weights is None:
+      return first
+    student_cfg = ml_collections.ConfigDict(config.to_dict())
+    del student_cfg["teacher_run"]
+    student_cfg.teacher_weights = str(first.weights)
+    log("== stage 2/2: student, distilled from " + str(first.weights))
+    return train_and_evaluate(student_cfg, workdir / "student", log=log)
+  return _train_stage(config, workdir, log=log, stop_at_step=stop_at_step)
+
+
+def _train_stage(config: Any, workdir: pathlib.Path, *, log, stop_at_step: int | None) -> RunResult:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import tqdm  # pylint: disable=g-import-not-at-top
+
+  from mmdrfuse_jax import checkpoints, summary  # pylint: disable=g-import-not-at-top
+
+  if config.model not in models.MODELS:
+    raise TrainingError(f"config.model must be one of {sorted(models.MODELS)}, got {config.model!r}")
+  workdir.mkdir(parents=True, exist_ok=True)
+  dataset = load_dataset(config)
+  vgg_params = load_vgg(config, log)
+  teacher = load_teacher(config) if config.model == "student" else None
+  batch_size = int(config.batch_size)
+  steps_per_epoch = dataset.steps_per_epoch(batch_size)
+  if steps_per_epoch == 0:
+    raise TrainingError(f"{dataset.num_patches} training patches do not make one batch of {batch_size}")
+  total_steps = steps_per_epoch * int(config.num_epochs)
+  rcfg = refresh.RefreshConfig.from_config(config.refresh)
+  cfg = StepConfig.from_config(config, steps_per_epoch)
+  mesh = make_mesh(batch_size)
+  log(f"{config.model}: {dataset.num_patches} patches, {steps_per_epoch} steps/epoch x "
+      f"{config.num_epochs} epochs, batch {batch_size} over {mesh.devices.size} device(s); refresh memories "
+      f"{rcfg.memory_dtype}, {refresh.bytes_per_sample(rcfg, dataset.patch_size, dataset.patch_size):,} "
+      "bytes/sample")
+
+  o = config.optim
+  state = create_train_state(
+    config.model, make_optimizer(float(o.lr), float(o.b1), float(o.b2), float(o.eps)),
+    jax.random.PRNGKey(int(config.seed)), dataset.num_patches, dataset.patch_size, rcfg,
+    teacher_params=teacher)
+  state = replicate(state, mesh)
+  frozen = replicate(Frozen(vgg=vgg_params, teacher=teacher), mesh)
+
+  manager = ocp.CheckpointManager(
+    (workdir / "checkpoints").resolve(),
+    options=ocp.CheckpointManagerOptions(
+      max_to_keep=int(config.keep_checkpoints), create=True, enable_async_checkpointing=False,
+      cleanup_tmp_directories=True))
+  latest = manager.latest_step()
+  if latest is not None:
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+    log(f"resumed from {workdir / 'checkpoints'} at step {latest} "
+        f"(epoch {int(state.epoch)}, batch {int(state.position)})")
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+  def save(step: int) -> None:
+    if manager.latest_step() != step:
+      manager.save(step, args=ocp.args.StandardSave(state), force=True)
+      manager.wait_until_finished()
+
+  step = int(state.step)
+  train_step_fn = make_train_step(cfg, mesh)
+  writer = summary.SummaryWriter(workdir)
+  interrupted = None
+  history = []
+  end = total_steps if stop_at_step is None else min(total_steps, stop_at_step)
+  batches = dataset.iterate(
+    batch_size, int(config.seed), {"epoch": int(state.epoch), "step": int(state.position)},
+    num_epochs=int(config.num_epochs), sharding=NamedSharding(mesh, P("data")))
+  bar = tqdm.tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
+                  disable=not config.progress_bar)
+  try:
+    with _SignalCatcher() as signals:
+      for batch, _ in batches:
+        if step >= end or signals.signum is not None:
+          break
+        state, metrics = train_step_fn(state, batch, frozen)
+        step += 1
+        history.append(metrics)
+        bar.update(1)
+        if step % int(config.log_every_steps) == 0 or step == end:
+          m = _mean_metrics(history)
+          history = []
+          writer.scalars(step, m)
+          writer.flush()
+          bar.set_postfix(loss=f"{m['loss']:.4g}")
+          (bar.write if config.progress_bar else log)(_format_metrics(step, total_steps, m))
+        if step % int(config.checkpoint_every_steps) == 0:
+          save(step)
+      interrupted = signals.signum
+  finally:
+    bar.close()
+    writer.close()
+  save(step)
+  skips = int(state.nonfinite_skips)
+  if skips:
+    log(f"warning: {skips} step(s) had a non-finite loss and were skipped")
+  if interrupted is not None or step < total_steps:
+    why = f"signal {interrupted}" if interrupted is not None else f"stop at step {step}"
+    log(f"stopped at step {step}/{total_steps} ({why}); checkpoint saved, rerun to resume")
+    return RunResult(None, step, total_steps, interrupted, skips)
+  weights = workdir / f"{config.model}.npz"
+  checkpoints.save_params(weights, jax.device_get(state.params))
+  log(f"done: {total_steps} steps; weights written to {weights}")
+  return RunResult(weights, step, total_steps, None, skips)

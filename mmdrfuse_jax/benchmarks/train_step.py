@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> dict:
   mesh = train.make_mesh(b)
   step = train.make_train_step(cfg, mesh)
   state = train.replicate(state, mesh)
-  batch = {"ir": ir, "vi": vi, "patch_id": ids}
+  batch = {"ir": ir, "vis": vi, "patch_id": ids}
   box = {"state": state, "metrics": None}
 
   def one_step():
