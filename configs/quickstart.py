@@ -29,13 +29,13 @@ def _small(config):
 def get_config():
   config = _small(default.get_config())
   config.model = "student"
-  config.num_epochs = 3  # Epoch 1 fills the refresh memories; 2 and 3 use them.
+  config.num_epochs = 4  # Epoch 1 fills the refresh memories; later epochs use them.
 
   # The teacher stage that runs first (into WORKDIR/teacher); the student then distils from
   # WORKDIR/teacher/teacher.npz (into WORKDIR/student).
   teacher = _small(default.get_config())
   teacher.model = "teacher"
-  teacher.num_epochs = 2
+  teacher.num_epochs = 3
   teacher.loss.w_int = 2.0
   teacher.loss.w_percep = 1.0
   teacher.loss.w_grad = 1.0

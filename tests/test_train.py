@@ -139,8 +139,31 @@ def test_nonfinite_loss_skips_update(straight_run, teacher_file):
   assert float(metrics["nonfinite"]) == 0.0
   after2 = jax.device_get(state)
   assert not np.array_equal(after2.params["conv1"]["kernel"], before.params["conv1"]["kernel"])
-  _, written = refresh.gather(after2.memory.best_ssim, jnp.array([0, 3]), "bfloat16")
-  assert np.all(written)
+  # First epoch: both memories now hold the output of the parameters before the update.
+  x = np.concatenate([batch["ir"], batch["vis"]], axis=-1)
+  expected = models.Student().apply({"params": before.params}, x)["out"]
+  for memory in (after2.memory.best_ssim, after2.memory.best_gmsd):
+    img, written = refresh.gather(memory, jnp.array([0, 3]), "bfloat16")
+    assert np.all(written)
+    np.testing.assert_allclose(img, expected, atol=4e-3)
+  _, others = refresh.gather(after2.memory.best_ssim, jnp.array([1, 2]), "bfloat16")
+  assert not np.any(others)
+
+
+def test_per_sample_uint8_ssim_only_run(tmp_path, teacher_file):
+  config = tiny_config(teacher_file)
+  config.refresh.per_sample = True
+  config.refresh.memory_dtype = "uint8"
+  config.refresh.gmsd = False
+  half = train.train_and_evaluate(config, tmp_path, log=lambda *_: None, stop_at_step=3)
+  assert half.step == 3
+  result = train.train_and_evaluate(config, tmp_path, log=lambda *_: None)
+  assert result.step == 4 and result.weights is not None
+  final, _ = _restore_latest(tmp_path, None)
+  assert final["memory"]["best_ssim"].dtype == np.uint8
+  assert np.all(final["memory"]["best_ssim"][:, 0, 0, 0] != 255)  # Every slot written.
+  rows = summary.read_scalars(glob.glob(str(tmp_path / "events.out.tfevents.*"))[-1])
+  assert rows and not any("gmsd" in k for _, r in rows for k in r)
 
 
 def test_student_conv2_starts_from_teacher_conv00(teacher_file):
