@@ -437,9 +437,11 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *, log=print,
   """
   workdir = pathlib.Path(workdir).expanduser()
   if config.get("teacher_run") is not None:
-    teacher_cfg = config.teacher_run
-    if not teacher_cfg.vgg_weights and config.vgg_weights:
+    teacher_cfg = ml_collections.ConfigDict(config.teacher_run.to_dict())
+    # Run-wide settings given for the whole run apply to the teacher stage too.
+    if not teacher_cfg.vgg_weights:
       teacher_cfg.vgg_weights = config.vgg_weights
+    teacher_cfg.progress_bar = config.progress_bar
     log("== stage 1/2: teacher")
     first = train_and_evaluate(teacher_cfg, workdir / "teacher", log=log, stop_at_step=stop_at_step)
     if first.weights is None:
