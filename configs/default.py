@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.random_vgg_seed = 20241127
   # Student runs: the teacher (the project's own weights or the published teacher.model).
   config.teacher_weights = ""
+  # Keep the frozen teacher's targets per patch in host RAM after their first computation
+  # (2 x H x W float32 per patch) instead of running the teacher in every step.
+  config.teacher_cache = True
 
   config.log_every_steps = 50
   config.checkpoint_every_steps = 500

@@ -255,3 +255,24 @@ def test_quickstart_smoke(tmp_path):
   assert checkpoints.load_params(tmp_path / "teacher" / "teacher.npz", "teacher")
   student = checkpoints.load_params(tmp_path / "student" / "student.npz", "student")
   assert models.count_params(student) == 113
+
+
+def test_teacher_cache_matches_teacher_in_step(teacher_file):
+  config = tiny_config(teacher_file)
+  cfg = train.StepConfig.from_config(config, steps_per_epoch=2)
+  mesh = train.make_mesh(2)
+  teacher = checkpoints.load_params(teacher_file, "teacher")
+  frozen = train.replicate(train.Frozen(vgg=vgg.random_params(), teacher=teacher), mesh)
+  rng = np.random.default_rng(1)
+  batch = {"ir": rng.random((2, 32, 32, 1), dtype=np.float32),
+           "vis": rng.random((2, 32, 32, 1), dtype=np.float32), "patch_id": np.array([2, 1], np.int32)}
+  cache = train.TeacherCache(4, 32, mesh)
+  results = []
+  for b in (batch, cache.add_to(batch, frozen.teacher)):
+    state = train.create_train_state("student", train.make_optimizer(1e-3), jax.random.PRNGKey(0), 4,
+                                     32, cfg.refresh, teacher_params=teacher)
+    state, metrics = train.make_train_step(cfg, mesh)(train.replicate(state, mesh), b, frozen)
+    results.append(jax.device_get((state.params, metrics["l_distill"])))
+  assert cache.known.tolist() == [False, True, True, False]
+  for x, y in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(results[1])):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
