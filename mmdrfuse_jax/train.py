@@ -535,7 +535,13 @@ def _train_stage(config: Any, workdir: pathlib.Path, *, log, stop_at_step: int |
   latest = manager.latest_step()
   if latest is not None:
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-    state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+    try:
+      state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # Orbax raises many types for a mismatching or damaged checkpoint.
+      first_line = (str(e).splitlines() or [""])[0][:200]
+      raise TrainingError(
+        f"{workdir / 'checkpoints'}: cannot resume from step {latest} with this config "
+        f"({type(e).__name__}: {first_line}); use another --workdir") from None
     log(f"resumed from {workdir / 'checkpoints'} at step {latest} "
         f"(epoch {int(state.epoch)}, batch {int(state.position)})")
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
