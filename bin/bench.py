@@ -8,10 +8,11 @@ from mmdrfuse_jax.benchmarks import common
 
 # Each module has add_parser(subparsers) that registers its subcommand with a `run` default.
 from mmdrfuse_jax.benchmarks import infer  # noqa: E402
+from mmdrfuse_jax.benchmarks import metrics  # noqa: E402
 from mmdrfuse_jax.benchmarks import pipeline  # noqa: E402
 from mmdrfuse_jax.benchmarks import train_step  # noqa: E402
 
-BENCHMARKS = [infer, pipeline, train_step]
+BENCHMARKS = [infer, pipeline, metrics, train_step]
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
                       help="minmax: stretch each image to 0..255 (published); clip: clip to [0, 1]")
   parser.add_argument("--color", action="store_true",
                       help="fuse the luma of the colour input and keep its colours (YCbCr)")
-  parser.add_argument("--bucket", type=int, default=64,
+  parser.add_argument("--bucket", type=int, default=128,
                       help="student canvases are multiples of this (one compile per bucket); 0: exact sizes")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)

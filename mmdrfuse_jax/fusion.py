@@ -133,7 +133,7 @@ class Fuser:
   params: Mapping[str, Any]
   output: str = "minmax"
   color: bool = False
-  bucket: int = 64
+  bucket: int = 128
 
   def __post_init__(self):
     if self.output not in OUTPUT_MODES:

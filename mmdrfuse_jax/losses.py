@@ -195,7 +195,8 @@ def gmsd_per_image(x: jax.Array, y: jax.Array) -> jax.Array:
   ma, mb = _gradient_magnitude(x), _gradient_magnitude(y)
   gms = (2 * ma * mb + _GMSD_C) / (ma * ma + mb * mb + _GMSD_C)
   gms = gms.reshape(gms.shape[0], -1)
-  return jnp.std(gms, axis=1, ddof=1)
+  # std with Bessel's correction; _safe_sqrt keeps the gradient finite when GMS is constant.
+  return _safe_sqrt(jnp.var(gms, axis=1, ddof=1))
 
 
 def gmsd(x: jax.Array, y: jax.Array) -> jax.Array:

@@ -34,7 +34,7 @@ def reflect_pad_within(x: jax.Array, sizes: jax.Array) -> jax.Array:
   the true size + 2 equal `reflect_pad` of the cropped image; the rest is don't-care.
 
   Args:
-    x: (B, H, W, C) canvas.
+    x: (B, H, W, ...) canvas.
     sizes: (B, 2) int32 true (height, width) of each image, each at least 2.
   """
 
@@ -56,12 +56,46 @@ def _conv(features: int, name: str, strides: int = 1) -> nn.Conv:
                  precision=jax.lax.Precision.HIGHEST, name=name)
 
 
+class PlanarConv3x3(nn.Module):
+  """A 3x3 convolution with bias on a list of channel planes, after reflection padding.
+
+  For the student's handful of channels, XLA's CPU convolution is slow; a sum of shifted,
+  scaled planes compiles to one fused, vectorised loop per output channel and runs about
+  20x faster on CPU (see README). Parameters are those of `nn.Conv` (HWIO `kernel`,
+  `bias`), so weights map one to one.
+  """
+
+  features: int
+
+  @nn.compact
+  def __call__(self, planes: Sequence[jax.Array], pad) -> list[jax.Array]:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, len(planes), self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    height, width = planes[0].shape[1:3]
+    # The barrier makes XLA materialise the padded planes: fusing the reflection into the
+    # shifted reads below would turn every read into a gather and lose vectorisation.
+    padded = jax.lax.optimization_barrier([pad(p) for p in planes])
+    outputs = []
+    for o in range(self.features):
+      acc = bias[o]
+      for i, plane in enumerate(padded):
+        for dy in range(3):
+          for dx in range(3):
+            acc = acc + kernel[dy, dx, i, o] * plane[:, dy:dy + height, dx:dx + width]
+      outputs.append(acc)
+    return outputs
+
+
+def _reflect_pad_plane(x: jax.Array) -> jax.Array:
+  return jnp.pad(x, ((0, 0), (1, 1), (1, 1)), mode="reflect")
+
+
 class Student(nn.Module):
   """The 113-parameter student: conv1 (2->4) + ReLU, conv2 (4->1) + tanh.
 
   Returns:
     A dict with `feat_pre` (conv1 output), `feat` (its ReLU), `out_pre` (conv2 output) and
-    `out` (tanh(out_pre), the fused image in [-1, 1]; in practice in [0, 1]).
+    `out` (tanh(out_pre), the fused image in [-1, 1]; in practice in [0, 1]), all NHWC.
   """
 
   @nn.compact
@@ -74,11 +108,14 @@ class Student(nn.Module):
         `x`; the outputs inside each true region then equal those of the cropped image
         (used to share one compilation among images of different sizes).
     """
-    pad = reflect_pad if sizes is None else functools.partial(reflect_pad_within, sizes=sizes)
-    feat_pre = _conv(4, "conv1")(pad(x))
-    feat = nn.relu(feat_pre)
-    out_pre = _conv(1, "conv2")(pad(feat))
-    return {"feat_pre": feat_pre, "feat": feat, "out_pre": out_pre, "out": jnp.tanh(out_pre)}
+    pad = _reflect_pad_plane if sizes is None else functools.partial(reflect_pad_within, sizes=sizes)
+    planes = [x[..., c] for c in range(x.shape[-1])]
+    feat_pre = PlanarConv3x3(4, name="conv1")(planes, pad)
+    feat = [nn.relu(f) for f in feat_pre]
+    (out_pre,) = PlanarConv3x3(1, name="conv2")(feat, pad)
+    stack = lambda planes: jnp.stack(planes, axis=-1)
+    return {"feat_pre": stack(feat_pre), "feat": stack(feat), "out_pre": out_pre[..., None],
+            "out": jnp.tanh(out_pre)[..., None]}
 
 
 def upsample2x_bicubic(x: jax.Array) -> jax.Array:

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmdrfuse_jax import torch_reader
+
 # Channels per conv of each block (configuration "E"); a 2x2/2 max-pool ends blocks 1..4.
 _BLOCKS = ((64, 64), (128, 128), (256, 256, 256, 256), (512, 512, 512, 512),
            (512, 512, 512, 512))
@@ -35,7 +37,7 @@ HOW_TO_GET = ("download torchvision's vgg19-dcbb9e9d.pth "
               "`python bin/convert_vgg19.py vgg19-dcbb9e9d.pth DST.npz`")
 
 
-class VGGWeightsError(ValueError):
+class VGGWeightsError(torch_reader.WeightsError):
   """Missing, corrupt or mismatched VGG-19 weights (message is one line)."""
 
 
@@ -200,8 +202,12 @@ def load_params(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
 
 
 def convert_torchvision_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-  """Reads torchvision's vgg19 `.pth` (no PyTorch needed) and writes the project's `.npz`."""
-  from mmdrfuse_jax import torch_reader  # pylint: disable=g-import-not-at-top
+  """Reads torchvision's vgg19 `.pth` (no PyTorch needed) and writes the project's `.npz`.
+
+  Raises:
+    torch_reader.WeightsError (or its subclass VGGWeightsError): unreadable or wrong `src`.
+    OSError: `dst` cannot be written.
+  """
   state = torch_reader.load_state_dict(src)
   save_params(dst, params_from_torchvision(state, source=str(src)))
 

@@ -320,6 +320,21 @@ def _encode_in_threads(pairs, resize_visible: bool, num_threads: int | None = No
       yield stem_, a, b, fut.result()
 
 
+def decode_problems(pairs, resize_visible: bool) -> list[str]:
+  """The problems only a full decode finds (truncated or corrupt files), in pair order."""
+
+  def check(item):
+    _, (ir_path, vis_path) = item
+    try:
+      read_pair(ir_path, vis_path, resize_visible=resize_visible)
+    except imageio.ImageError as e:
+      return str(e)
+    return None
+
+  with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+    return [p for p in pool.map(check, pairs) if p is not None]
+
+
 # ---------------------------------------------------------------------------------------
 # The builder.
 
@@ -396,10 +411,7 @@ class FusionPairs(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = pathlib.Path(dl_manager.manual_dir)
-    try:
-      layout = find_layout(manual_dir, self.builder_config)
-    except DataError as e:
-      raise DataError(str(e)) from None
+    layout = find_layout(manual_dir, self.builder_config)
     problems: list[str] = []
     split_pairs = {}
     for split, (ir_dir, vis_dir) in layout.items():
@@ -411,7 +423,13 @@ class FusionPairs(tfds.core.GeneratorBasedBuilder):
       problems += pairing.problems + bad
       split_pairs[split] = good
     if problems and not self._skip_bad:
+      # Decode the rest too, so that the one report lists every bad file.
+      for split, pairs in split_pairs.items():
+        problems += decode_problems(pairs, self.resize_visible)
       raise DataError(format_report(problems, skipped=False))
+    split_pairs = {s: pairs for s, pairs in split_pairs.items() if pairs}
+    if not split_pairs:
+      raise DataError(f"{manual_dir}: no usable pair left\n{format_report(problems, skipped=True)}")
     meta = self.info.metadata
     meta["source"] = {
         "manual_dir": str(manual_dir.resolve()),

@@ -1,0 +1,37 @@
+#!/usr/bin/env python
+"""Converts torchvision's VGG-19 weights to the project's format (no PyTorch needed).
+
+  python bin/convert_vgg19.py vgg19-dcbb9e9d.pth vgg19.npz
+
+SRC is torchvision's ImageNet `vgg19` state dict (the file torchvision caches as
+`vgg19-dcbb9e9d.pth`, from https://download.pytorch.org/models/vgg19-dcbb9e9d.pth); DST is
+written atomically as one `.npz` of the feature stack's float32 arrays (HWIO kernels).
+"""
+
+import argparse
+import sys
+
+from mmdrfuse_jax import torch_reader
+from mmdrfuse_jax import vgg
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("src", help="torchvision vgg19 state dict (.pth)")
+  parser.add_argument("dst", help="output .npz")
+  args = parser.parse_args(argv)
+  try:
+    vgg.convert_torchvision_file(args.src, args.dst)
+  except torch_reader.WeightsError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except OSError as e:
+    print(f"error: {args.dst}: cannot write ({e.strerror or e})", file=sys.stderr)
+    return 1
+  print(f"wrote {args.dst}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,329 @@
+"""Scoring fused images against their sources, the way the published tables were computed.
+
+Images are read as the field's common Python evaluator reads them (SPEC section 6): an 8-bit
+file becomes float, colour becomes gray `round(0.299 R + 0.587 G + 0.114 B)` computed in
+float32 with NumPy's rounding (half to even), and a gray file gives its own values. 16-bit
+files are brought to the same 0..255 scale: gray `round(v / 257)` (65535 -> 255), colour
+`round(0.299 R + 0.587 G + 0.114 B)` of the channels divided by 257, so their scores compare
+with 8-bit ones and the histogram metrics keep 256 levels.
+
+Compilation: images are placed top-left on zero canvases ("buckets") and scored with their
+true size (see `metrics`), so a folder of many sizes compiles a handful of times, not once
+per size. A bucket is shared when its area is at most `max_waste` times an image's own.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import io
+import json
+import math
+import os
+import pathlib
+import tempfile
+from typing import Callable, Iterable, Optional, Sequence
+
+import jax
+import numpy as np
+from PIL import Image
+
+from mmdrfuse_jax import imageio, metrics
+
+ImageError = imageio.ImageError
+FuseFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def to_evaluation_gray(image: np.ndarray) -> np.ndarray:
+  """An image as returned by `imageio.read_image`, as float32 gray on 0..255 (SPEC 6)."""
+  img = image.astype(np.float32)
+  if image.dtype == np.uint16:
+    img = img / np.float32(257.0)
+  elif image.dtype != np.uint8:
+    raise ValueError(f"expected an 8- or 16-bit image, got {image.dtype}")
+  if img.ndim == 3:
+    img = img[..., 0] * np.float32(0.299) + img[..., 1] * np.float32(0.587) + img[..., 2] * np.float32(0.114)
+    return np.round(img).astype(np.float32)
+  return np.round(img) if image.dtype == np.uint16 else img
+
+
+def read_for_evaluation(path: str | os.PathLike) -> np.ndarray:
+  """Reads an image file as float32 gray (H, W) on 0..255 (SPEC 6).
+
+  Raises:
+    ImageError: the file is missing or unreadable.
+  """
+  return to_evaluation_gray(imageio.read_image(path))
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+  """(height, width) of an image file from its header, without decoding the pixels.
+
+  Raises:
+    ImageError: the file is missing or not an image.
+  """
+  path = pathlib.Path(path)
+  try:
+    with Image.open(path) as img:
+      return img.size[1], img.size[0]
+  except FileNotFoundError:
+    raise ImageError(f"{path}: no such file") from None
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Triple:
+  """One image to score. `fused` is None when it is computed from the sources (`fuse_fn`)."""
+
+  name: str
+  ir: pathlib.Path
+  vis: pathlib.Path
+  fused: Optional[pathlib.Path] = None
+
+
+@dataclasses.dataclass
+class EvaluationResult:
+  """Per-image scores and the problems of the images that could not be scored.
+
+  Attributes:
+    names: the metrics computed, in column order.
+    rows: (image name, {metric: value}) in the order of the input triples.
+    problems: one-line messages naming the file and the problem.
+  """
+
+  names: tuple[str, ...]
+  rows: list[tuple[str, dict[str, float]]]
+  problems: list[str]
+
+  def means(self) -> dict[str, float]:
+    """Mean of every metric over the scored images (NaN when none was scored)."""
+    if not self.rows:
+      return {n: math.nan for n in self.names}
+    return {n: float(np.mean([r[n] for _, r in self.rows])) for n in self.names}
+
+
+def pair_triples(ir_dir, vis_dir, fused_dir=None) -> tuple[list[Triple], list[str]]:
+  """Pairs the folders by file stem (fused first when given).
+
+  Raises:
+    ImageError: a folder is missing or holds no image.
+  """
+  if fused_dir is None:
+    pairing = imageio.pair_folders([ir_dir, vis_dir])
+    triples = [Triple(stem, ir, vis) for stem, (ir, vis) in pairing.pairs]
+  else:
+    pairing = imageio.pair_folders([fused_dir, ir_dir, vis_dir])
+    triples = [Triple(stem, ir, vis, fused) for stem, (fused, ir, vis) in pairing.pairs]
+  return triples, list(pairing.problems)
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
+
+
+def assign_buckets(sizes: Sequence[tuple[int, int]], *, multiple: int = 32,
+                   max_waste: float = 3.0) -> list[tuple[int, int]]:
+  """A canvas shape for each image size, sharing canvases to limit compilations.
+
+  Larger images are placed first; an image joins an existing canvas that holds it when the
+  canvas's area is at most `max_waste` times its own, else it opens a new canvas (its size
+  rounded up to `multiple`). With `max_waste` <= 1 and `multiple` 1 every size is exact.
+  """
+  canvases: list[tuple[int, int]] = []
+  chosen: dict[tuple[int, int], tuple[int, int]] = {}
+  for h, w in sorted(set(sizes), key=lambda s: (-s[0] * s[1], s)):
+    for ch, cw in canvases:
+      if ch >= h and cw >= w and ch * cw <= max_waste * h * w:
+        chosen[(h, w)] = (ch, cw)
+        break
+    else:
+      canvas = (_round_up(h, multiple), _round_up(w, multiple))
+      canvases.append(canvas)
+      chosen[(h, w)] = canvas
+  return [chosen[s] for s in sizes]
+
+
+def _load(triple: Triple, fuse_fn: Optional[FuseFn], save_dir: Optional[pathlib.Path]):
+  """The triple's three float gray images; raises ImageError naming the file."""
+  ir_raw = imageio.read_image(triple.ir)
+  vis_raw = imageio.read_image(triple.vis)
+  if ir_raw.shape[:2] != vis_raw.shape[:2]:
+    imageio.check_same_size([triple.ir, triple.vis], [ir_raw, vis_raw])
+  if triple.fused is not None:
+    fused_raw = imageio.read_image(triple.fused)
+    imageio.check_same_size([triple.fused, triple.ir, triple.vis], [fused_raw, ir_raw, vis_raw])
+  else:
+    try:
+      fused_raw = fuse_fn(ir_raw, vis_raw)
+    except ValueError as e:
+      raise ImageError(f"{triple.ir}: cannot fuse ({e})") from None
+    if save_dir is not None:
+      imageio.write_image_atomic(save_dir / f"{triple.name}.png", fused_raw)
+  return to_evaluation_gray(fused_raw), to_evaluation_gray(ir_raw), to_evaluation_gray(vis_raw)
+
+
+def evaluate(triples: Sequence[Triple], *, names: Sequence[str] = metrics.METRIC_NAMES,
+             ssim_data_range: float = 2.0, mi_base: Optional[float] = None,
+             fuse_fn: Optional[FuseFn] = None, save_fused: Optional[str | os.PathLike] = None,
+             batch_size: int = 1, bucket_multiple: int = 32, max_waste: float = 3.0,
+             progress: bool = False) -> EvaluationResult:
+  """Scores image triples; files that cannot be used are reported, the rest scored.
+
+  Args:
+    triples: the images; those without `fused` are fused with `fuse_fn(ir, vis)` (arrays as
+      `imageio.read_image` returns them, returning the integer image that would be written).
+    names: metrics to compute (see `metrics.ALL_NAMES`).
+    ssim_data_range, mi_base: metric conventions (see `metrics.all_metrics`).
+    fuse_fn: in-memory fusion for triples without a fused file.
+    save_fused: folder where fused images from `fuse_fn` are also written (<name>.png).
+    batch_size: images scored per vmapped call (the last batch is padded with a repeat).
+    bucket_multiple, max_waste: canvas sharing (see `assign_buckets`).
+    progress: show a tqdm progress bar.
+
+  Returns:
+    An EvaluationResult, rows in the order of `triples`.
+  """
+  names = tuple(names)
+  unknown = [n for n in names if n not in metrics.ALL_NAMES]
+  if unknown:
+    raise ValueError(f"unknown metrics {', '.join(unknown)}; choose from {', '.join(metrics.ALL_NAMES)}")
+  save_dir = pathlib.Path(save_fused) if save_fused is not None else None
+  problems: list[str] = []
+
+  # Sizes from the file headers only, so that images are decoded one batch at a time.
+  sized: list[tuple[Triple, tuple[int, int]]] = []
+  for t in triples:
+    try:
+      size = image_size(t.ir)
+    except ImageError as e:
+      problems.append(str(e))
+      continue
+    if min(size) < metrics.MIN_SIZE:
+      problems.append(f"{t.ir}: image of {size[1]}x{size[0]} pixels is too small to score "
+                      f"(at least {metrics.MIN_SIZE}x{metrics.MIN_SIZE}, for VIF)")
+      continue
+    sized.append((t, size))
+  canvases = assign_buckets([s for _, s in sized], multiple=bucket_multiple, max_waste=max_waste)
+  groups: dict[tuple[int, int], list[Triple]] = {}
+  for (t, _), canvas in zip(sized, canvases):
+    groups.setdefault(canvas, []).append(t)
+
+  # metrics.all_metrics is jitted with these as static arguments: one compile per canvas.
+  fn = functools.partial(metrics.all_metrics, names=names, ssim_data_range=float(ssim_data_range),
+                         mi_base=mi_base)
+  scores: dict[str, dict[str, float]] = {}
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(total=len(sized), unit="image", desc="evaluating")
+  try:
+    for (ch, cw), group in groups.items():
+      for start in range(0, len(group), batch_size):
+        batch, arrays = [], []
+        for t in group[start:start + batch_size]:
+          try:
+            images = _load(t, fuse_fn, save_dir)
+          except ImageError as e:
+            problems.append(str(e))
+          else:
+            if images[0].shape[0] > ch or images[0].shape[1] > cw:
+              problems.append(f"{t.ir}: header and pixel sizes disagree")
+            else:
+              batch.append(t)
+              arrays.append(images)
+          if bar is not None:
+            bar.update(1)
+        if not batch:
+          continue
+        stacks = [np.zeros((batch_size, ch, cw), np.float32) for _ in range(3)]
+        sizes = np.zeros((batch_size, 2), np.int32)
+        for i in range(batch_size):
+          images = arrays[min(i, len(arrays) - 1)]
+          h, w = images[0].shape
+          for stack, image in zip(stacks, images):
+            stack[i, :h, :w] = image
+          sizes[i] = (h, w)
+        if batch_size == 1:  # the unbatched program is faster than a vmap over one image
+          out = jax.device_get(fn(*(s[0] for s in stacks), sizes[0]))
+          out = {k: v[None] for k, v in out.items()}
+        else:
+          out = jax.device_get(fn(*stacks, sizes))
+        for i, t in enumerate(batch):
+          scores[t.name] = {n: float(out[n][i]) for n in names}
+  finally:
+    if bar is not None:
+      bar.close()
+  rows = [(t.name, scores[t.name]) for t, _ in sized if t.name in scores]
+  return EvaluationResult(names=names, rows=rows, problems=problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output.
+
+
+def write_csv_atomic(path: str | os.PathLike, result: EvaluationResult) -> None:
+  """Writes `name,<metrics...>` per image through a temporary file, then renames."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "w", newline="") as f:
+      writer = csv.writer(f)
+      writer.writerow(("name",) + result.names)
+      for name, row in result.rows:
+        writer.writerow([name] + [f"{row[n]:.6f}" for n in result.names])
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def format_means(result: EvaluationResult, fmt: str = "table", label: str = "mean") -> str:
+  """The mean scores in the papers' layout (one row, metrics as columns).
+
+  Args:
+    fmt: "table" (aligned text, 2 decimals as in the papers), "markdown", "csv" or "json"
+      (the last two at full precision).
+  """
+  means = result.means()
+  n = len(result.rows)
+  if fmt == "json":
+    return json.dumps({"images": n, "means": means}, sort_keys=False)
+  if fmt == "csv":
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(("name",) + result.names)
+    writer.writerow([label] + [f"{means[k]:.6f}" for k in result.names])
+    return buf.getvalue().rstrip("\n")
+  head = [""] + list(result.names)
+  vals = [f"{label} ({n} images)"] + [f"{means[k]:.2f}" for k in result.names]
+  if fmt == "markdown":
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                      "| " + " | ".join(vals) + " |"])
+  if fmt != "table":
+    raise ValueError(f"unknown format {fmt!r}; choose table, markdown, csv or json")
+  widths = [max(len(a), len(b)) for a, b in zip(head, vals)]
+  line = lambda cells: "  ".join(c.rjust(wd) if i else c.ljust(wd) for i, (c, wd) in enumerate(zip(cells, widths)))
+  return line(head) + "\n" + line(vals)
+
+
+FORMATS = ("table", "markdown", "csv", "json")
+
+
+def parse_metric_names(text: Optional[str]) -> tuple[str, ...]:
+  """'EN,SD,...' (case-insensitive) -> canonical names; None -> all published metrics."""
+  if not text:
+    return metrics.METRIC_NAMES
+  canon = {n.lower(): n for n in metrics.ALL_NAMES}
+  out = []
+  for part in text.split(","):
+    key = part.strip().lower()
+    if key not in canon:
+      raise ValueError(f"unknown metric {part.strip()!r}; choose from {', '.join(metrics.ALL_NAMES)}")
+    if canon[key] not in out:
+      out.append(canon[key])
+  return tuple(out)

@@ -1,0 +1,159 @@
+"""Weight import (restricted PyTorch reader) and the project's own weight formats."""
+
+import os
+import pickle
+import zipfile
+
+import jax
+import numpy as np
+import pytest
+
+from mmdrfuse_jax import checkpoints, models, torch_reader
+
+
+@pytest.fixture(scope="module")
+def student_params():
+  return jax.tree_util.tree_map(np.asarray, models.init_params("student", jax.random.key(0)))
+
+
+def _write_zip_pickle(path, payload: bytes):
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("archive/data.pkl", payload)
+    z.writestr("archive/version", b"3\n")
+
+
+def test_reads_published_weights(shared):
+  state = torch_reader.load_state_dict(shared / "reference" / "weights" / "student.model")
+  assert {k: v.shape for k, v in state.items()} == {
+      "conv1.1.weight": (4, 2, 3, 3), "conv1.1.bias": (4,),
+      "conv2.1.weight": (1, 4, 3, 3), "conv2.1.bias": (1,)}
+  teacher = torch_reader.load_state_dict(shared / "reference" / "weights" / "teacher.model")
+  assert sum(v.size for v in teacher.values()) == 556_489
+
+
+def test_writer_round_trip_keeps_values_and_strides(tmp_path):
+  state = {"a": np.arange(12, dtype=np.float32).reshape(3, 4).T,  # Non-contiguous input.
+           "b": np.array(3, np.int64), "c": np.ones((2, 0), np.float64)}
+  torch_reader.save_state_dict(tmp_path / "x.pth", state)
+  loaded = torch_reader.load_state_dict(tmp_path / "x.pth")
+  assert list(loaded) == list(state)
+  for k in state:
+    np.testing.assert_array_equal(loaded[k], state[k])
+    assert loaded[k].dtype == state[k].dtype
+
+
+def test_published_state_dict_round_trip(tmp_path, student_params):
+  state = checkpoints.params_to_state_dict(student_params)
+  torch_reader.save_state_dict(tmp_path / "s.pth", state)
+  loaded = checkpoints.load_params(tmp_path / "s.pth", "student")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, student_params)
+
+
+class _RunsCode:
+  def __reduce__(self):
+    return (os.system, ("touch /tmp/mmdrfuse_pwned",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+  marker = "/tmp/mmdrfuse_pwned"
+  if os.path.exists(marker):
+    os.remove(marker)
+  path = tmp_path / "evil.pth"
+  _write_zip_pickle(path, pickle.dumps({"conv1.1.weight": _RunsCode()}, protocol=2))
+  with pytest.raises(torch_reader.WeightsError, match=r"refusing to load (posix|os)\.system"):
+    checkpoints.load_params(path, "student")
+  assert not os.path.exists(marker)
+
+
+def test_eval_global_is_refused(tmp_path):
+  payload = b"\x80\x02cbuiltins\neval\nX\x0b\x00\x00\x00print('hi')\x85R."
+  path = tmp_path / "evil2.pth"
+  _write_zip_pickle(path, payload)
+  with pytest.raises(torch_reader.WeightsError, match="refusing to load builtins.eval"):
+    torch_reader.load_state_dict(path)
+
+
+def test_non_mapping_pickle_is_refused(tmp_path):
+  path = tmp_path / "list.pth"
+  _write_zip_pickle(path, pickle.dumps([1, 2, 3], protocol=2))
+  with pytest.raises(torch_reader.WeightsError, match="does not hold a state dict"):
+    torch_reader.load_state_dict(path)
+
+
+def test_truncated_file(tmp_path, shared):
+  data = (shared / "reference" / "weights" / "teacher.model").read_bytes()
+  path = tmp_path / "cut.model"
+  path.write_bytes(data[: len(data) // 2])
+  with pytest.raises(torch_reader.WeightsError, match="cut.model: not a PyTorch zip checkpoint"):
+    checkpoints.load_params(path, "teacher")
+
+
+def test_missing_file(tmp_path):
+  with pytest.raises(torch_reader.WeightsError, match="no such weights file"):
+    checkpoints.load_params(tmp_path / "nope.model", "student")
+
+
+def test_teacher_file_given_as_student(shared):
+  with pytest.raises(checkpoints.WeightsError, match="holds teacher weights, but the student was asked for"):
+    checkpoints.load_params(shared / "reference" / "weights" / "teacher.model", "student")
+
+
+def test_wrong_shape_is_named(tmp_path, student_params):
+  state = checkpoints.params_to_state_dict(student_params)
+  state["conv1.1.weight"] = np.zeros((8, 2, 3, 3), np.float32)
+  torch_reader.save_state_dict(tmp_path / "w.pth", state)
+  with pytest.raises(checkpoints.WeightsError, match=r"conv1 kernel has shape \(3, 3, 2, 8\), expected \(3, 3, 2, 4\)"):
+    checkpoints.load_params(tmp_path / "w.pth", "student")
+
+
+def test_missing_key_is_named(tmp_path, student_params):
+  state = checkpoints.params_to_state_dict(student_params)
+  del state["conv2.1.bias"]
+  torch_reader.save_state_dict(tmp_path / "m.pth", state)
+  with pytest.raises(checkpoints.WeightsError, match="missing conv2 bias"):
+    checkpoints.load_params(tmp_path / "m.pth", "student")
+
+
+def test_unrelated_state_dict(tmp_path):
+  torch_reader.save_state_dict(tmp_path / "r.pth", {"fc.weight": np.zeros((2, 2), np.float32)})
+  with pytest.raises(checkpoints.WeightsError, match="unexpected entry 'fc.weight'"):
+    checkpoints.load_params(tmp_path / "r.pth", "student")
+
+
+def test_npz_round_trip_and_size(tmp_path, student_params):
+  path = tmp_path / "student.npz"
+  checkpoints.save_params(path, student_params)
+  loaded = checkpoints.load_params(path, "student")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, student_params)
+  assert path.stat().st_size < 4096
+  assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_npz_with_objects_is_refused(tmp_path):
+  path = tmp_path / "obj.npz"
+  np.savez(path, **{"conv1/kernel": np.array([object()], dtype=object)})
+  with pytest.raises(checkpoints.WeightsError, match="not a plain-array .npz"):
+    checkpoints.load_params(path, "student")
+
+
+def test_orbax_round_trip(tmp_path, student_params):
+  path = tmp_path / "student_ckpt"
+  checkpoints.save_params(path, student_params)
+  loaded = checkpoints.load_params(path, "student")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, student_params)
+  with pytest.raises(checkpoints.WeightsError, match="holds student weights, but the teacher"):
+    checkpoints.load_params(path, "teacher")
+
+
+def test_folder_that_is_not_a_checkpoint(tmp_path):
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(checkpoints.WeightsError, match="not a readable orbax checkpoint"):
+    checkpoints.load_params(tmp_path / "empty", "student")
+
+
+def test_non_finite_weights_are_refused(tmp_path, student_params):
+  state = checkpoints.params_to_state_dict(student_params)
+  state["conv2.1.bias"] = np.array([np.nan], np.float32)
+  torch_reader.save_state_dict(tmp_path / "n.pth", state)
+  with pytest.raises(checkpoints.WeightsError, match="non-finite"):
+    checkpoints.load_params(tmp_path / "n.pth", "student")

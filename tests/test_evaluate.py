@@ -1,0 +1,128 @@
+"""Tests of bin/evaluate.py: exit codes, per-file problems, CSV output, in-memory fusion."""
+
+import csv
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO_ROOT
+
+
+def _load_cli():
+  spec = importlib.util.spec_from_file_location("evaluate_cli", REPO_ROOT / "bin" / "evaluate.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+evaluate_cli = _load_cli()
+
+SIZE = (48, 44)  # (height, width); one compile for the whole module
+
+
+def _write(path, array):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(array).save(path)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+  root = tmp_path_factory.mktemp("eval")
+  rng = np.random.default_rng(0)
+  h, w = SIZE
+  for stem in ("a", "b", "c"):
+    _write(root / "ir" / f"{stem}.png", rng.integers(0, 256, (h, w), dtype=np.uint8))
+    _write(root / "vis" / f"{stem}.jpg", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    _write(root / "fused" / f"{stem}.png", rng.integers(0, 256, (h, w), dtype=np.uint8))
+  return root
+
+
+def _run(capsys, *argv):
+  code = evaluate_cli.main([str(a) for a in argv] + ["--no-progress"])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_clean_run_writes_csv(folders, tmp_path, capsys):
+  out_csv = tmp_path / "sub" / "scores.csv"
+  code, out, err = _run(capsys, "--ir", folders / "ir", "--vis", folders / "vis", "--fused", folders / "fused",
+                        "--csv", out_csv)
+  assert code == 0, err
+  assert "EN" in out and "mean (3 images)" in out
+  with open(out_csv, newline="") as f:
+    rows = list(csv.reader(f))
+  assert rows[0] == ["name", "EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "CC", "PSNR"]
+  assert [r[0] for r in rows[1:]] == ["a", "b", "c"]
+  assert not list(out_csv.parent.glob(".*.tmp"))
+
+
+def test_problems_reported_rest_scored(folders, tmp_path, capsys):
+  root = tmp_path / "broken"
+  for sub in ("ir", "vis", "fused"):
+    for p in (folders / sub).iterdir():
+      _write(root / sub / p.name, np.asarray(Image.open(p)))
+  (root / "fused" / "a.png").unlink()  # missing partner
+  _write(root / "fused" / "b.png", np.zeros((50, 44), np.uint8))  # different size
+  (root / "ir" / "d.png").write_bytes(b"not an image")  # unreadable ...
+  _write(root / "vis" / "d.png", np.zeros(SIZE, np.uint8))
+  _write(root / "fused" / "d.png", np.zeros(SIZE, np.uint8))
+  out_csv = tmp_path / "scores.csv"
+  code, out, err = _run(capsys, "--ir", root / "ir", "--vis", root / "vis", "--fused", root / "fused",
+                        "--csv", out_csv, "--metrics", "en,SD,mi", "--format", "json")
+  assert code == 1
+  assert "a.png" in err and "no partner" in err
+  assert "b.png" in err and "different sizes" in err
+  assert "d.png" in err and "cannot read" in err
+  assert "Traceback" not in err
+  summary = json.loads(out.strip().splitlines()[-1])
+  assert summary["images"] == 1 and list(summary["means"]) == ["EN", "SD", "MI"]
+  with open(out_csv, newline="") as f:
+    rows = list(csv.reader(f))
+  assert rows[0] == ["name", "EN", "SD", "MI"] and [r[0] for r in rows[1:]] == ["c"]
+
+
+def test_user_errors_exit_2(folders, tmp_path, capsys):
+  code, _, err = _run(capsys, "--ir", tmp_path / "nope", "--vis", folders / "vis", "--fused", folders / "fused")
+  assert code == 2 and "no such folder" in err
+  code, _, err = _run(capsys, "--ir", folders / "ir", "--vis", folders / "vis", "--fused", folders / "fused",
+                      "--metrics", "EN,NOPE")
+  assert code == 2 and "NOPE" in err
+  code, _, err = _run(capsys, "--ir", folders / "ir", "--vis", folders / "vis", "--weights", tmp_path / "w.model")
+  assert code == 2 and "w.model" in err
+
+
+def test_markdown_and_csv_formats(folders, capsys):
+  for fmt, marker in (("markdown", "| mean (3 images) |"), ("csv", "mean,")):
+    code, out, _ = _run(capsys, "--ir", folders / "ir", "--vis", folders / "vis", "--fused", folders / "fused",
+                        "--format", fmt)
+    assert code == 0 and marker in out
+
+
+def test_weights_match_fused_files(shared, tmp_path, capsys):
+  """Fusing in memory scores exactly like the fused files the published student wrote."""
+  data = shared / "data" / "MRI_PET"
+  stems = ("11", "12", "13")
+  for sub in ("PET", "MRI"):
+    for stem in stems:
+      (tmp_path / sub).mkdir(exist_ok=True)
+      (tmp_path / sub / f"{stem}.png").write_bytes((data / sub / f"{stem}.png").read_bytes())
+  weights = shared / "reference" / "weights" / "student.model"
+  mem_csv, file_csv = tmp_path / "mem.csv", tmp_path / "file.csv"
+  code, _, err = _run(capsys, "--ir", tmp_path / "PET", "--vis", tmp_path / "MRI", "--weights", weights,
+                      "--csv", mem_csv, "--save-fused", tmp_path / "saved")
+  assert code == 0, err
+  code, _, err = _run(capsys, "--ir", tmp_path / "PET", "--vis", tmp_path / "MRI", "--fused", tmp_path / "saved",
+                      "--csv", file_csv)
+  assert code == 0, err
+  assert mem_csv.read_text() == file_csv.read_text()
+  with open(mem_csv, newline="") as f:
+    mem = {r["name"]: r for r in csv.DictReader(f)}
+  with open(shared / "reference" / "golden" / "metrics" / "MRI_PET.csv", newline="") as f:
+    golden = {r["name"]: r for r in csv.DictReader(f) if r["name"] in stems}
+  for stem, row in golden.items():
+    for metric, want in row.items():
+      if metric != "name":
+        assert float(mem[stem][metric]) == pytest.approx(float(want), rel=2e-3, abs=2e-3), (stem, metric)

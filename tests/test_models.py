@@ -1,0 +1,140 @@
+"""Network parity with the published PyTorch code (golden/networks.npz) and shapes."""
+
+import jax
+import numpy as np
+import pytest
+
+from mmdrfuse_jax import checkpoints, models
+
+TOL = 1e-5
+
+
+def nhwc(a):
+  return np.transpose(a, (0, 2, 3, 1))
+
+
+@pytest.fixture(scope="module")
+def golden(shared):
+  with np.load(shared / "reference" / "golden" / "networks.npz") as g:
+    return dict(g)
+
+
+@pytest.fixture(scope="module")
+def inputs(golden):
+  return np.concatenate([nhwc(golden["ir"]), nhwc(golden["vi"])], axis=-1)
+
+
+def test_student_has_113_parameters():
+  assert models.count_params(models.init_params("student", jax.random.key(0))) == 113
+
+
+def test_teacher_has_556489_parameters():
+  shapes = jax.eval_shape(lambda: models.init_params("teacher", jax.random.key(0)))
+  assert models.count_params(shapes) == 556_489
+
+
+def test_student_matches_published(shared, golden, inputs):
+  params = checkpoints.load_params(shared / "reference" / "weights" / "student.model", "student")
+  out = models.Student().apply({"params": params}, inputs)
+  for name, key in [("feat", "student_encoder_0"), ("feat_pre", "student_encoder_1"),
+                    ("out", "student_decoder_0"), ("out_pre", "student_decoder_1")]:
+    np.testing.assert_allclose(out[name], nhwc(golden[key]), atol=TOL, rtol=0, err_msg=name)
+
+
+def test_student_matches_published_on_odd_full_image(shared, golden):
+  params = checkpoints.load_params(shared / "reference" / "weights" / "student.model", "student")
+  x = np.stack([golden["full_ir"], golden["full_vi"]], axis=-1)[None]
+  assert x.shape == (1, 301, 496, 2)
+  out = models.Student().apply({"params": params}, x)["out"]
+  np.testing.assert_allclose(out, nhwc(golden["full_student_out"]), atol=TOL, rtol=0)
+
+
+def test_teacher_matches_published(shared, golden, inputs):
+  params = checkpoints.load_params(shared / "reference" / "weights" / "teacher.model", "teacher")
+  out = jax.jit(models.Teacher().apply)({"params": params}, inputs)
+  for i in range(6):
+    np.testing.assert_allclose(out["encoder"][i], nhwc(golden[f"teacher_encoder_{i}"]), atol=TOL,
+                               rtol=0, err_msg=f"G{i + 1}")
+  for name, key in [("out", "teacher_decoder_0"), ("feat", "teacher_decoder_1"),
+                    ("out_pre", "teacher_decoder_2"), ("feat_pre", "teacher_decoder_3")]:
+    np.testing.assert_allclose(out[name], nhwc(golden[key]), atol=TOL, rtol=0, err_msg=name)
+
+
+def test_bicubic_upsampling_uses_pytorch_kernel():
+  # PyTorch bicubic (a=-0.75, align_corners=False) of [0, 1, 0, 0] differs from a=-0.5.
+  x = np.array([0.0, 1.0, 0.0, 0.0], np.float32).reshape(1, 1, 4, 1)
+  x = np.repeat(x, 4, axis=1)
+  up = np.asarray(models.upsample2x_bicubic(x))[0, 0, :, 0]
+  # Reference values computed by hand from PyTorch's kernel (border indices clamped).
+  a = -0.75
+  def w(t):
+    t = abs(t)
+    return ((a + 2) * t - (a + 3)) * t * t + 1 if t <= 1 else ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+  src = [0.0, 1.0, 0.0, 0.0]
+  expected = []
+  for i in range(8):
+    center = (i + 0.5) / 2 - 0.5
+    base = int(np.floor(center))
+    frac = center - base
+    expected.append(sum(src[min(max(base + k, 0), 3)] * w(k - frac) for k in (-1, 0, 1, 2)))
+  np.testing.assert_allclose(up, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("height,width", [(31, 40), (17, 17)])
+def test_teacher_accepts_odd_sizes(height, width):
+  params = models.init_params("teacher", jax.random.key(1))
+  x = np.random.default_rng(0).random((1, height, width, 2), dtype=np.float32)
+  out = models.Teacher().apply({"params": params}, x)
+  assert out["out"].shape == (1, height, width, 1)
+  assert out["feat"].shape == (1, height, width, 4)
+  assert np.all(np.isfinite(out["out"]))
+  with pytest.raises(ValueError, match="even"):
+    models.Teacher(any_size=False).apply({"params": params}, x)
+
+
+def test_teacher_on_even_size_is_unchanged_by_any_size_rule():
+  params = models.init_params("teacher", jax.random.key(2))
+  x = np.random.default_rng(1).random((1, 16, 24, 2), dtype=np.float32)
+  a = models.Teacher(any_size=True).apply({"params": params}, x)["out"]
+  b = models.Teacher(any_size=False).apply({"params": params}, x)["out"]
+  np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("height,width", [(37, 51), (64, 64), (2, 5), (63, 2)])
+def test_student_on_canvas_equals_cropped(height, width):
+  params = models.init_params("student", jax.random.key(3))
+  rng = np.random.default_rng(height * width)
+  x = rng.random((1, height, width, 2), dtype=np.float32)
+  canvas = np.full((1, 64, 64, 2), 7.0, np.float32)  # Garbage outside the image must not leak in.
+  canvas[:, :height, :width] = x
+  ref = models.Student().apply({"params": params}, x)["out"]
+  out = models.Student().apply({"params": params}, canvas, sizes=np.array([[height, width]]))["out"]
+  np.testing.assert_array_equal(np.asarray(out)[:, :height, :width], ref)
+
+
+def test_get_model_rejects_unknown_name():
+  with pytest.raises(ValueError, match="unknown model"):
+    models.get_model("professor")
+
+
+def _reference_student(params, x):
+  """The student with XLA's convolution, to check the planar implementation and its grads."""
+  def conv(y, p):
+    y = models.reflect_pad(y)
+    return jax.lax.conv_general_dilated(y, p["kernel"], (1, 1), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=jax.lax.Precision.HIGHEST) + p["bias"]
+  return jax.numpy.tanh(conv(jax.nn.relu(conv(x, params["conv1"])), params["conv2"]))
+
+
+def test_student_values_and_gradients_match_xla_convolution():
+  params = models.init_params("student", jax.random.key(4))
+  rng = np.random.default_rng(4)
+  x = rng.random((2, 19, 23, 2), dtype=np.float32)
+  target = rng.random((2, 19, 23, 1), dtype=np.float32)
+  loss = lambda p, f: jax.numpy.mean((f(p, x) - target) ** 2)
+  ours = lambda p, x: models.Student().apply({"params": p}, x)["out"]
+  np.testing.assert_allclose(ours(params, x), _reference_student(params, x), atol=1e-6)
+  g_ours = jax.grad(loss)(params, ours)
+  g_ref = jax.grad(loss)(params, _reference_student)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g_ours, g_ref)
