@@ -276,3 +276,19 @@ def test_teacher_cache_matches_teacher_in_step(teacher_file):
   assert cache.known.tolist() == [False, True, True, False]
   for x, y in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(results[1])):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_student_accepts_published_teacher(shared):
+  config = default.get_config()
+  config.teacher_weights = str(shared / "reference" / "weights" / "teacher.model")
+  assert models.count_params(train.load_teacher(config)) == 556489
+
+
+def test_event_file_format(tmp_path):
+  assert summary.crc32c(b"123456789") == 0xE3069283  # The CRC-32C check value.
+  writer = summary.SummaryWriter(tmp_path)
+  writer.scalars(7, {"loss": 1.5, "refresh/ssim_gap": -0.25})
+  writer.close()
+  (events,) = glob.glob(str(tmp_path / "events.out.tfevents.*"))
+  assert summary.read_scalars(events) == [(7, {"loss": 1.5, "refresh/ssim_gap": -0.25})]
+  assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
