@@ -10,6 +10,9 @@ in the train state (parameters, optimiser state, refresh memories) is replicated
 replicated rather than sharded because batches draw arbitrary patch ids: a sharded memory would
 need an all-to-all per step, while a replicated one costs N x 2 x H x W bytes per device
 (1 GiB for 16,000 bfloat16 patches) and its scatter is a cheap all-gather of the batch.
+
+A student run computes the frozen teacher's targets once per patch and keeps them in host RAM
+(`TeacherCache`), so only first-epoch steps pay for the teacher's forward pass.
 """
 
 from __future__ import annotations
