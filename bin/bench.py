@@ -10,8 +10,9 @@ from mmdrfuse_jax.benchmarks import common
 from mmdrfuse_jax.benchmarks import infer  # noqa: E402
 from mmdrfuse_jax.benchmarks import metrics  # noqa: E402
 from mmdrfuse_jax.benchmarks import pipeline  # noqa: E402
+from mmdrfuse_jax.benchmarks import train_step  # noqa: E402
 
-BENCHMARKS = [infer, pipeline, metrics]
+BENCHMARKS = [infer, pipeline, metrics, train_step]
 
 
 def main(argv=None) -> int:

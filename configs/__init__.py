@@ -1,0 +1,1 @@
+"""Training configs (ml_collections): `bin/train.py --config=configs/NAME.py`."""

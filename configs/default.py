@@ -1,0 +1,69 @@
+"""Shared defaults of every training config (the published code's student settings).
+
+Other configs start from `get_config()` here and override what differs. Any field can be
+overridden on the command line: `bin/train.py --config=configs/student.py --config.optim.lr=3e-4`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.model = "student"  # "student" or "teacher".
+  config.seed = 0  # Initialisation and the data's per-epoch shuffles.
+
+  # Training patches (SPEC section 5): a dataset built by bin/prepare_data.py, or the
+  # package's procedural pairs when `synthetic_pairs` > 0.
+  config.data = ml_collections.ConfigDict()
+  config.data.dataset = ""  # A builder config name, e.g. "llvip", "msrs", "roadscene".
+  config.data.data_dir = ""  # The --data_dir given to bin/prepare_data.py.
+  config.data.split = "train"
+  config.data.patch_size = 128
+  config.data.patch_stride = 128
+  config.data.synthetic_pairs = 0
+  config.data.synthetic_height = 256
+  config.data.synthetic_width = 256
+
+  config.batch_size = 25
+  config.num_epochs = 10
+
+  # Adam with PyTorch's defaults, constant learning rate.
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 1e-4
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+
+  # Student: L_int + 2 L_percep + L_grad + 5 L_distill + L_refresh (SPEC section 3).
+  config.loss = ml_collections.ConfigDict()
+  config.loss.w_int = 1.0
+  config.loss.w_percep = 2.0
+  config.loss.w_grad = 1.0
+  config.loss.w_distill = 5.0
+  config.loss.w_refresh = 1.0
+  config.loss.gradient_form = "code"  # "code" (published) or "paper" (Eq. 3).
+  config.loss.distill_normalize = "batch"  # "batch" (published code) or "sample" (paper Eq. 1).
+
+  # Dynamic refresh (SPEC section 4).
+  config.refresh = ml_collections.ConfigDict()
+  config.refresh.ssim = True
+  config.refresh.gmsd = True
+  config.refresh.per_sample = False  # Published: one decision per batch.
+  config.refresh.memory_dtype = "bfloat16"  # "bfloat16", "float32" or "uint8".
+  config.refresh.weight_scale = 10.0
+
+  # Frozen networks. `vgg_weights`: the .npz written by bin/convert_vgg19.py.
+  config.vgg_weights = ""
+  config.allow_random_vgg = False  # Quickstart only: a seeded random VGG when none is given.
+  config.random_vgg_seed = 20241127
+  # Student runs: the teacher (the project's own weights or the published teacher.model).
+  config.teacher_weights = ""
+  # Keep the frozen teacher's targets per patch in host RAM after their first computation
+  # (2 x H x W float32 per patch) instead of running the teacher in every step.
+  config.teacher_cache = True
+
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 3
+  config.progress_bar = True
+  return config

@@ -1,0 +1,84 @@
+"""`bench.py train-step`: time one full jitted training step (forward, VGG, losses, refresh,
+distillation, Adam) on random data, as in a later epoch with both refresh losses active."""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmdrfuse_jax import models, refresh, train, vgg
+from mmdrfuse_jax.benchmarks import common
+
+
+def add_parser(subparsers) -> None:
+  parser = subparsers.add_parser("train-step", help="time of one training step")
+  parser.add_argument("--model", choices=sorted(models.MODELS), default="student")
+  parser.add_argument("--batch", type=int, default=25)
+  parser.add_argument("--size", type=int, default=128, help="patch height and width")
+  parser.add_argument("--memory-dtype", choices=refresh.MEMORY_DTYPES, default="bfloat16")
+  parser.add_argument("--per-sample", action="store_true", help="per-sample refresh decisions")
+  parser.add_argument("--teacher-in-step", action="store_true",
+                      help="student: run the teacher inside the step (a first-epoch step; later "
+                      "steps take its targets from the host cache)")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> dict:
+  """Median step time after compilation (random weights and a random seeded VGG).
+
+  By default a student step takes the teacher's targets from the host cache, as every step
+  after the first epoch does (`--teacher-in-step` times a first-epoch step). The memories are
+  pre-filled with a smoothed copy of the sources, which scores better than
+  the untrained network's output, so every timed step runs both refresh losses and their VGG
+  passes: the most expensive (later-epoch) case.
+  """
+  b, s = args.batch, args.size
+  rcfg = refresh.RefreshConfig(memory_dtype=args.memory_dtype, per_sample=args.per_sample)
+  cfg = train.StepConfig.published(args.model, refresh=rcfg, steps_per_epoch=10**6)
+  rng = np.random.default_rng(0)
+  ir = rng.random((b, s, s, 1), dtype=np.float32)
+  vi = rng.random((b, s, s, 1), dtype=np.float32)
+  ids = np.arange(b, dtype=np.int32)
+  teacher = models.init_params("teacher", jax.random.key(1)) if args.model == "student" else None
+  state = train.create_train_state(args.model, train.make_optimizer(), jax.random.key(0), b, s,
+                                   rcfg, teacher_params=teacher)
+  good = jnp.asarray(np.maximum(ir, vi))
+  memory = refresh.Memory(
+    best_ssim=refresh.scatter(state.memory.best_ssim, ids, good, np.ones(b, bool), rcfg.memory_dtype),
+    best_gmsd=refresh.scatter(state.memory.best_gmsd, ids, good, np.ones(b, bool), rcfg.memory_dtype))
+  state = state.replace(memory=memory)
+  frozen = train.Frozen(vgg=jax.tree_util.tree_map(jnp.asarray, vgg.random_params()), teacher=teacher)
+  mesh = train.make_mesh(b)
+  step = train.make_train_step(cfg, mesh)
+  state = train.replicate(state, mesh)
+  batch = {"ir": ir, "vis": vi, "patch_id": ids}
+  if args.model == "student" and not args.teacher_in_step:
+    batch = train.TeacherCache(b, s, mesh).add_to(batch, frozen.teacher)
+  box = {"state": state, "metrics": None}
+
+  def one_step():
+    box["state"], box["metrics"] = step(box["state"], batch, frozen)
+    return box["metrics"]
+
+  timing = common.time_call(one_step, repeats=args.repeats, warmup=1)
+  metrics = jax.device_get(box["metrics"])
+  return {
+    "benchmark": "train-step",
+    "model": args.model,
+    "batch": b,
+    "size": s,
+    "memory_dtype": args.memory_dtype,
+    "per_sample": args.per_sample,
+    "teacher_in_step": bool(args.model == "student" and args.teacher_in_step),
+    "ms_per_step": 1e3 * timing["median_s"],
+    "ms_per_step_min": 1e3 * timing["min_s"],
+    "runs": timing["runs"],
+    "refresh_bytes_per_sample": refresh.bytes_per_sample(rcfg, s, s),
+    "published_refresh_bytes_per_sample": 2 * s * s * 8,
+    "refresh_ssim_loss_on": float(metrics["refresh/ssim_loss_on"]),
+    "refresh_gmsd_loss_on": float(metrics["refresh/gmsd_loss_on"]),
+  }

@@ -1,0 +1,294 @@
+"""The training step and run: determinism, resume, non-finite guard, data parallelism, CLI.
+
+Tiny shapes (32x32 patches, batch 2) with a seeded random VGG-19 and a random teacher, so
+that the whole module compiles the step once.
+"""
+
+import glob
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmdrfuse_jax import checkpoints, models, refresh, summary, train, vgg
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from configs import default  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp("teacher") / "teacher.npz"
+  checkpoints.save_params(path, models.init_params("teacher", jax.random.PRNGKey(7)))
+  return path
+
+
+def tiny_config(teacher_file):
+  config = default.get_config()
+  config.model = "student"
+  config.data.synthetic_pairs = 2
+  config.data.synthetic_height = 32
+  config.data.synthetic_width = 64
+  config.data.patch_size = 32
+  config.data.patch_stride = 32  # 4 patches, 2 steps per epoch.
+  config.batch_size = 2
+  config.num_epochs = 2  # The second epoch exercises the refresh memories.
+  config.allow_random_vgg = True
+  config.teacher_weights = str(teacher_file)
+  config.optim.lr = 1e-3
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 100
+  config.progress_bar = False
+  return config
+
+
+def _restore_latest(workdir, config):
+  """The final train state saved in `workdir` (restored with the run's own code)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  manager = ocp.CheckpointManager((pathlib.Path(workdir) / "checkpoints").resolve())
+  return manager.restore(manager.latest_step()), manager.latest_step()
+
+
+def _assert_trees_equal(a, b):
+  leaves_a, tree_a = jax.tree_util.tree_flatten(a)
+  leaves_b, tree_b = jax.tree_util.tree_flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, teacher_file):
+  workdir = tmp_path_factory.mktemp("straight")
+  result = train.train_and_evaluate(tiny_config(teacher_file), workdir, log=lambda *_: None)
+  return workdir, result
+
+
+def test_run_writes_weights_and_logs(straight_run):
+  workdir, result = straight_run
+  assert result.step == result.total_steps == 4 and result.weights is not None
+  params = checkpoints.load_params(result.weights, "student")
+  assert models.count_params(params) == 113
+  rows = summary.read_scalars(glob.glob(str(workdir / "events.out.tfevents.*"))[0])
+  assert [step for step, _ in rows] == [1, 2, 3, 4]
+  # Epoch 1 fills the memories, epoch 2 compares with them.
+  assert rows[0][1]["refresh/ssim_first_writes"] == 1.0
+  assert rows[3][1]["refresh/ssim_first_writes"] == 0.0
+  assert all(np.isfinite(v) for _, r in rows for v in r.values())
+
+
+def test_same_seed_same_params(straight_run, tmp_path, teacher_file):
+  workdir, _ = straight_run
+  train.train_and_evaluate(tiny_config(teacher_file), tmp_path, log=lambda *_: None)
+  a, _ = _restore_latest(workdir, None)
+  b, _ = _restore_latest(tmp_path, None)
+  _assert_trees_equal(a, b)
+
+
+def test_resume_equals_straight_run(straight_run, tmp_path, teacher_file):
+  workdir, _ = straight_run
+  config = tiny_config(teacher_file)
+  half = train.train_and_evaluate(config, tmp_path, log=lambda *_: None, stop_at_step=2)
+  assert half.weights is None and half.step == 2
+  mid, step = _restore_latest(tmp_path, None)
+  assert step == 2 and int(mid["epoch"]) == 1 and int(mid["position"]) == 0
+  lines = []
+  rest = train.train_and_evaluate(config, tmp_path, log=lines.append)
+  assert any("resumed" in line and "step 2" in line for line in lines)
+  assert rest.step == 4 and rest.weights is not None
+  a, _ = _restore_latest(workdir, None)
+  b, _ = _restore_latest(tmp_path, None)
+  # Params, Adam state, memories, step, data position: everything identical.
+  _assert_trees_equal(a, b)
+  assert int(b["epoch"]) == 2 and int(b["position"]) == 0
+
+
+def test_nonfinite_loss_skips_update(straight_run, teacher_file):
+  config = tiny_config(teacher_file)
+  cfg = train.StepConfig.from_config(config, steps_per_epoch=2)
+  mesh = train.make_mesh(2)
+  teacher = checkpoints.load_params(teacher_file, "teacher")
+  state = train.create_train_state("student", train.make_optimizer(1e-3), jax.random.PRNGKey(0), 4,
+                                   32, cfg.refresh, teacher_params=teacher)
+  state = train.replicate(state, mesh)
+  frozen = train.replicate(train.Frozen(vgg=vgg.random_params(), teacher=teacher), mesh)
+  before = jax.device_get(state)
+  step = train.make_train_step(cfg, mesh)
+  ir = np.full((2, 32, 32, 1), 0.5, np.float32)
+  ir[0, 3, 3, 0] = np.nan
+  batch = {"ir": ir, "vis": np.full_like(ir, 0.25), "patch_id": np.array([0, 3], np.int32)}
+  state, metrics = step(state, batch, frozen)
+  after = jax.device_get(state)
+  assert float(metrics["nonfinite"]) == 1.0
+  assert int(after.step) == 1 and int(after.nonfinite_skips) == 1 and int(after.position) == 1
+  _assert_trees_equal(before.params, after.params)
+  _assert_trees_equal(before.opt_state, after.opt_state)
+  _assert_trees_equal(before.memory, after.memory)  # Still all unwritten (NaN).
+  # A finite batch afterwards updates as usual.
+  batch["ir"] = np.nan_to_num(ir, nan=0.5)
+  state, metrics = step(state, batch, frozen)
+  assert float(metrics["nonfinite"]) == 0.0
+  after2 = jax.device_get(state)
+  assert not np.array_equal(after2.params["conv1"]["kernel"], before.params["conv1"]["kernel"])
+  # First epoch: both memories now hold the output of the parameters before the update.
+  x = np.concatenate([batch["ir"], batch["vis"]], axis=-1)
+  expected = models.Student().apply({"params": before.params}, x)["out"]
+  for memory in (after2.memory.best_ssim, after2.memory.best_gmsd):
+    img, written = refresh.gather(memory, jnp.array([0, 3]), "bfloat16")
+    assert np.all(written)
+    np.testing.assert_allclose(img, expected, atol=4e-3)
+  _, others = refresh.gather(after2.memory.best_ssim, jnp.array([1, 2]), "bfloat16")
+  assert not np.any(others)
+
+
+def test_per_sample_uint8_ssim_only_run(tmp_path, teacher_file):
+  config = tiny_config(teacher_file)
+  config.refresh.per_sample = True
+  config.refresh.memory_dtype = "uint8"
+  config.refresh.gmsd = False
+  half = train.train_and_evaluate(config, tmp_path, log=lambda *_: None, stop_at_step=3)
+  assert half.step == 3
+  result = train.train_and_evaluate(config, tmp_path, log=lambda *_: None)
+  assert result.step == 4 and result.weights is not None
+  final, _ = _restore_latest(tmp_path, None)
+  assert final["memory"]["best_ssim"].dtype == np.uint8
+  assert np.all(final["memory"]["best_ssim"][:, 0, 0, 0] != 255)  # Every slot written.
+  rows = summary.read_scalars(glob.glob(str(tmp_path / "events.out.tfevents.*"))[-1])
+  assert rows and not any("gmsd" in k for _, r in rows for k in r)
+
+
+def test_student_conv2_starts_from_teacher_conv00(teacher_file):
+  teacher = checkpoints.load_params(teacher_file, "teacher")
+  params = train.init_student_from_teacher(models.init_params("student", jax.random.PRNGKey(0)), teacher)
+  np.testing.assert_array_equal(params["conv2"]["kernel"], teacher["conv00"]["kernel"])
+  np.testing.assert_array_equal(params["conv2"]["bias"], teacher["conv00"]["bias"])
+
+
+def test_missing_inputs_are_one_line_errors(tmp_path, teacher_file):
+  config = default.get_config()
+  with pytest.raises(train.TrainingError, match="prepare_data"):
+    train.load_dataset(config)
+  with pytest.raises(train.TrainingError, match="convert_vgg19"):
+    train.load_vgg(config, print)
+  config.vgg_weights = str(tmp_path / "nope.npz")
+  with pytest.raises(train.TrainingError, match="nope.npz"):
+    train.load_vgg(config, print)
+  with pytest.raises(train.TrainingError, match="teacher"):
+    train.load_teacher(config)
+  config.teacher_weights = str(tmp_path / "missing.model")
+  with pytest.raises(train.TrainingError, match="missing.model"):
+    train.load_teacher(config)
+
+
+def _run(args, env=None, timeout=600):
+  env = dict(os.environ if env is None else env)
+  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def test_cli_without_data_fails_in_one_line(tmp_path):
+  proc = _run(["bin/train.py", "--config=configs/student.py", f"--workdir={tmp_path}"])
+  assert proc.returncode == 1
+  assert proc.stderr.strip().count("\n") == 0 and "error: no training data" in proc.stderr
+
+
+_MULTI_DEVICE = textwrap.dedent("""
+  import jax, numpy as np
+  from mmdrfuse_jax import models, refresh, train, vgg
+  assert len(jax.devices()) == 8, jax.devices()
+  rcfg = refresh.RefreshConfig(memory_dtype="float32")
+  cfg = train.StepConfig.published("student", refresh=rcfg, steps_per_epoch=1)
+  teacher = models.init_params("teacher", jax.random.PRNGKey(3))
+  frozen = train.Frozen(vgg=vgg.random_params(), teacher=teacher)
+  rng = np.random.default_rng(0)
+  batch = {"ir": rng.random((8, 32, 32, 1), dtype=np.float32),
+           "vis": rng.random((8, 32, 32, 1), dtype=np.float32),
+           "patch_id": rng.permutation(8).astype(np.int32)}
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = train.make_mesh(8, devices)
+    state = train.create_train_state("student", train.make_optimizer(1e-3), jax.random.PRNGKey(0),
+                                     8, 32, rcfg, teacher_params=teacher)
+    state = train.replicate(state, mesh)
+    step = train.make_train_step(cfg, mesh)
+    fz = train.replicate(frozen, mesh)
+    for _ in range(3):  # Epoch 1 writes the memories, epochs 2-3 use them.
+      state, metrics = step(state, batch, fz)
+    assert state.memory.best_ssim.sharding.is_fully_replicated
+    assert state.params["conv1"]["kernel"].sharding.is_fully_replicated
+    results.append(jax.device_get((state.params, state.opt_state, state.memory)))
+  one, many = results
+  worst = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+              for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(many)))
+  print("max abs difference", worst)
+  assert worst <= 1e-5, worst
+""")
+
+
+def test_eight_devices_match_one():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = _run(["-c", _MULTI_DEVICE], env=env)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_quickstart_smoke(tmp_path):
+  tiny = ["--config.data.synthetic_pairs=1", "--config.data.synthetic_height=32",
+          "--config.data.synthetic_width=64", "--config.data.patch_size=32",
+          "--config.data.patch_stride=32", "--config.batch_size=2", "--config.num_epochs=2",
+          "--config.progress_bar=False"]
+  tiny += [flag.replace("--config.", "--config.teacher_run.") for flag in tiny]
+  tiny = [f for f in tiny if "teacher_run.num_epochs" not in f] + ["--config.teacher_run.num_epochs=1"]
+  proc = _run(["bin/train.py", "--config=configs/quickstart.py", f"--workdir={tmp_path}", *tiny])
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  out = proc.stdout + proc.stderr
+  assert "RANDOM VGG-19" in out
+  assert checkpoints.load_params(tmp_path / "teacher" / "teacher.npz", "teacher")
+  student = checkpoints.load_params(tmp_path / "student" / "student.npz", "student")
+  assert models.count_params(student) == 113
+
+
+def test_teacher_cache_matches_teacher_in_step(teacher_file):
+  config = tiny_config(teacher_file)
+  cfg = train.StepConfig.from_config(config, steps_per_epoch=2)
+  mesh = train.make_mesh(2)
+  teacher = checkpoints.load_params(teacher_file, "teacher")
+  frozen = train.replicate(train.Frozen(vgg=vgg.random_params(), teacher=teacher), mesh)
+  rng = np.random.default_rng(1)
+  batch = {"ir": rng.random((2, 32, 32, 1), dtype=np.float32),
+           "vis": rng.random((2, 32, 32, 1), dtype=np.float32), "patch_id": np.array([2, 1], np.int32)}
+  cache = train.TeacherCache(4, 32, mesh)
+  results = []
+  for b in (batch, cache.add_to(batch, frozen.teacher)):
+    state = train.create_train_state("student", train.make_optimizer(1e-3), jax.random.PRNGKey(0), 4,
+                                     32, cfg.refresh, teacher_params=teacher)
+    state, metrics = train.make_train_step(cfg, mesh)(train.replicate(state, mesh), b, frozen)
+    results.append(jax.device_get((state.params, metrics["l_distill"])))
+  assert cache.known.tolist() == [False, True, True, False]
+  for x, y in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(results[1])):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_student_accepts_published_teacher(shared):
+  config = default.get_config()
+  config.teacher_weights = str(shared / "reference" / "weights" / "teacher.model")
+  assert models.count_params(train.load_teacher(config)) == 556489
+
+
+def test_event_file_format(tmp_path):
+  assert summary.crc32c(b"123456789") == 0xE3069283  # The CRC-32C check value.
+  writer = summary.SummaryWriter(tmp_path)
+  writer.scalars(7, {"loss": 1.5, "refresh/ssim_gap": -0.25})
+  writer.close()
+  (events,) = glob.glob(str(tmp_path / "events.out.tfevents.*"))
+  assert summary.read_scalars(events) == [(7, {"loss": 1.5, "refresh/ssim_gap": -0.25})]
+  assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
