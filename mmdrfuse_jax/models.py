@@ -50,6 +50,34 @@ def reflect_pad_within(x: jax.Array, sizes: jax.Array) -> jax.Array:
   return jax.vmap(pad_one)(x, sizes)
 
 
+class TapMatmulConv(nn.Module):
+  """A 3x3 'valid' convolution with bias for layers with few output channels.
+
+  XLA's CPU convolution runs at a tenth of its usual speed when the output has only a few
+  channels (the teacher's 64->4 `conv11`). This computes the same thing as one wide
+  matrix product of the input with all nine taps' kernels side by side, then adds the
+  nine shifted products: about 15x faster there, forward and backward. Parameters are
+  those of `nn.Conv` (HWIO `kernel`, `bias`).
+  """
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, channels, self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    taps = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(channels, 9 * self.features)
+    products = jnp.dot(x, taps, precision=jax.lax.Precision.HIGHEST)
+    products = products.reshape(x.shape[:3] + (9, self.features))
+    height, width = x.shape[1] - 2, x.shape[2] - 2
+    out = bias
+    for dy in range(3):
+      for dx in range(3):
+        out = out + products[:, dy:dy + height, dx:dx + width, 3 * dy + dx]
+    return out
+
+
 def _conv(features: int, name: str, strides: int = 1) -> nn.Conv:
   # Parameters sit directly under the layer's published name ({"conv1": {"kernel", "bias"}}).
   return nn.Conv(features, (3, 3), strides=(strides, strides), padding="VALID",
@@ -170,7 +198,7 @@ class Teacher(nn.Module):
     d4 = conv_relu(64, "conv44", g4, d5)
     d3 = conv_relu(64, "conv33", g3, d4)
     d2 = conv_relu(32, "conv22", g2, upsample2x_bicubic(d3))
-    feat_pre = _conv(4, "conv11")(reflect_pad(jnp.concatenate([g1, d2], axis=-1)))
+    feat_pre = TapMatmulConv(4, name="conv11")(reflect_pad(jnp.concatenate([g1, d2], axis=-1)))
     feat = nn.relu(feat_pre)
     out_pre = _conv(1, "conv00")(reflect_pad(feat))
     outputs = {"feat_pre": feat_pre, "feat": feat, "out_pre": out_pre, "out": jnp.tanh(out_pre)}
