@@ -23,6 +23,9 @@ def add_parser(subparsers) -> None:
   parser.add_argument("--teacher-in-step", action="store_true",
                       help="student: run the teacher inside the step (a first-epoch step; later "
                       "steps take its targets from the host cache)")
+  parser.add_argument("--first-epoch", action="store_true",
+                      help="a first-epoch step: empty memories (no refresh losses, no VGG pass on "
+                      "them) and, for the student, the teacher inside the step")
   parser.add_argument("--repeats", type=int, default=3)
   parser.set_defaults(run=run)
 
@@ -34,7 +37,8 @@ def run(args: argparse.Namespace) -> dict:
   after the first epoch does (`--teacher-in-step` times a first-epoch step). The memories are
   pre-filled with a smoothed copy of the sources, which scores better than
   the untrained network's output, so every timed step runs both refresh losses and their VGG
-  passes: the most expensive (later-epoch) case.
+  passes: the most expensive (later-epoch) case. With `--first-epoch` every step sees
+  patches never seen before (empty memory slots), as in the first epoch.
   """
   b, s = args.batch, args.size
   rcfg = refresh.RefreshConfig(memory_dtype=args.memory_dtype, per_sample=args.per_sample)
@@ -44,24 +48,30 @@ def run(args: argparse.Namespace) -> dict:
   vi = rng.random((b, s, s, 1), dtype=np.float32)
   ids = np.arange(b, dtype=np.int32)
   teacher = models.init_params("teacher", jax.random.key(1)) if args.model == "student" else None
-  state = train.create_train_state(args.model, train.make_optimizer(), jax.random.key(0), b, s,
-                                   rcfg, teacher_params=teacher)
-  good = jnp.asarray(np.maximum(ir, vi))
-  memory = refresh.Memory(
-    best_ssim=refresh.scatter(state.memory.best_ssim, ids, good, np.ones(b, bool), rcfg.memory_dtype),
-    best_gmsd=refresh.scatter(state.memory.best_gmsd, ids, good, np.ones(b, bool), rcfg.memory_dtype))
-  state = state.replace(memory=memory)
+  # First-epoch steps see new patches every time: one set of slots per step.
+  num_slots = b * (args.repeats + 1) if args.first_epoch else b
+  state = train.create_train_state(args.model, train.make_optimizer(), jax.random.key(0), num_slots,
+                                   s, rcfg, teacher_params=teacher)
+  if not args.first_epoch:
+    good = jnp.asarray(np.maximum(ir, vi))
+    memory = refresh.Memory(
+      best_ssim=refresh.scatter(state.memory.best_ssim, ids, good, np.ones(b, bool), rcfg.memory_dtype),
+      best_gmsd=refresh.scatter(state.memory.best_gmsd, ids, good, np.ones(b, bool), rcfg.memory_dtype))
+    state = state.replace(memory=memory)
   frozen = train.Frozen(vgg=jax.tree_util.tree_map(jnp.asarray, vgg.random_params()), teacher=teacher)
   mesh = train.make_mesh(b)
   step = train.make_train_step(cfg, mesh)
   state = train.replicate(state, mesh)
   batch = {"ir": ir, "vis": vi, "patch_id": ids}
-  if args.model == "student" and not args.teacher_in_step:
+  teacher_in_step = args.teacher_in_step or args.first_epoch
+  if args.model == "student" and not teacher_in_step:
     batch = train.TeacherCache(b, s, mesh).add_to(batch, frozen.teacher)
-  box = {"state": state, "metrics": None}
+  box = {"state": state, "metrics": None, "calls": 0}
 
   def one_step():
-    box["state"], box["metrics"] = step(box["state"], batch, frozen)
+    ids_now = (ids + b * box["calls"]) % num_slots
+    box["calls"] += 1
+    box["state"], box["metrics"] = step(box["state"], {**batch, "patch_id": ids_now}, frozen)
     return box["metrics"]
 
   timing = common.time_call(one_step, repeats=args.repeats, warmup=1)
@@ -73,7 +83,8 @@ def run(args: argparse.Namespace) -> dict:
     "size": s,
     "memory_dtype": args.memory_dtype,
     "per_sample": args.per_sample,
-    "teacher_in_step": bool(args.model == "student" and args.teacher_in_step),
+    "teacher_in_step": bool(args.model == "student" and teacher_in_step),
+    "first_epoch": args.first_epoch,
     "ms_per_step": 1e3 * timing["median_s"],
     "ms_per_step_min": 1e3 * timing["min_s"],
     "runs": timing["runs"],
