@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 import zipfile
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
-from mmdrfuse_jax import models
+from mmdrfuse_jax import files, models
 from mmdrfuse_jax.torch_reader import WeightsError, load_state_dict
 
 __all__ = ["WeightsError", "expected_shapes", "load_params", "params_from_state_dict",
@@ -174,14 +173,8 @@ def save_params(path: str | os.PathLike, params: Mapping[str, Any]) -> None:
   host = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
   if path.suffix == ".npz":
     arrays = {f"{layer}/{name}": v for layer, p in host.items() for name, v in p.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-      with os.fdopen(fd, "wb") as f:
-        np.savez(f, **arrays)
-      os.replace(tmp, path)
-    except BaseException:
-      pathlib.Path(tmp).unlink(missing_ok=True)
-      raise
+    with files.atomic_write(path) as f:
+      np.savez(f, **arrays)
     return
   import orbax.checkpoint as ocp
 

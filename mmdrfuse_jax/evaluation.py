@@ -22,14 +22,13 @@ import json
 import math
 import os
 import pathlib
-import tempfile
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
 from PIL import Image
 
-from mmdrfuse_jax import imageio, metrics
+from mmdrfuse_jax import files, imageio, metrics
 
 ImageError = imageio.ImageError
 FuseFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -268,19 +267,11 @@ def write_csv_atomic(path: str | os.PathLike, result: EvaluationResult) -> None:
   """Writes `name,<metrics...>` per image through a temporary file, then renames."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w", newline="") as f:
-      writer = csv.writer(f)
-      writer.writerow(("name",) + result.names)
-      for name, row in result.rows:
-        writer.writerow([name] + [f"{row[n]:.6f}" for n in result.names])
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  with files.atomic_write(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(("name",) + result.names)
+    for name, row in result.rows:
+      writer.writerow([name] + [f"{row[n]:.6f}" for n in result.names])
 
 
 def format_means(result: EvaluationResult, fmt: str = "table", label: str = "mean") -> str:

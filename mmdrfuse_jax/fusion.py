@@ -12,7 +12,6 @@ mixed sizes compiles once per size, not once per image.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Mapping
 
 import jax

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
+
+from mmdrfuse_jax import files
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".pgm", ".ppm")
 
@@ -103,16 +104,8 @@ def write_image_atomic(path: str | os.PathLike, image: np.ndarray) -> None:
   fmt = Image.registered_extensions().get(path.suffix.lower())
   if fmt is None:
     raise ImageError(f"{path}: unknown image extension {path.suffix!r}")
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      Image.fromarray(np.ascontiguousarray(image)).save(f, format=fmt)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  with files.atomic_write(path) as f:
+    Image.fromarray(np.ascontiguousarray(image)).save(f, format=fmt)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,8 @@ from typing import Mapping
 
 import numpy as np
 
+from mmdrfuse_jax import files
+
 
 class WeightsError(ValueError):
   """A weights file cannot be used; the message names the file and the problem."""
@@ -223,12 +225,9 @@ def save_state_dict(path: str | os.PathLike, state: Mapping[str, np.ndarray], *,
         pickle.TUPLE, pickle.REDUCE,
     ]
   body += [pickle.SETITEMS, pickle.STOP]
-  path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.tmp")
-  with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+  with files.atomic_write(path) as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as archive:
     archive.writestr(f"{name}/data.pkl", b"".join(body))
     archive.writestr(f"{name}/byteorder", b"little")
     for key, raw in storages.items():
       archive.writestr(f"{name}/data/{key}", raw)
     archive.writestr(f"{name}/version", b"3\n")
-  os.replace(tmp, path)

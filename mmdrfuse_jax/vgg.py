@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 import zipfile
 from typing import Mapping
 
@@ -23,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmdrfuse_jax import torch_reader
+from mmdrfuse_jax import files, torch_reader
 
 # Channels per conv of each block (configuration "E"); a 2x2/2 max-pool ends blocks 1..4.
 _BLOCKS = ((64, 64), (128, 128), (256, 256, 256, 256), (512, 512, 512, 512),
@@ -169,13 +168,8 @@ def save_params(path: str | os.PathLike, params: Mapping[str, Mapping[str, np.nd
   check_params(params, source=str(path))
   arrays = {f"{name}/{kind}": np.asarray(params[name][kind], np.float32)
             for name in LAYER_NAMES for kind in ("kernel", "bias")}
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  finally:
-    pathlib.Path(tmp).unlink(missing_ok=True)
+  with files.atomic_write(path) as f:
+    np.savez(f, **arrays)
 
 
 def load_params(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:

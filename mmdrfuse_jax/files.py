@@ -1,0 +1,37 @@
+"""Atomic file writes: a reader never sees a half-written file.
+
+Every file the project writes (fused images, CSV tables, weights) goes through
+`atomic_write`: the data is written to a temporary file in the destination's folder, flushed
+to disk, and only then renamed over the destination. An error or interruption midway leaves
+the old file (if any) untouched and no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import tempfile
+from typing import IO, Iterator
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
+  """Opens a temporary file that replaces `path` when the `with` block completes.
+
+  Args:
+    path: the destination; its folder is created if missing.
+    mode: "wb" or "w" (text; `open_kwargs` such as `newline=""` are passed on).
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, mode, **open_kwargs) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
