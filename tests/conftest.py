@@ -4,6 +4,7 @@ Reference material lives outside the repository (`$MMDRFUSE_SHARED`, default `..
 from the repo root); tests that need it skip, saying why, where it is absent.
 """
 
+import importlib.util
 import os
 import pathlib
 
@@ -23,3 +24,11 @@ def shared() -> pathlib.Path:
   if not (path / "reference" / "SPEC.md").is_file():
     pytest.skip(f"reference material not found at {path} (set MMDRFUSE_SHARED)")
   return path
+
+
+def load_script(name: str):
+  """Imports `bin/<name>.py` as a module, so tests call its `main(argv)` in-process."""
+  spec = importlib.util.spec_from_file_location(f"bin_{name}", REPO_ROOT / "bin" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -1,24 +1,16 @@
 """Tests of bin/evaluate.py: exit codes, per-file problems, CSV output, in-memory fusion."""
 
 import csv
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT
+from conftest import load_script
 
 
-def _load_cli():
-  spec = importlib.util.spec_from_file_location("evaluate_cli", REPO_ROOT / "bin" / "evaluate.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-evaluate_cli = _load_cli()
+evaluate_cli = load_script("evaluate")
 
 SIZE = (48, 44)  # (height, width); one compile for the whole module
 

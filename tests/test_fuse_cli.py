@@ -1,26 +1,16 @@
 """bin/fuse.py: pairing rules, per-file problems, atomic writes and exit codes."""
 
-import importlib.util
-import pathlib
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import load_script
 from mmdrfuse_jax import checkpoints, imageio, models
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
-
-def _load_cli():
-  spec = importlib.util.spec_from_file_location("fuse_cli", REPO / "bin" / "fuse.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-fuse_cli = _load_cli()
+fuse_cli = load_script("fuse")
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,13 @@
 """VGG-19 feature stack: golden taps, single pass, weight conversion and files."""
 
 import functools
-import importlib.util
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import load_script
 from mmdrfuse_jax import torch_reader
 from mmdrfuse_jax import vgg
 
@@ -158,11 +157,7 @@ def test_load_errors(tmp_path, params):
 
 
 def _convert_main():
-  spec = importlib.util.spec_from_file_location(
-      "convert_vgg19", REPO_ROOT / "bin" / "convert_vgg19.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.main
+  return load_script("convert_vgg19").main
 
 
 def test_convert_script(tmp_path, torch_state, params, capsys):
