@@ -9,6 +9,7 @@ Run again with the same arguments to just print the counts (the build is reused)
 
 import argparse
 import sys
+import tempfile
 
 from mmdrfuse_jax.data import builders
 
@@ -16,8 +17,8 @@ from mmdrfuse_jax.data import builders
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--dataset", required=True, choices=builders.CONFIG_NAMES)
-  parser.add_argument("--manual_dir", required=True, help="the folder holding the downloaded pairs")
-  parser.add_argument("--data_dir", required=True, help="where the built dataset goes (TFDS data_dir)")
+  parser.add_argument("--manual_dir", help="the folder holding the downloaded pairs (required to build)")
+  parser.add_argument("--data_dir", help="where the built dataset goes (TFDS data_dir; required to build)")
   parser.add_argument("--skip_bad", action="store_true", help="leave out bad pairs instead of failing")
   parser.add_argument("--resize_visible", action=argparse.BooleanOptionalAction, default=None,
                       help="resize visible images of another size to the infrared size (default: on for roadscene only)")
@@ -28,8 +29,11 @@ def main(argv=None) -> int:
   parser.add_argument("--instructions", action="store_true", help="print where to get the dataset and its layout, then exit")
   args = parser.parse_args(argv)
   if args.instructions:
-    print(builders.make_builder(args.dataset, args.data_dir).MANUAL_DOWNLOAD_INSTRUCTIONS)
+    # Nothing is written: the builder is only asked for its text.
+    print(builders.make_builder(args.dataset, args.data_dir or tempfile.gettempdir()).MANUAL_DOWNLOAD_INSTRUCTIONS)
     return 0
+  if not args.manual_dir or not args.data_dir:
+    parser.error("--manual_dir and --data_dir are required to build a dataset")
   if args.patch_size < 1 or args.patch_stride < 1:
     print("error: --patch_size and --patch_stride must be positive", file=sys.stderr)
     return 2
