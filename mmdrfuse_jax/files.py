@@ -15,6 +15,17 @@ import tempfile
 from typing import IO, Iterator
 
 
+def _current_umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+# mkstemp creates files readable by their owner only; finished files get the permissions a
+# plain open() would have given them.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
   """Opens a temporary file that replaces `path` when the `with` block completes.
@@ -31,6 +42,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> It
       yield f
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, _FILE_MODE)
     os.replace(tmp, path)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)

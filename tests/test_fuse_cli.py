@@ -1,5 +1,6 @@
 """bin/fuse.py: pairing rules, per-file problems, atomic writes and exit codes."""
 
+import os
 
 import jax
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import load_script
-from mmdrfuse_jax import checkpoints, imageio, models
+from mmdrfuse_jax import checkpoints, files, imageio, models
 
 
 fuse_cli = load_script("fuse")
@@ -134,3 +135,12 @@ def test_pairing_rules(tmp_path):
   assert "same stem" in text and "w.png: no partner" in text and "z.bmp: no partner" in text
   with pytest.raises(imageio.ImageError, match="is a folder"):
     imageio.pair_inputs([a / "x.png", b])
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+  with files.atomic_write(tmp_path / "a.txt", "w") as f:
+    f.write("hello")
+  mask = os.umask(0)
+  os.umask(mask)
+  assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+  assert (tmp_path / "a.txt").read_text() == "hello"
