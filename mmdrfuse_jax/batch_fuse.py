@@ -11,7 +11,6 @@ import os
 import pathlib
 from typing import Callable, Sequence
 
-import numpy as np
 import tqdm
 
 from mmdrfuse_jax import fusion, imageio
@@ -48,9 +47,6 @@ def fuse_pairs(fuser: fusion.Fuser,
         fused = fuser.fuse_images(ir, vis)
       except ValueError as e:
         raise imageio.ImageError(f"{ir_path}: {e}") from None
-      if fused.ndim == 3 and fused.dtype == np.uint16:
-        # PNG through PIL has no 16-bit RGB: colour results are stored with 8 bits.
-        fused = np.floor(fused / 257.0 + 0.5).astype(np.uint8)
       imageio.write_image_atomic(out_dir / f"{stem}.png", fused)
       written += 1
     except imageio.ImageError as e:

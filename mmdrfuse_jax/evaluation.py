@@ -26,7 +26,6 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
-from PIL import Image
 
 from mmdrfuse_jax import files, imageio, metrics
 
@@ -54,22 +53,6 @@ def read_for_evaluation(path: str | os.PathLike) -> np.ndarray:
     ImageError: the file is missing or unreadable.
   """
   return to_evaluation_gray(imageio.read_image(path))
-
-
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-  """(height, width) of an image file from its header, without decoding the pixels.
-
-  Raises:
-    ImageError: the file is missing or not an image.
-  """
-  path = pathlib.Path(path)
-  try:
-    with Image.open(path) as img:
-      return img.size[1], img.size[0]
-  except FileNotFoundError:
-    raise ImageError(f"{path}: no such file") from None
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +131,7 @@ def _load(triple: Triple, fuse_fn: Optional[FuseFn], save_dir: Optional[pathlib.
   """The triple's three float gray images; raises ImageError naming the file."""
   ir_raw = imageio.read_image(triple.ir)
   vis_raw = imageio.read_image(triple.vis)
-  if ir_raw.shape[:2] != vis_raw.shape[:2]:
-    imageio.check_same_size([triple.ir, triple.vis], [ir_raw, vis_raw])
+  imageio.check_same_size([triple.ir, triple.vis], [ir_raw, vis_raw])
   if triple.fused is not None:
     fused_raw = imageio.read_image(triple.fused)
     imageio.check_same_size([triple.fused, triple.ir, triple.vis], [fused_raw, ir_raw, vis_raw])
@@ -195,7 +177,7 @@ def evaluate(triples: Sequence[Triple], *, names: Sequence[str] = metrics.METRIC
   sized: list[tuple[Triple, tuple[int, int]]] = []
   for t in triples:
     try:
-      size = image_size(t.ir)
+      size = imageio.read_size(t.ir)
     except ImageError as e:
       problems.append(str(e))
       continue

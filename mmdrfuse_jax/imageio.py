@@ -7,10 +7,11 @@ decoded with anything that can execute code (PIL only decodes pixels).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -24,6 +25,30 @@ class ImageError(ValueError):
   """A user's image file (or pair of files) cannot be used; the message says why."""
 
 
+@contextlib.contextmanager
+def _opened(path: pathlib.Path) -> Iterator[Image.Image]:
+  """Opens an image with PIL, turning every decoding failure into a one-line ImageError."""
+  try:
+    with Image.open(path) as img:
+      yield img
+  except ImageError:
+    raise
+  except FileNotFoundError:
+    raise ImageError(f"{path}: no such file") from None
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def read_size(path: str | os.PathLike) -> tuple[int, int]:
+  """(height, width) of an image file from its header, without decoding the pixels.
+
+  Raises:
+    ImageError: the file is missing or not an image.
+  """
+  with _opened(pathlib.Path(path)) as img:
+    return img.height, img.width
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
   """Reads an image file as stored: 8-bit or 16-bit, gray (H, W) or colour (H, W, 3).
 
@@ -34,30 +59,21 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     ImageError: the file is missing, unreadable, or of an unsupported pixel format.
   """
   path = pathlib.Path(path)
-  try:
-    with Image.open(path) as img:
-      img.load()
-      mode = img.mode
-      if mode in ("1", "L"):
-        return np.asarray(img.convert("L"), dtype=np.uint8)
-      if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return np.asarray(img, dtype=np.uint16)
-      if mode == "I":
-        arr = np.asarray(img)
-        if arr.min() < 0 or arr.max() > 65535:
-          raise ImageError(f"{path}: 32-bit integer pixels outside 0..65535 are not supported")
-        return arr.astype(np.uint16)
-      if mode in ("RGB", "RGBA", "P", "PA", "LA", "CMYK", "YCbCr"):
-        if mode in ("LA",):
-          return np.asarray(img.convert("L"), dtype=np.uint8)
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-      raise ImageError(f"{path}: unsupported pixel format {mode!r}")
-  except ImageError:
-    raise
-  except FileNotFoundError:
-    raise ImageError(f"{path}: no such file") from None
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+  with _opened(path) as img:
+    img.load()
+    mode = img.mode
+    if mode in ("1", "L", "LA"):
+      return np.asarray(img.convert("L"), dtype=np.uint8)
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+      return np.asarray(img, dtype=np.uint16)
+    if mode == "I":
+      arr = np.asarray(img)
+      if arr.min() < 0 or arr.max() > 65535:
+        raise ImageError(f"{path}: 32-bit integer pixels outside 0..65535 are not supported")
+      return arr.astype(np.uint16)
+    if mode in ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr"):
+      return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    raise ImageError(f"{path}: unsupported pixel format {mode!r}")
 
 
 def max_value(image: np.ndarray) -> int:
@@ -97,13 +113,16 @@ def write_image_atomic(path: str | os.PathLike, image: np.ndarray) -> None:
   """Writes `image` to `path` through a temporary file in the same folder, then renames.
 
   A reader never sees a half-written file, and an existing file at `path` is only
-  replaced once the new one is complete.
+  replaced once the new one is complete. PIL cannot write 16-bit RGB, so such images are
+  stored with 8 bits per channel (rounded); 16-bit gray stays 16-bit.
   """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fmt = Image.registered_extensions().get(path.suffix.lower())
   if fmt is None:
     raise ImageError(f"{path}: unknown image extension {path.suffix!r}")
+  if image.ndim == 3 and image.dtype == np.uint16:
+    image = np.floor(image / 257.0 + 0.5).astype(np.uint8)
   with files.atomic_write(path) as f:
     Image.fromarray(np.ascontiguousarray(image)).save(f, format=fmt)
 

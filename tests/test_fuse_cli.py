@@ -144,3 +144,12 @@ def test_written_files_get_ordinary_permissions(tmp_path):
   os.umask(mask)
   assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
   assert (tmp_path / "a.txt").read_text() == "hello"
+
+
+def test_sixteen_bit_colour_is_written_with_eight_bits(tmp_path):
+  rgb16 = np.array([[[0, 257 * 100, 65535]]], np.uint16)
+  imageio.write_image_atomic(tmp_path / "c.png", rgb16)
+  np.testing.assert_array_equal(imageio.read_image(tmp_path / "c.png"), [[[0, 100, 255]]])
+  assert imageio.read_size(tmp_path / "c.png") == (1, 1)
+  with pytest.raises(imageio.ImageError, match="nope.png: no such file"):
+    imageio.read_size(tmp_path / "nope.png")

@@ -212,24 +212,13 @@ def _png(image: np.ndarray) -> bytes:
 _NO_COLOR = np.zeros((1, 1, 3), np.uint8)
 
 
-def _header_size(path: pathlib.Path) -> tuple[int, int]:
-  """(height, width) from the file header, without decoding the pixels."""
-  try:
-    with Image.open(path) as img:
-      return img.height, img.width
-  except FileNotFoundError:
-    raise imageio.ImageError(f"{path}: no such file") from None
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise imageio.ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
-
-
 def check_pairs(pairs: Sequence[tuple[str, tuple[pathlib.Path, pathlib.Path]]], *,
                 resize_visible: bool = False) -> tuple[list, list[str]]:
   """Cheap checks from file headers: readable and same size. Returns (good pairs, problems)."""
   good, problems = [], []
   for stem, (ir_path, vis_path) in pairs:
     try:
-      ir_size, vis_size = _header_size(ir_path), _header_size(vis_path)
+      ir_size, vis_size = imageio.read_size(ir_path), imageio.read_size(vis_path)
     except imageio.ImageError as e:
       problems.append(str(e))
       continue
