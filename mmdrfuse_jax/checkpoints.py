@@ -111,16 +111,13 @@ def params_to_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def _load_npz(path: pathlib.Path, model: str) -> dict:
   try:
-    with np.load(path, allow_pickle=False) as data:
-      flat = {}
-      for key in data.files:
-        layer, _, name = key.partition("/")
-        flat[(layer, name)] = data[key]
+    tree = files.read_npz_tree(path)
   except ValueError as e:
     # allow_pickle=False refuses object arrays (which could run code) with a ValueError.
     raise WeightsError(f"{path}: not a plain-array .npz weights file ({e})") from None
   except (OSError, zipfile.BadZipFile, EOFError) as e:
     raise WeightsError(f"{path}: corrupt or truncated .npz ({type(e).__name__}: {e})") from None
+  flat = {(layer, name): value for layer, entries in tree.items() for name, value in entries.items()}
   return _validated(str(path), flat, model)
 
 
@@ -172,9 +169,7 @@ def save_params(path: str | os.PathLike, params: Mapping[str, Any]) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   host = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
   if path.suffix == ".npz":
-    arrays = {f"{layer}/{name}": v for layer, p in host.items() for name, v in p.items()}
-    with files.atomic_write(path) as f:
-      np.savez(f, **arrays)
+    files.write_npz_tree(path, host)
     return
   import orbax.checkpoint as ocp
 

@@ -12,7 +12,9 @@ import contextlib
 import os
 import pathlib
 import tempfile
-from typing import IO, Iterator
+from typing import IO, Iterator, Mapping
+
+import numpy as np
 
 
 def _current_umask() -> int:
@@ -47,3 +49,29 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> It
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
     raise
+
+
+def write_npz_tree(path: str | os.PathLike, tree: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+  """Writes a two-level tree {layer: {name: array}} as one `.npz` (`layer/name` keys), atomically.
+
+  This is the project's single-file weights format (the student, the converted VGG-19).
+  """
+  arrays = {f"{layer}/{name}": np.asarray(value) for layer, entries in tree.items()
+            for name, value in entries.items()}
+  with atomic_write(path) as f:
+    np.savez(f, **arrays)
+
+
+def read_npz_tree(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+  """Reads a file written by `write_npz_tree`, without unpickling anything.
+
+  Raises:
+    ValueError: the file holds object arrays (refused by `allow_pickle=False`).
+    OSError, zipfile.BadZipFile, EOFError: the file is unreadable, corrupt or truncated.
+  """
+  tree: dict[str, dict[str, np.ndarray]] = {}
+  with np.load(path, allow_pickle=False) as data:
+    for key in data.files:
+      layer, _, name = key.partition("/")
+      tree.setdefault(layer, {})[name] = data[key]
+  return tree

@@ -166,10 +166,8 @@ def save_params(path: str | os.PathLike, params: Mapping[str, Mapping[str, np.nd
   """Writes the tree as one `.npz` of float32 arrays (`conv1_1/kernel`, ...), atomically."""
   path = pathlib.Path(path)
   check_params(params, source=str(path))
-  arrays = {f"{name}/{kind}": np.asarray(params[name][kind], np.float32)
-            for name in LAYER_NAMES for kind in ("kernel", "bias")}
-  with files.atomic_write(path) as f:
-    np.savez(f, **arrays)
+  files.write_npz_tree(path, {name: {kind: np.asarray(params[name][kind], np.float32)
+                                     for kind in ("kernel", "bias")} for name in LAYER_NAMES})
 
 
 def load_params(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
@@ -178,15 +176,10 @@ def load_params(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
   if not path.is_file():
     raise VGGWeightsError(f"{path}: VGG-19 weights not found; {HOW_TO_GET}")
   try:
-    with np.load(path, allow_pickle=False) as data:
-      arrays = {key: data[key] for key in data.files}
+    params = files.read_npz_tree(path)
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
     raise VGGWeightsError(
         f"{path}: not a readable VGG-19 weights file ({type(e).__name__}); {HOW_TO_GET}") from None
-  params = {}
-  for key, value in arrays.items():
-    name, _, kind = key.partition("/")
-    params.setdefault(name, {})[kind] = value
   try:
     check_params(params, source=str(path))
   except VGGWeightsError as e:
