@@ -283,10 +283,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Frozen, *
       decisions["gmsd"] = d
     l_refresh = terms.get("l_refresh_ssim", 0.0) + terms.get("l_refresh_gmsd", 0.0)
     terms["l_refresh"] = jnp.asarray(l_refresh, jnp.float32)
-    total = (cfg.w_int * terms["l_int"] + cfg.w_percep * terms["l_percep"] +
-             cfg.w_grad * terms["l_grad"] + cfg.w_refresh * terms["l_refresh"])
+    weighted_refresh = cfg.w_refresh * terms["l_refresh"]
     if cfg.model == "student":
-      total = total + cfg.w_distill * terms["l_distill"]
+      total = losses.student_total(terms["l_int"], terms["l_percep"], terms["l_grad"],
+                                   terms["l_distill"], weighted_refresh, w_int=cfg.w_int,
+                                   w_percep=cfg.w_percep, w_grad=cfg.w_grad,
+                                   w_distill=cfg.w_distill)
+    else:
+      total = losses.teacher_total(terms["l_int"], terms["l_percep"], terms["l_grad"],
+                                   weighted_refresh, w_int=cfg.w_int, w_percep=cfg.w_percep,
+                                   w_grad=cfg.w_grad)
     terms["loss"] = total
     return total, (terms, decisions, out_c)
 
