@@ -27,8 +27,6 @@ from mmdrfuse_jax.torch_reader import WeightsError, load_state_dict
 __all__ = ["WeightsError", "expected_shapes", "load_params", "params_from_state_dict",
            "params_to_state_dict", "save_params"]
 
-_MODEL_LAYERS = {"student": models.STUDENT_LAYERS, "teacher": models.TEACHER_LAYERS}
-
 
 def expected_shapes(model: str) -> dict[str, dict[str, tuple[int, ...]]]:
   """Flax parameter shapes per layer of `model`, e.g. {"conv1": {"kernel": (3,3,2,4), ...}}."""
@@ -36,22 +34,16 @@ def expected_shapes(model: str) -> dict[str, dict[str, tuple[int, ...]]]:
   return {layer: {k: tuple(v.shape) for k, v in p.items()} for layer, p in shapes.items()}
 
 
-def _which_model(layers: set[str]) -> str | None:
-  for name, names in _MODEL_LAYERS.items():
-    if layers == set(names):
-      return name
-  return None
-
-
 def _check_layers(source: str, layers: set[str], model: str) -> None:
   """Raises WeightsError when `layers` are not exactly `model`'s layers."""
-  if layers == set(_MODEL_LAYERS[model]):
+  expected = set(models.layer_names(model))
+  if layers == expected:
     return
-  found = _which_model(layers)
+  found = models.find_model(layers)
   if found is not None:
     raise WeightsError(f"{source}: holds {found} weights, but the {model} was asked for")
-  missing = sorted(set(_MODEL_LAYERS[model]) - layers)
-  extra = sorted(layers - set(_MODEL_LAYERS[model]))
+  missing = sorted(expected - layers)
+  extra = sorted(layers - expected)
   parts = []
   if missing:
     parts.append(f"missing layers {', '.join(missing)}")
@@ -147,8 +139,7 @@ def load_params(path: str | os.PathLike, model: str = "student") -> dict:
   Raises:
     WeightsError: the file is missing or unusable; the message says why.
   """
-  if model not in _MODEL_LAYERS:
-    raise ValueError(f"unknown model {model!r}; choose one of {sorted(_MODEL_LAYERS)}")
+  models.check_model_name(model)
   path = pathlib.Path(path)
   if path.is_dir():
     return _load_orbax(path, model)

@@ -1,11 +1,12 @@
 """Scoring fused images against their sources, the way the published tables were computed.
 
-Images are read as the field's common Python evaluator reads them (SPEC section 6): an 8-bit
-file becomes float, colour becomes gray `round(0.299 R + 0.587 G + 0.114 B)` computed in
-float32 with NumPy's rounding (half to even), and a gray file gives its own values. 16-bit
-files are brought to the same 0..255 scale: gray `round(v / 257)` (65535 -> 255), colour
-`round(0.299 R + 0.587 G + 0.114 B)` of the channels divided by 257, so their scores compare
-with 8-bit ones and the histogram metrics keep 256 levels.
+Images are read as the field's common Python evaluator reads them (SPEC section 6,
+`imageio.to_gray_evaluation`): an 8-bit file becomes float, colour becomes gray
+`round(0.299 R + 0.587 G + 0.114 B)` computed in float32 with NumPy's rounding (half to
+even), and a gray file gives its own values. 16-bit files are brought to the same 0..255
+scale: gray `round(v / 257)` (65535 -> 255), colour `round(0.299 R + 0.587 G + 0.114 B)` of
+the channels divided by 257, so their scores compare with 8-bit ones and the histogram
+metrics keep 256 levels.
 
 Compilation: images are placed top-left on zero canvases ("buckets") and scored with their
 true size (see `metrics`), so a folder of many sizes compiles a handful of times, not once
@@ -33,26 +34,13 @@ ImageError = imageio.ImageError
 FuseFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def to_evaluation_gray(image: np.ndarray) -> np.ndarray:
-  """An image as returned by `imageio.read_image`, as float32 gray on 0..255 (SPEC 6)."""
-  img = image.astype(np.float32)
-  if image.dtype == np.uint16:
-    img = img / np.float32(257.0)
-  elif image.dtype != np.uint8:
-    raise ValueError(f"expected an 8- or 16-bit image, got {image.dtype}")
-  if img.ndim == 3:
-    img = img[..., 0] * np.float32(0.299) + img[..., 1] * np.float32(0.587) + img[..., 2] * np.float32(0.114)
-    return np.round(img).astype(np.float32)
-  return np.round(img) if image.dtype == np.uint16 else img
-
-
 def read_for_evaluation(path: str | os.PathLike) -> np.ndarray:
   """Reads an image file as float32 gray (H, W) on 0..255 (SPEC 6).
 
   Raises:
     ImageError: the file is missing or unreadable.
   """
-  return to_evaluation_gray(imageio.read_image(path))
+  return imageio.to_gray_evaluation(imageio.read_image(path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +130,7 @@ def _load(triple: Triple, fuse_fn: Optional[FuseFn], save_dir: Optional[pathlib.
       raise ImageError(f"{triple.ir}: cannot fuse ({e})") from None
     if save_dir is not None:
       imageio.write_image_atomic(save_dir / f"{triple.name}.png", fused_raw)
-  return to_evaluation_gray(fused_raw), to_evaluation_gray(ir_raw), to_evaluation_gray(vis_raw)
+  return tuple(imageio.to_gray_evaluation(raw) for raw in (fused_raw, ir_raw, vis_raw))
 
 
 def evaluate(triples: Sequence[Triple], *, names: Sequence[str] = metrics.METRIC_NAMES,

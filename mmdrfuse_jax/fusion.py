@@ -23,16 +23,6 @@ from mmdrfuse_jax import imageio, models
 OUTPUT_MODES = ("minmax", "clip")
 
 
-def model_of(params: Mapping[str, Any]) -> str:
-  """Which network ("student" or "teacher") a parameter tree belongs to, from its layers."""
-  layers = set(params)
-  if layers == set(models.STUDENT_LAYERS):
-    return "student"
-  if layers == set(models.TEACHER_LAYERS):
-    return "teacher"
-  raise ValueError(f"parameters with layers {sorted(layers)} are neither the student's nor the teacher's")
-
-
 @jax.jit
 def fuse(params: Mapping[str, Any], ir: jax.Array, vis: jax.Array) -> jax.Array:
   """Fuses batches of gray image pairs with the network the parameters belong to.
@@ -46,7 +36,7 @@ def fuse(params: Mapping[str, Any], ir: jax.Array, vis: jax.Array) -> jax.Array:
   Returns:
     The fused images, (B, H, W, 1) float32: the network's tanh output.
   """
-  network = models.get_model(model_of(params))
+  network = models.get_model(models.model_of(params))
   x = jnp.concatenate([ir, vis], axis=-1).astype(jnp.float32)
   return network.apply({"params": params}, x)["out"]
 
@@ -59,7 +49,7 @@ def fuse_within(params: Mapping[str, Any], ir: jax.Array, vis: jax.Array, sizes:
   on the cropped image exactly: the reflection padding is taken at the true border (see
   `models.reflect_pad_within`). One compilation then serves every size up to the canvas.
   """
-  if model_of(params) != "student":
+  if models.model_of(params) != "student":
     raise ValueError("fuse_within supports the student only; use fuse for the teacher")
   x = jnp.concatenate([ir, vis], axis=-1).astype(jnp.float32)
   return models.Student().apply({"params": params}, x, sizes=sizes)["out"]
@@ -74,7 +64,7 @@ def quantize(fused: np.ndarray, output: str = "minmax", max_value: int = 255) ->
   """Turns one fused float image (H, W) into integers on 0..max_value.
 
   "minmax" (the published behaviour): stretch the image's own min..max to 0..max_value
-  and round half up. "clip": clip to [0, 1], scale, round half up.
+  and round half up. "clip": clip to [0, 1], scale, round half up (`imageio.to_levels`).
   """
   y = np.asarray(fused, np.float32)
   if output == "minmax":
@@ -85,33 +75,7 @@ def quantize(fused: np.ndarray, output: str = "minmax", max_value: int = 255) ->
     y = np.clip(y, 0, 1) * np.float32(max_value)
   else:
     raise ValueError(f"unknown output mode {output!r}; choose one of {OUTPUT_MODES}")
-  dtype = np.uint16 if max_value > 255 else np.uint8
-  return np.floor(y + np.float32(0.5)).astype(dtype)
-
-
-# Full-range ITU-R BT.601 (JPEG) colour conversion, the field's convention for colour fusion.
-_RGB_TO_YCBCR = np.array([[0.299, 0.587, 0.114],
-                          [-0.168736, -0.331264, 0.5],
-                          [0.5, -0.418688, -0.081312]])
-_YCBCR_TO_RGB = np.array([[1.0, 0.0, 1.402],
-                          [1.0, -0.344136, -0.714136],
-                          [1.0, 1.772, 0.0]])
-
-
-def rgb_to_ycbcr(rgb: np.ndarray, max_value: int = 255) -> np.ndarray:
-  """(H, W, 3) RGB integers to float YCbCr on the same scale (chroma centred at half scale)."""
-  ycbcr = rgb.astype(np.float64) @ _RGB_TO_YCBCR.T
-  ycbcr[..., 1:] += (max_value + 1) / 2
-  return ycbcr
-
-
-def ycbcr_to_rgb(ycbcr: np.ndarray, max_value: int = 255) -> np.ndarray:
-  """Float YCbCr back to RGB integers (rounded, clipped to 0..max_value)."""
-  centred = ycbcr.astype(np.float64).copy()
-  centred[..., 1:] -= (max_value + 1) / 2
-  rgb = centred @ _YCBCR_TO_RGB.T
-  dtype = np.uint16 if max_value > 255 else np.uint8
-  return np.clip(np.floor(rgb + 0.5), 0, max_value).astype(dtype)
+  return imageio.to_levels(y, max_value)
 
 
 @dataclasses.dataclass
@@ -137,7 +101,7 @@ class Fuser:
   def __post_init__(self):
     if self.output not in OUTPUT_MODES:
       raise ValueError(f"unknown output mode {self.output!r}; choose one of {OUTPUT_MODES}")
-    self.model = model_of(self.params)
+    self.model = models.model_of(self.params)
     self.params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, self.params))
 
   def fuse_images(self, ir: np.ndarray, vis: np.ndarray) -> np.ndarray:
@@ -162,7 +126,7 @@ class Fuser:
     gray = {}
     for slot, image in (("ir", ir), ("vis", vis)):
       if slot == chroma_source:
-        ycbcr = rgb_to_ycbcr(image, imageio.max_value(image))
+        ycbcr = imageio.rgb_to_ycbcr(image, imageio.max_value(image))
         gray[slot] = (ycbcr[..., 0] / imageio.max_value(image)).astype(np.float32)
       else:
         gray[slot] = imageio.to_unit_float(imageio.to_gray_published(image))
@@ -172,9 +136,10 @@ class Fuser:
       return luma
     source = vis if chroma_source == "vis" else ir
     # Rescale the chroma source when the other input has more bits (8-bit RGB with 16-bit IR).
-    ycbcr = rgb_to_ycbcr(source.astype(np.float64) * (out_max / imageio.max_value(source)), out_max)
+    ycbcr = imageio.rgb_to_ycbcr(source.astype(np.float64) * (out_max / imageio.max_value(source)),
+                                 out_max)
     ycbcr[..., 0] = luma
-    return ycbcr_to_rgb(ycbcr, out_max)
+    return imageio.ycbcr_to_rgb(ycbcr, out_max)
 
   def _fuse_gray(self, ir: np.ndarray, vis: np.ndarray) -> np.ndarray:
     """Fuses two (H, W) float images, on a bucketed canvas for the student."""

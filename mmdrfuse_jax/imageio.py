@@ -1,8 +1,13 @@
-"""Reading, pairing and atomically writing image files.
+"""Reading, pairing and atomically writing image files, and every pixel conversion.
 
-Every function here deals with files that come from users, so every failure is an
+Every function here that deals with files from users reports each failure as an
 `ImageError` whose message names the file and the problem in one line. Images are never
 decoded with anything that can execute code (PIL only decodes pixels).
+
+The pixel conversions (16 to 8 bits, colour to gray, YCbCr, floats to integer levels) are
+all here, so that each is written once. Colour to gray has two conventions on purpose:
+`to_gray_published` (what the published code fed its networks) and `to_gray_evaluation`
+(what the field's evaluator scored the published tables with); see SPEC sections 2 and 6.
 """
 
 from __future__ import annotations
@@ -76,16 +81,57 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     raise ImageError(f"{path}: unsupported pixel format {mode!r}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Pixel conversions.
+
+# ITU-R BT.601 luma weights of R, G, B: both gray conventions and YCbCr use them.
+_LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+# Full-range BT.601 (JPEG) colour conversion, the field's convention for colour fusion.
+_RGB_TO_YCBCR = np.array([_LUMA_WEIGHTS,
+                          [-0.168736, -0.331264, 0.5],
+                          [0.5, -0.418688, -0.081312]])
+_YCBCR_TO_RGB = np.array([[1.0, 0.0, 1.402],
+                          [1.0, -0.344136, -0.714136],
+                          [1.0, 1.772, 0.0]])
+
+
 def max_value(image: np.ndarray) -> int:
   """The full-scale value of an image's integer type (255 or 65535)."""
   return 65535 if image.dtype == np.uint16 else 255
 
 
-def to_gray_published(image: np.ndarray) -> np.ndarray:
-  """Gray conversion used by the published inference: PIL's `convert("L")` for 8-bit RGB.
+def to_levels(values: np.ndarray, full_scale: int = 255) -> np.ndarray:
+  """Float values on 0..full_scale to the integer image type of that scale.
 
-  PIL computes `(R*19595 + G*38470 + B*7471 + 0x8000) >> 16` (ITU-R 601-2 in fixed point).
-  16-bit colour has no PIL equivalent, so the same weights are applied in float and rounded.
+  Rounds half up, `floor(v + 0.5)` (PIL's and the published writer's rounding), in the
+  values' own float precision, then clips to 0..full_scale.
+
+  Returns:
+    uint16 when `full_scale` is above 255, else uint8.
+  """
+  values = np.asarray(values)
+  dtype = np.uint16 if full_scale > 255 else np.uint8
+  return np.clip(np.floor(values + values.dtype.type(0.5)), 0, full_scale).astype(dtype)
+
+
+def to_8bit(image: np.ndarray) -> np.ndarray:
+  """8-bit images unchanged; 16-bit images scaled to 0..255: `round(v / 257)`, half up.
+
+  Computed exactly in integers (65535 -> 255); `v / 257` is never exactly half-way, so this
+  also equals float rounding, half up or half to even.
+  """
+  if image.dtype == np.uint8:
+    return image
+  return ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def to_gray_published(image: np.ndarray) -> np.ndarray:
+  """Gray as the published code reads its inputs (SPEC 2): PIL's `convert("L")`.
+
+  For 8-bit RGB, PIL computes `(R*19595 + G*38470 + B*7471 + 0x8000) >> 16` (ITU-R 601-2
+  in fixed point). 16-bit colour has no PIL equivalent, so the same weights are applied in
+  float64 and rounded half up. This is the convention for everything fed to a network
+  (fusion, training data); `to_gray_evaluation` is the one for scoring.
 
   Returns:
     A gray image of the input's integer dtype.
@@ -94,8 +140,45 @@ def to_gray_published(image: np.ndarray) -> np.ndarray:
     return image
   if image.dtype == np.uint8:
     return np.asarray(Image.fromarray(image, "RGB").convert("L"), dtype=np.uint8)
-  weights = np.array([0.299, 0.587, 0.114])
-  return np.floor(image.astype(np.float64) @ weights + 0.5).astype(image.dtype)
+  return to_levels(image.astype(np.float64) @ np.array(_LUMA_WEIGHTS), max_value(image))
+
+
+def to_gray_evaluation(image: np.ndarray) -> np.ndarray:
+  """Gray as the field's evaluator reads images for the metrics (SPEC 6), float32 on 0..255.
+
+  Colour: `round(0.299 R + 0.587 G + 0.114 B)` in float32 with NumPy's rounding (half to
+  even), a 16-bit image's channels first divided by 257 (not rounded). Gray: its own
+  values, 16-bit ones as `to_8bit`. On 8-bit colour this differs from `to_gray_published`
+  by one level in a few pixels (float32 and half to even against fixed point and half up);
+  both are kept because the published networks were fed one and the published tables were
+  scored with the other.
+
+  Raises:
+    ValueError: the image is neither 8- nor 16-bit.
+  """
+  if image.dtype not in (np.uint8, np.uint16):
+    raise ValueError(f"expected an 8- or 16-bit image, got {image.dtype}")
+  if image.ndim == 2:
+    return to_8bit(image).astype(np.float32)
+  img = image.astype(np.float32)
+  if image.dtype == np.uint16:
+    img = img / np.float32(257.0)
+  r, g, b = (np.float32(w) for w in _LUMA_WEIGHTS)
+  return np.round(img[..., 0] * r + img[..., 1] * g + img[..., 2] * b).astype(np.float32)
+
+
+def rgb_to_ycbcr(rgb: np.ndarray, full_scale: int = 255) -> np.ndarray:
+  """(H, W, 3) RGB on 0..full_scale to float YCbCr on the same scale (chroma centred at half)."""
+  ycbcr = rgb.astype(np.float64) @ _RGB_TO_YCBCR.T
+  ycbcr[..., 1:] += (full_scale + 1) / 2
+  return ycbcr
+
+
+def ycbcr_to_rgb(ycbcr: np.ndarray, full_scale: int = 255) -> np.ndarray:
+  """Float YCbCr back to RGB integers (rounded half up, clipped to 0..full_scale)."""
+  centred = ycbcr.astype(np.float64).copy()
+  centred[..., 1:] -= (full_scale + 1) / 2
+  return to_levels(centred @ _YCBCR_TO_RGB.T, full_scale)
 
 
 def to_unit_float(image: np.ndarray) -> np.ndarray:
@@ -107,6 +190,10 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
   """Reads a file as a float32 (H, W) gray image in [0, 1], as the published code does."""
   image = read_image(path)
   return to_unit_float(to_gray_published(image))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing and pairing files.
 
 
 def write_image_atomic(path: str | os.PathLike, image: np.ndarray) -> None:
@@ -122,7 +209,7 @@ def write_image_atomic(path: str | os.PathLike, image: np.ndarray) -> None:
   if fmt is None:
     raise ImageError(f"{path}: unknown image extension {path.suffix!r}")
   if image.ndim == 3 and image.dtype == np.uint16:
-    image = np.floor(image / 257.0 + 0.5).astype(np.uint8)
+    image = to_8bit(image)
   with files.atomic_write(path) as f:
     Image.fromarray(np.ascontiguousarray(image)).save(f, format=fmt)
 

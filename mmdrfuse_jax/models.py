@@ -10,7 +10,7 @@ published PyTorch weights map one to one (see `checkpoints.py`).
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import flax.linen as nn
 import jax
@@ -208,14 +208,55 @@ class Teacher(nn.Module):
 
 
 MODELS = {"student": Student, "teacher": Teacher}
+# The top-level entries of each network's parameter tree: what tells the two apart.
+MODEL_LAYERS = {"student": STUDENT_LAYERS, "teacher": TEACHER_LAYERS}
+
+
+def check_model_name(name: str) -> None:
+  """Raises ValueError, listing the choices, when `name` is not a network of this module."""
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
 
 
 def get_model(name: str) -> nn.Module:
   """The network called `name` ("student" or "teacher")."""
-  try:
-    return MODELS[name]()
-  except KeyError:
-    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}") from None
+  check_model_name(name)
+  return MODELS[name]()
+
+
+def layer_names(name: str) -> tuple[str, ...]:
+  """The published layer names of the network called `name` (its parameter tree's keys)."""
+  check_model_name(name)
+  return MODEL_LAYERS[name]
+
+
+def find_model(params_or_layer_names: Iterable[str]) -> str | None:
+  """The network whose layers are exactly these ("student" or "teacher"), else None.
+
+  Args:
+    params_or_layer_names: a parameter tree (its keys are the layers) or layer names.
+  """
+  layers = set(params_or_layer_names)
+  for name, names in MODEL_LAYERS.items():
+    if layers == set(names):
+      return name
+  return None
+
+
+def model_of(params_or_layer_names: Iterable[str]) -> str:
+  """Which network ("student" or "teacher") a parameter tree belongs to, from its layers.
+
+  The tree's structure is static under jit, so this costs nothing inside a traced function.
+
+  Raises:
+    ValueError: the layers are neither network's.
+  """
+  layers = set(params_or_layer_names)
+  found = find_model(layers)
+  if found is None:
+    raise ValueError(f"parameters with layers {sorted(layers)} are neither the student's nor the "
+                     "teacher's")
+  return found
 
 
 def init_params(name: str, rng: jax.Array, shape: Sequence[int] = (1, 16, 16, 2)) -> Any:

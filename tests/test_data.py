@@ -292,10 +292,35 @@ def test_prepare_data_cli(tmp_path, capsys):
   assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope'}: no such folder"
 
 
+def _run_fresh_python(script: str, **env) -> None:
+  """Runs `script` in a new interpreter on CPU with the repo importable; it must print ok."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **env,
+             PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+  result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
+                          text=True, env=env, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().endswith("ok")
+
+
+def test_in_memory_data_does_not_import_tfds():
+  # A fresh process, since this one has imported the builders already: synthetic and
+  # in-memory data must not pay for importing TFDS.
+  _run_fresh_python("""
+      import sys
+      from mmdrfuse_jax.data import pipeline
+      ds = pipeline.PatchDataset.from_synthetic(2, 64, 64, seed=0, patch_size=32, patch_stride=32)
+      batch, state = next(iter(ds.iterate(4, seed=0, num_epochs=1)))
+      assert batch["ir"].shape == (4, 32, 32, 1) and state == {"epoch": 0, "step": 1}
+      assert "tensorflow_datasets" not in sys.modules
+      assert "mmdrfuse_jax.data.builders" not in sys.modules
+      print("ok")
+  """)
+
+
 def test_no_tensorflow_and_two_device_sharding(tmp_path):
   # A fresh process: build, load and iterate sharded over two CPU devices; TensorFlow
   # must never be imported.
-  script = textwrap.dedent(f"""
+  _run_fresh_python(f"""
       import sys
       import jax, numpy as np
       import tensorflow_datasets as tfds
@@ -315,9 +340,4 @@ def test_no_tensorflow_and_two_device_sharding(tmp_path):
       bad = [m for m in sys.modules if m == "tensorflow" or m.startswith("tensorflow.")]
       assert not bad, bad
       print("ok")
-  """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.strip().endswith("ok")
+  """, XLA_FLAGS="--xla_force_host_platform_device_count=2")

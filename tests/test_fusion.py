@@ -31,10 +31,10 @@ def test_fuse_is_pure_and_batched(random_student):
 
 def test_fuse_picks_the_network_from_params(random_student):
   teacher = jax.eval_shape(lambda: models.init_params("teacher", jax.random.key(1)))
-  assert fusion.model_of(teacher) == "teacher"
-  assert fusion.model_of(random_student) == "student"
+  assert models.model_of(teacher) == "teacher"
+  assert models.model_of(random_student) == "student"
   with pytest.raises(ValueError, match="neither the student's nor the teacher's"):
-    fusion.model_of({"conv9": {}})
+    models.model_of({"conv9": {}})
 
 
 def test_quantize_minmax_and_clip():
@@ -49,10 +49,10 @@ def test_quantize_minmax_and_clip():
 
 def test_ycbcr_round_trip():
   rgb = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-  back = fusion.ycbcr_to_rgb(fusion.rgb_to_ycbcr(rgb))
+  back = imageio.ycbcr_to_rgb(imageio.rgb_to_ycbcr(rgb))
   assert np.abs(back.astype(int) - rgb).max() <= 1
   rgb16 = np.random.default_rng(3).integers(0, 65536, (8, 8, 3), dtype=np.uint16)
-  back16 = fusion.ycbcr_to_rgb(fusion.rgb_to_ycbcr(rgb16, 65535), 65535)
+  back16 = imageio.ycbcr_to_rgb(imageio.rgb_to_ycbcr(rgb16, 65535), 65535)
   assert back16.dtype == np.uint16 and np.abs(back16.astype(int) - rgb16).max() <= 1
 
 
@@ -65,8 +65,8 @@ def test_colour_mode_keeps_the_visible_chroma(random_student):
   gray = fusion.Fuser(random_student, color=False).fuse_images(ir, vis)
   assert gray.shape == (24, 30)
   # The result's chroma is the visible image's chroma (up to rounding and gamut clipping).
-  chroma_out = fusion.rgb_to_ycbcr(out)[..., 1:]
-  chroma_vis = fusion.rgb_to_ycbcr(vis)[..., 1:]
+  chroma_out = imageio.rgb_to_ycbcr(out)[..., 1:]
+  chroma_vis = imageio.rgb_to_ycbcr(vis)[..., 1:]
   inside = np.all((out > 2) & (out < 253), axis=-1)
   assert np.abs(chroma_out - chroma_vis)[inside].max() < 1.5
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmdrfuse_jax import evaluation, metrics
+from mmdrfuse_jax import evaluation, imageio, metrics
 
 GOLDEN_SETS = {
     # set: (infrared-slot folder, visible-slot folder)
@@ -189,11 +189,22 @@ def test_evaluation_gray_conversion():
   rgb = np.array([[[255, 0, 0], [10, 200, 30], [1, 2, 3]]], np.uint8)
   f = rgb.astype(np.float32)
   want = np.round(f[..., 0] * np.float32(0.299) + f[..., 1] * np.float32(0.587) + f[..., 2] * np.float32(0.114))
-  np.testing.assert_array_equal(evaluation.to_evaluation_gray(rgb), want)
-  np.testing.assert_array_equal(evaluation.to_evaluation_gray(rgb.astype(np.uint16) * 257), want)
+  np.testing.assert_array_equal(imageio.to_gray_evaluation(rgb), want)
+  np.testing.assert_array_equal(imageio.to_gray_evaluation(rgb.astype(np.uint16) * 257), want)
   gray = np.array([[0, 7, 255]], np.uint8)
-  np.testing.assert_array_equal(evaluation.to_evaluation_gray(gray), gray.astype(np.float32))
-  np.testing.assert_array_equal(evaluation.to_evaluation_gray(gray.astype(np.uint16) * 257), gray)
+  np.testing.assert_array_equal(imageio.to_gray_evaluation(gray), gray.astype(np.float32))
+  np.testing.assert_array_equal(imageio.to_gray_evaluation(gray.astype(np.uint16) * 257), gray)
+
+
+def test_sixteen_to_eight_bits_is_one_rounding_everywhere():
+  # Every 16-bit value: the exact integer scaling equals float rounding of v / 257, half up
+  # (as files are written) and half to even in float32 (as the evaluator reads gray files).
+  every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+  eight = imageio.to_8bit(every)
+  assert eight.dtype == np.uint8 and eight[0, 0] == 0 and eight[-1, -1] == 255
+  np.testing.assert_array_equal(eight, np.floor(every / 257.0 + 0.5))
+  np.testing.assert_array_equal(imageio.to_gray_evaluation(every), eight.astype(np.float32))
+  np.testing.assert_array_equal(imageio.to_8bit(eight), eight)
 
 
 def test_assign_buckets():

@@ -115,6 +115,20 @@ def test_student_on_canvas_equals_cropped(height, width):
 def test_get_model_rejects_unknown_name():
   with pytest.raises(ValueError, match="unknown model"):
     models.get_model("professor")
+  with pytest.raises(ValueError, match="unknown model"):
+    models.layer_names("professor")
+
+
+def test_model_is_told_from_layer_names():
+  for name in models.MODELS:
+    params = jax.eval_shape(lambda name=name: models.init_params(name, jax.random.key(0)))
+    assert set(params) == set(models.layer_names(name))
+    assert models.find_model(params) == models.model_of(params) == name
+    assert models.model_of(list(models.layer_names(name))) == name
+  assert models.find_model(["conv1"]) is None
+  assert models.find_model(models.STUDENT_LAYERS + ("conv3",)) is None
+  with pytest.raises(ValueError, match=r"\['conv1'\] are neither"):
+    models.model_of(iter(["conv1"]))
 
 
 def _reference_student(params, x):

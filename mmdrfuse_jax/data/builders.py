@@ -194,13 +194,6 @@ def find_layout(manual_dir: str | os.PathLike, config: FusionPairsConfig) -> dic
 # Reading one pair.
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
-  """8-bit images unchanged; 16-bit images scaled to 0..255 with rounding."""
-  if image.dtype == np.uint8:
-    return image
-  return ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-
-
 def _png(image: np.ndarray) -> bytes:
   buf = io.BytesIO()
   # Fast compression: these files are read once per training run, and build time matters
@@ -245,7 +238,7 @@ def read_pair(ir_path: pathlib.Path, vis_path: pathlib.Path, *, resize_visible: 
   Raises:
     ImageError: a file is unreadable or the two sizes differ (without resize_visible).
   """
-  ir_raw, vis_raw = to_uint8(imageio.read_image(ir_path)), to_uint8(imageio.read_image(vis_path))
+  ir_raw, vis_raw = (imageio.to_8bit(imageio.read_image(p)) for p in (ir_path, vis_path))
   resized = ir_raw.shape[:2] != vis_raw.shape[:2]
   if resized and resize_visible:
     vis_raw = resize_image(vis_raw, *ir_raw.shape[:2])

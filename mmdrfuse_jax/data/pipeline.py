@@ -24,7 +24,6 @@ import jax
 import numpy as np
 
 from mmdrfuse_jax import imageio
-from mmdrfuse_jax.data import builders
 
 DEFAULT_PATCH_SIZE = 128
 DEFAULT_PATCH_STRIDE = 128
@@ -154,7 +153,11 @@ class PatchDataset:
     Raises:
       builders.DataError: the dataset or split is not built in `data_dir`.
     """
+    # Imported here, not at the top: TFDS is heavy, and in-memory or procedural data
+    # needs none of it.
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    from mmdrfuse_jax.data import builders  # pylint: disable=g-import-not-at-top
 
     built = builders.load_built(dataset, data_dir)
     if split not in built.images:
@@ -300,4 +303,4 @@ def _gray_uint8(image: np.ndarray) -> np.ndarray:
     raise ValueError(f"expected a (H, W) or (H, W, 3) image, got shape {image.shape}")
   if image.dtype not in (np.uint8, np.uint16):
     raise ValueError(f"expected uint8 or uint16 pixels, got {image.dtype}")
-  return np.ascontiguousarray(builders.to_uint8(imageio.to_gray_published(image)))
+  return np.ascontiguousarray(imageio.to_8bit(imageio.to_gray_published(image)))

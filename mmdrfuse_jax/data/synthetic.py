@@ -15,8 +15,11 @@ A pair depends only on (seed, index), not on how many pairs are made.
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
-from PIL import Image
+
+from mmdrfuse_jax import imageio
 
 
 def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:
@@ -190,9 +193,7 @@ def make_pair(height: int, width: int, rng: np.random.Generator) -> tuple[np.nda
   ir = _box_blur(ir, 1)
   ir += rng.standard_normal(size=ir.shape, dtype=f32) * f32(rng.uniform(0.008, 0.02))
   ir += rng.standard_normal(size=(1, w), dtype=f32) * f32(0.008)
-  ir_u8 = np.floor(np.clip(ir, 0, 1) * 255 + 0.5).astype(np.uint8)
-  vis_u8 = np.floor(np.clip(vis, 0, 1) * 255 + 0.5).astype(np.uint8)
-  return ir_u8, vis_u8
+  return imageio.to_levels(np.clip(ir, 0, 1) * 255), imageio.to_levels(np.clip(vis, 0, 1) * 255)
 
 
 def make_pairs(num_pairs: int, height: int = 256, width: int = 256, seed: int = 0, *,
@@ -218,16 +219,12 @@ def make_pairs(num_pairs: int, height: int = 256, width: int = 256, seed: int = 
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, i])))
     a, b = make_pair(height, width, rng)
     ir[i] = a
-    vis[i] = b if color else np.asarray(Image.fromarray(b, "RGB").convert("L"))
+    vis[i] = b if color else imageio.to_gray_published(b)
   return ir, vis
 
 
 def write_pairs(folder, num_pairs: int, height: int = 256, width: int = 256, seed: int = 0) -> None:
   """Writes pairs as `folder/ir/NNNN.png` (gray) and `folder/vi/NNNN.png` (RGB), atomically."""
-  import pathlib  # pylint: disable=g-import-not-at-top
-
-  from mmdrfuse_jax import imageio  # pylint: disable=g-import-not-at-top
-
   folder = pathlib.Path(folder)
   ir, vis = make_pairs(num_pairs, height, width, seed, color=True)
   for i in range(num_pairs):
