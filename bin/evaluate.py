@@ -2,7 +2,7 @@
 """Scores fused images with the metrics of the published tables (EN SD SF AG MI SCD VIF Qabf SSIM CC PSNR).
 
   python bin/evaluate.py --ir IR_DIR --vis VIS_DIR --fused FUSED_DIR [--csv OUT.csv]
-  python bin/evaluate.py --ir IR_DIR --vis VIS_DIR --weights student.model [--save-fused DIR]
+  python bin/evaluate.py --ir IR_DIR --vis VIS_DIR --weights student.model [--save_fused DIR]
 
 The three folders are paired by file stem. Prints the mean of each metric in the papers'
 layout and optionally writes one CSV row per image. With --weights the fused images are
@@ -27,17 +27,17 @@ def main(argv=None) -> int:
   parser.add_argument("--model", choices=("student", "teacher"), default="student", help="with --weights")
   parser.add_argument("--output", choices=("minmax", "clip"), default="minmax",
                       help="with --weights: minmax stretches each image to 0..255 (published); clip clips")
-  parser.add_argument("--save-fused", metavar="DIR", help="with --weights: also write the fused images here")
+  parser.add_argument("--save_fused", metavar="DIR", help="with --weights: also write the fused images here")
   parser.add_argument("--csv", metavar="OUT.csv", help="write per-image scores (name,EN,SD,...)")
   parser.add_argument("--metrics", help="comma-separated subset, e.g. EN,SD,MI (default: all eleven)")
   parser.add_argument("--format", choices=evaluation.FORMATS, default="table", help="how to print the means")
-  parser.add_argument("--ssim-data-range", type=float, default=2.0,
+  parser.add_argument("--ssim_data_range", type=float, default=2.0,
                       help="SSIM data range: 2 as in the published tables, 255 the textbook value")
   parser.add_argument("--label", default="mean", help="row label of the printed means")
-  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
   if args.fused is not None and (args.save_fused or args.model != "student" or args.output != "minmax"):
-    parser.error("--model, --output and --save-fused go with --weights, not --fused")
+    parser.error("--model, --output and --save_fused go with --weights, not --fused")
 
   fuse_fn = None
   try:
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     result = evaluation.evaluate(triples, names=names, ssim_data_range=args.ssim_data_range,
                                  fuse_fn=fuse_fn, save_fused=args.save_fused,
                                  progress=not args.no_progress and len(triples) > 1)
-  except imageio.ImageError as e:  # e.g. the --save-fused folder cannot be written
+  except imageio.ImageError as e:  # e.g. the --save_fused folder cannot be written
     print(f"error: {e}", file=sys.stderr)
     return 2
   for problem in result.problems:

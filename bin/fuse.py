@@ -28,7 +28,7 @@ def main(argv=None) -> int:
                       help="fuse the luma of the colour input and keep its colours (YCbCr)")
   parser.add_argument("--bucket", type=int, default=128,
                       help="student canvases are multiples of this (one compile per bucket); 0: exact sizes")
-  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
 
   try:

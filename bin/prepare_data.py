@@ -20,8 +20,11 @@ def main(argv=None) -> int:
   parser.add_argument("--manual_dir", help="the folder holding the downloaded pairs (required to build)")
   parser.add_argument("--data_dir", help="where the built dataset goes (TFDS data_dir; required to build)")
   parser.add_argument("--skip_bad", action="store_true", help="leave out bad pairs instead of failing")
-  parser.add_argument("--resize_visible", action=argparse.BooleanOptionalAction, default=None,
+  resize = parser.add_mutually_exclusive_group()
+  resize.add_argument("--resize_visible", dest="resize_visible", action="store_const", const=True, default=None,
                       help="resize visible images of another size to the infrared size (default: on for roadscene only)")
+  resize.add_argument("--no_resize_visible", dest="resize_visible", action="store_const", const=False,
+                      help="never resize: a visible image of another size makes a bad pair")
   parser.add_argument("--ir_folder", help="paired_folders: sub-folder of infrared-slot images")
   parser.add_argument("--vis_folder", help="paired_folders: sub-folder of visible-slot images")
   parser.add_argument("--patch_size", type=int, default=128)

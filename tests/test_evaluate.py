@@ -33,7 +33,7 @@ def folders(tmp_path_factory):
 
 
 def _run(capsys, *argv):
-  code = evaluate_cli.main([str(a) for a in argv] + ["--no-progress"])
+  code = evaluate_cli.main([str(a) for a in argv] + ["--no_progress"])
   out, err = capsys.readouterr()
   return code, out, err
 
@@ -104,7 +104,7 @@ def test_weights_match_fused_files(shared, tmp_path, capsys):
   weights = shared / "reference" / "weights" / "student.model"
   mem_csv, file_csv = tmp_path / "mem.csv", tmp_path / "file.csv"
   code, _, err = _run(capsys, "--ir", tmp_path / "PET", "--vis", tmp_path / "MRI", "--weights", weights,
-                      "--csv", mem_csv, "--save-fused", tmp_path / "saved")
+                      "--csv", mem_csv, "--save_fused", tmp_path / "saved")
   assert code == 0, err
   code, _, err = _run(capsys, "--ir", tmp_path / "PET", "--vis", tmp_path / "MRI", "--fused", tmp_path / "saved",
                       "--csv", file_csv)

@@ -38,7 +38,7 @@ def folders(tmp_path):
 
 
 def run(*args):
-  return fuse_cli.main([str(a) for a in args] + ["--no-progress"])
+  return fuse_cli.main([str(a) for a in args] + ["--no_progress"])
 
 
 def test_folders_paired_by_stem(weights, folders, tmp_path):
