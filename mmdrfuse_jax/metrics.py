@@ -58,8 +58,8 @@ def _sum(x: Array, mask: Optional[Array] = None) -> Array:
   """Sum over the last two axes (where `mask`), by rows then over rows (blocked, for float32)."""
   if mask is not None:
     x = jnp.where(mask, x, 0.0)
-  # Matrix-vector products instead of jnp.sum: XLA's CPU reduction loops are several times
-  # slower than a dot when a long elementwise chain is fused into them.
+  # Matrix-vector products instead of jnp.sum: XLA's CPU reduction loops are slower than a
+  # dot when a long elementwise chain is fused into them.
   ones_w = jnp.ones((x.shape[-1],), x.dtype)
   ones_h = jnp.ones((x.shape[-2],), x.dtype)
   return jnp.dot(jnp.dot(x, ones_w, precision="highest"), ones_h, precision="highest")
@@ -361,7 +361,7 @@ def _sobel(x: Array) -> tuple[Array, Array]:
 
 
 def _arctan(x: Array) -> Array:
-  """float32 arctan (Cephes atanf, max error ~1.4e-7); XLA's CPU arctan is 15x slower."""
+  """float32 arctan (Cephes atanf, max error ~1.4e-7); XLA's CPU arctan is much slower."""
   ax = jnp.abs(x)
   big = ax > np.float32(2.414213562373095)  # tan(3 pi / 8)
   mid = (ax > np.float32(0.4142135623730950)) & ~big  # tan(pi / 8)
@@ -498,8 +498,8 @@ def all_metrics(fused: Array, ir: Array, vis: Array, size: Optional[Array] = Non
   """All metrics of `names` for one image triple (H, W) or a batch (B, H, W).
 
   Each metric runs as its own compiled program (cached per shape). On CPU, eleven small
-  programs dispatched one after the other run about twice as fast as one program holding
-  them all, whose cross-metric fusions XLA schedules poorly. Called inside an outer
+  programs dispatched one after the other run faster than one program holding them all,
+  whose cross-metric fusions XLA schedules poorly (figures: README). Called inside an outer
   `jax.jit` or `jax.vmap`, this still traces to one pure function.
 
   Args:

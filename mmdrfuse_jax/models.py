@@ -53,11 +53,11 @@ def reflect_pad_within(x: jax.Array, sizes: jax.Array) -> jax.Array:
 class TapMatmulConv(nn.Module):
   """A 3x3 'valid' convolution with bias for layers with few output channels.
 
-  XLA's CPU convolution runs at a tenth of its usual speed when the output has only a few
-  channels (the teacher's 64->4 `conv11`). This computes the same thing as one wide
-  matrix product of the input with all nine taps' kernels side by side, then adds the
-  nine shifted products: about 15x faster there, forward and backward. Parameters are
-  those of `nn.Conv` (HWIO `kernel`, `bias`).
+  XLA's CPU convolution is slow when the output has only a few channels (the teacher's
+  64->4 `conv11`). This computes the same thing as one wide matrix product of the input
+  with all nine taps' kernels side by side, then adds the nine shifted products, which is
+  much faster there, forward and backward (figures: README). Parameters are those of
+  `nn.Conv` (HWIO `kernel`, `bias`).
   """
 
   features: int
@@ -88,8 +88,8 @@ class PlanarConv3x3(nn.Module):
   """A 3x3 convolution with bias on a list of channel planes, after reflection padding.
 
   For the student's handful of channels, XLA's CPU convolution is slow; a sum of shifted,
-  scaled planes compiles to one fused, vectorised loop per output channel and runs about
-  20x faster on CPU (see README). Parameters are those of `nn.Conv` (HWIO `kernel`,
+  scaled planes compiles to one fused, vectorised loop per output channel and is much
+  faster on CPU (figures: README). Parameters are those of `nn.Conv` (HWIO `kernel`,
   `bias`), so weights map one to one.
   """
 
