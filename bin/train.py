@@ -26,14 +26,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from mmdrfuse_jax import train  # pylint: disable=g-import-not-at-top
+  from mmdrfuse_jax import stages, trainer  # pylint: disable=g-import-not-at-top
 
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
 
   try:
-    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except train.TrainingError as e:
+    result = stages.run(_CONFIG.value, _WORKDIR.value)
+  except trainer.TrainingError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   if result.interrupted_by is not None:

@@ -1,15 +1,20 @@
-"""Shared defaults of every training config (the published code's student settings).
+"""Shared defaults of every training config (the published code's settings).
 
-Other configs start from `get_config()` here and override what differs. Any field can be
+Other configs start from `get_config(model)` here and override what differs. Any field can be
 overridden on the command line: `bin/train.py --config=configs/student.py --config.optim.lr=3e-4`.
 """
 
+import dataclasses
+
 import ml_collections
 
+from mmdrfuse_jax import losses
 
-def get_config() -> ml_collections.ConfigDict:
+
+def get_config(model: str = "student") -> ml_collections.ConfigDict:
+  """The published code's settings for `model` ("student" or "teacher")."""
   config = ml_collections.ConfigDict()
-  config.model = "student"  # "student" or "teacher".
+  config.model = model
   config.seed = 0  # Initialisation and the data's per-epoch shuffles.
 
   # Training patches (SPEC section 5): a dataset built by bin/prepare_data.py, or the
@@ -34,17 +39,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.b2 = 0.999
   config.optim.eps = 1e-8
 
-  # Student: L_int + 2 L_percep + L_grad + 5 L_distill + L_refresh (SPEC section 3).
-  config.loss = ml_collections.ConfigDict()
-  config.loss.w_int = 1.0
-  config.loss.w_percep = 2.0
-  config.loss.w_grad = 1.0
-  config.loss.w_distill = 5.0
-  config.loss.w_refresh = 1.0
+  # The loss weights (`w_int`, `w_percep`, `w_grad`, `w_distill`, `w_refresh`) of the published
+  # code for this model (SPEC section 3). A term with weight 0 is not computed at all.
+  config.loss = ml_collections.ConfigDict(dataclasses.asdict(losses.PUBLISHED_WEIGHTS[model]))
   config.loss.gradient_form = "code"  # "code" (published) or "paper" (Eq. 3).
   config.loss.distill_normalize = "batch"  # "batch" (published code) or "sample" (paper Eq. 1).
 
-  # Dynamic refresh (SPEC section 4).
+  # Dynamic refresh (SPEC section 4): one switch per memory kind (`refresh.MEMORY_KINDS`).
   config.refresh = ml_collections.ConfigDict()
   config.refresh.ssim = True
   config.refresh.gmsd = True

@@ -27,19 +27,13 @@ def _small(config):
 
 
 def get_config():
-  config = _small(default.get_config())
-  config.model = "student"
+  config = _small(default.get_config("student"))
   config.num_epochs = 4  # Epoch 1 fills the refresh memories; later epochs use them.
-  config.optim.lr = 1e-2  # 113 parameters and 16 steps: distillation loss 1.97 -> 0.14.
+  config.optim.lr = 1e-2  # 113 parameters and 16 steps: large enough to visibly distil.
 
   # The teacher stage that runs first (into WORKDIR/teacher); the student then distils from
   # WORKDIR/teacher/teacher.npz (into WORKDIR/student).
-  teacher = _small(default.get_config())
-  teacher.model = "teacher"
+  teacher = _small(default.get_config("teacher"))
   teacher.num_epochs = 3
-  teacher.loss.w_int = 2.0
-  teacher.loss.w_percep = 1.0
-  teacher.loss.w_grad = 1.0
-  teacher.loss.w_distill = 0.0
-  config.teacher_run = teacher
+  config.teacher_stage = teacher
   return config

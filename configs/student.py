@@ -13,6 +13,4 @@ from configs import default
 
 
 def get_config():
-  config = default.get_config()
-  config.model = "student"
-  return config
+  return default.get_config("student")

@@ -10,8 +10,7 @@ from configs import default
 
 
 def get_config():
-  config = default.get_config()
-  config.model = "student"
+  config = default.get_config("student")
   config.batch_size = 30
   config.num_epochs = 30
   config.loss.w_percep = 2.0  # gamma

@@ -10,10 +10,4 @@ from configs import default
 
 
 def get_config():
-  config = default.get_config()
-  config.model = "teacher"
-  config.loss.w_int = 2.0
-  config.loss.w_percep = 1.0
-  config.loss.w_grad = 1.0
-  config.loss.w_distill = 0.0  # Unused by the teacher.
-  return config
+  return default.get_config("teacher")

@@ -12,7 +12,8 @@ mathematically true (every per-sample mean is over equally sized images).
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -242,17 +243,42 @@ def refresh_gmsd_loss(taps_mem: Taps, taps_out: Taps, mem: jax.Array, out: jax.A
 # ------------------------------------------------------------------------------- totals
 
 
-def teacher_total(l_int: jax.Array, l_percep: jax.Array, l_grad: jax.Array,
-                  l_refresh: jax.Array | float = 0.0, w_int: float = 2.0,
-                  w_percep: float = 1.0, w_grad: float = 1.0) -> jax.Array:
-  """Teacher objective, published weights: 2*L_int + L_percep + L_grad + L_refresh."""
-  return w_int * l_int + w_percep * l_percep + w_grad * l_grad + l_refresh
+# The terms of the comprehensive loss, in the order `LossWeights.total` sums them.
+TERMS = ("int", "percep", "grad", "distill", "refresh")
 
 
-def student_total(l_int: jax.Array, l_percep: jax.Array, l_grad: jax.Array,
-                  l_distill: jax.Array, l_refresh: jax.Array | float = 0.0,
-                  w_int: float = 1.0, w_percep: float = 2.0, w_grad: float = 1.0,
-                  w_distill: float = 5.0) -> jax.Array:
-  """Student objective, published weights: L_int + 2*L_percep + L_grad + 5*L_distill + L_refresh."""
-  return (w_int * l_int + w_percep * l_percep + w_grad * l_grad + w_distill * l_distill +
-          l_refresh)
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+  """Weights of the comprehensive loss's terms (SPEC section 3).
+
+  A run takes them from its config (`config.loss.w_*`); `PUBLISHED_WEIGHTS` holds the published
+  code's values, which the configs start from. A term whose weight is 0 is not computed at all
+  (the train step skips its VGG passes).
+  """
+
+  w_int: float
+  w_percep: float
+  w_grad: float
+  w_distill: float
+  w_refresh: float
+
+  @classmethod
+  def from_config(cls, loss_config: Any) -> "LossWeights":
+    """From an ml_collections `config.loss` (or any object with the `w_*` attributes)."""
+    return cls(**{f.name: float(getattr(loss_config, f.name)) for f in dataclasses.fields(cls)})
+
+  def total(self, terms: Mapping[str, jax.Array]) -> jax.Array:
+    """The weighted sum of the terms present in `terms` (keys `l_int`, `l_percep`, ...)."""
+    total = jnp.zeros((), jnp.float32)
+    for name in TERMS:
+      if f"l_{name}" in terms:
+        total = total + getattr(self, f"w_{name}") * terms[f"l_{name}"]
+    return total
+
+
+# The published training code's weights (SPEC section 3). The paper's student weights
+# (gamma=2, delta=1, theta=0.1) are in configs/student_paper.py.
+PUBLISHED_WEIGHTS = {
+    "teacher": LossWeights(w_int=2.0, w_percep=1.0, w_grad=1.0, w_distill=0.0, w_refresh=1.0),
+    "student": LossWeights(w_int=1.0, w_percep=2.0, w_grad=1.0, w_distill=5.0, w_refresh=1.0),
+}

@@ -1,9 +1,12 @@
 """Dynamic refresh (SPEC section 4) as pure functions for the jitted train step.
 
-Two per-sample memories over the whole training set, `best_ssim` and `best_gmsd`, each hold one
-earlier fused output per training patch, indexed by the data pipeline's dense `patch_id`. They
-live on the device inside the train state (replicated across data-parallel devices), so the
-refresh decisions never leave the device.
+Each memory kind (`MEMORY_KINDS`: "ssim" and "gmsd" as published) keeps one earlier fused output
+per training patch, indexed by the data pipeline's dense `patch_id`, and is described by one
+`MemoryKind` entry: how an image is scored against the two sources, whether a higher score is
+better, which VGG taps its loss needs, and its loss. The train step loops over the enabled
+kinds at trace time, so the refresh rule is written once and a new kind is one entry here (and
+a `config.refresh.<name>` switch). The memories live on the device inside the train state, as
+a dict `{"best_<name>": (N, H, W, 1) array}`, so the refresh decisions never leave the device.
 
 Storage (`memory_dtype`):
   * "bfloat16" (default): the tanh output as bfloat16; an unwritten slot holds NaN.
@@ -25,15 +28,68 @@ sample with its own memory. Ties neither refresh nor add a loss, as in the publi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
+
+from mmdrfuse_jax import losses
 
 MEMORY_DTYPES = ("bfloat16", "float32", "uint8")
 _UINT8_LEVELS = 254  # Codes 0..254 hold values; 255 marks an unwritten slot.
 _UINT8_EMPTY = 255
+
+
+def ssim_score(x: jax.Array, ir: jax.Array, vi: jax.Array, per_sample: bool) -> jax.Array:
+  """`ssim(x, ir) + ssim(x, vi)` per image, (B,); higher is better.
+
+  For batch decisions the SSIM data range is chosen from the whole batch of `x`, as the
+  published code does, so that the batch mean equals its batch SSIM; per sample, from each
+  image of `x` on its own.
+  """
+  data_range = None if per_sample else losses.ssim_data_range(x)
+  return losses.ssim_per_image(x, ir, data_range) + losses.ssim_per_image(x, vi, data_range)
+
+
+def gmsd_score(x: jax.Array, ir: jax.Array, vi: jax.Array, per_sample: bool) -> jax.Array:
+  """`gmsd(x, ir) + gmsd(x, vi)` per image, (B,); lower is better (per image either way)."""
+  del per_sample  # GMSD has no batch-wide choice.
+  return losses.gmsd_per_image(x, ir) + losses.gmsd_per_image(x, vi)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryKind:
+  """One refresh memory: what it keeps and what it costs.
+
+  Attributes:
+    name: short name; the state key is `best_<name>`, metrics are `refresh/<name>_*` and the
+      loss term `l_refresh_<name>`.
+    score: `(images, ir, vi, per_sample) -> (B,)` quality of images against both sources.
+    higher_is_better: the direction of `score`.
+    num_taps: how many VGG-19 taps (from the first) its loss reads.
+    loss: `(taps_mem, taps_out, mem, out) -> (B,)` per-sample pull of `out` towards `mem`.
+  """
+
+  name: str
+  score: Callable[[jax.Array, jax.Array, jax.Array, bool], jax.Array]
+  higher_is_better: bool
+  num_taps: int
+  loss: Callable[..., jax.Array]
+
+  @property
+  def key(self) -> str:
+    return f"best_{self.name}"
+
+
+MEMORY_KINDS = (
+    # Keeps the output with the best SSIM; its loss reads VGG taps 4 and 5.
+    MemoryKind("ssim", ssim_score, higher_is_better=True, num_taps=5,
+               loss=losses.refresh_ssim_loss_per_sample),
+    # Keeps the output with the best (lowest) GMSD; its loss reads VGG taps 1 to 3.
+    MemoryKind("gmsd", gmsd_score, higher_is_better=False, num_taps=3,
+               loss=losses.refresh_gmsd_loss_per_sample),
+)
+_KINDS_BY_NAME = {kind.name: kind for kind in MEMORY_KINDS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,41 +97,43 @@ class RefreshConfig:
   """Static refresh settings (hashable: they select code paths at trace time).
 
   Attributes:
-    ssim: keep the SSIM memory and its refresh loss.
-    gmsd: keep the GMSD memory and its refresh loss.
+    memories: the names of the enabled memory kinds (see `MEMORY_KINDS`).
     per_sample: per-sample decisions instead of the published one decision per batch.
     memory_dtype: "bfloat16", "float32" or "uint8" (see the module docstring).
     weight_scale: the factor 10 in the refresh loss weights `10 * gap`.
   """
 
-  ssim: bool = True
-  gmsd: bool = True
+  memories: tuple[str, ...] = tuple(kind.name for kind in MEMORY_KINDS)
   per_sample: bool = False
   memory_dtype: str = "bfloat16"
   weight_scale: float = 10.0
 
   def __post_init__(self):
     if self.memory_dtype not in MEMORY_DTYPES:
-      raise ValueError(f"refresh memory_dtype must be one of {MEMORY_DTYPES}, got {self.memory_dtype!r}")
+      raise ValueError(
+          f"refresh memory_dtype must be one of {MEMORY_DTYPES}, got {self.memory_dtype!r}")
+    unknown = [name for name in self.memories if name not in _KINDS_BY_NAME]
+    if unknown:
+      raise ValueError(f"unknown refresh memories {unknown}; known: {sorted(_KINDS_BY_NAME)}")
+
+  @property
+  def kinds(self) -> tuple[MemoryKind, ...]:
+    """The enabled memory kinds, in `MEMORY_KINDS` order."""
+    return tuple(kind for kind in MEMORY_KINDS if kind.name in self.memories)
 
   @classmethod
   def from_config(cls, cfg: Any) -> "RefreshConfig":
-    """From an ml_collections `config.refresh` (or any object with those attributes)."""
+    """From an ml_collections `config.refresh`: a boolean switch per kind plus the settings."""
     return cls(
-      ssim=bool(cfg.ssim),
-      gmsd=bool(cfg.gmsd),
-      per_sample=bool(cfg.per_sample),
-      memory_dtype=str(cfg.memory_dtype),
-      weight_scale=float(cfg.weight_scale),
+        memories=tuple(kind.name for kind in MEMORY_KINDS if bool(cfg[kind.name])),
+        per_sample=bool(cfg.per_sample),
+        memory_dtype=str(cfg.memory_dtype),
+        weight_scale=float(cfg.weight_scale),
     )
 
 
-@flax.struct.dataclass
-class Memory:
-  """The two refresh memories, (N, H, W, 1) each in the storage dtype; None when that loss is off."""
-
-  best_ssim: jax.Array | None
-  best_gmsd: jax.Array | None
+# The memories in the train state: {"best_<name>": (N, H, W, 1) array in the storage dtype}.
+Memory = dict[str, jax.Array]
 
 
 def _storage_dtype(memory_dtype: str):
@@ -85,18 +143,15 @@ def _storage_dtype(memory_dtype: str):
 def bytes_per_sample(config: RefreshConfig, height: int = 128, width: int = 128) -> int:
   """Device bytes the refresh memories take per training patch (published: 262,144)."""
   itemsize = jnp.dtype(_storage_dtype(config.memory_dtype)).itemsize
-  return (int(config.ssim) + int(config.gmsd)) * height * width * itemsize
+  return len(config.kinds) * height * width * itemsize
 
 
 def init_memory(num_patches: int, height: int, width: int, config: RefreshConfig) -> Memory:
-  """Empty memories: every slot unwritten."""
+  """Empty memories of the enabled kinds: every slot unwritten."""
   dtype = _storage_dtype(config.memory_dtype)
   fill = _UINT8_EMPTY if config.memory_dtype == "uint8" else jnp.nan
-
-  def make(enabled):
-    return jnp.full((num_patches, height, width, 1), fill, dtype) if enabled else None
-
-  return Memory(best_ssim=make(config.ssim), best_gmsd=make(config.gmsd))
+  return {kind.key: jnp.full((num_patches, height, width, 1), fill, dtype)
+          for kind in config.kinds}
 
 
 def encode(x: jax.Array, memory_dtype: str) -> jax.Array:

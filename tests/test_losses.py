@@ -237,10 +237,12 @@ def test_finite_gradients_through_all_losses():
                # Decision metrics, including degenerate cases (identical and flat images).
                losses.ssim(out, ir) + losses.gmsd(out, ir) + losses.gmsd(out, out) +
                losses.gmsd(0.0 * out, ir) + losses.ssim(0.0 * out, 0.0 * out))
-    return losses.student_total(
-        losses.intensity_loss(out, ir, vi), losses.perception_loss(taps_out, taps_ir, taps_vi),
-        losses.gradient_loss(out, ir, vi), losses.distillation_loss(s_feat, t_feat, out, mem),
-        l_refresh=refresh)
+    return losses.PUBLISHED_WEIGHTS["student"].total({
+        "l_int": losses.intensity_loss(out, ir, vi),
+        "l_percep": losses.perception_loss(taps_out, taps_ir, taps_vi),
+        "l_grad": losses.gradient_loss(out, ir, vi),
+        "l_distill": losses.distillation_loss(s_feat, t_feat, out, mem),
+        "l_refresh": refresh})
 
   value, grads = jax.jit(jax.value_and_grad(total))(jax.random.normal(k5, shape))
   assert bool(jnp.isfinite(value))
@@ -249,9 +251,13 @@ def test_finite_gradients_through_all_losses():
 
 
 def test_totals():
-  np.testing.assert_allclose(losses.teacher_total(1.0, 2.0, 3.0, 4.0), 2 + 2 + 3 + 4)
-  np.testing.assert_allclose(losses.student_total(1.0, 2.0, 3.0, 4.0, 5.0),
+  teacher, student = losses.PUBLISHED_WEIGHTS["teacher"], losses.PUBLISHED_WEIGHTS["student"]
+  terms = {"l_int": 1.0, "l_percep": 2.0, "l_grad": 3.0, "l_refresh": 4.0}
+  np.testing.assert_allclose(teacher.total(terms), 2 + 2 + 3 + 4)
+  np.testing.assert_allclose(student.total({**terms, "l_distill": 4.0, "l_refresh": 5.0}),
                              1 + 4 + 3 + 20 + 5)
-  np.testing.assert_allclose(
-      losses.student_total(1.0, 1.0, 1.0, 1.0, w_int=1, w_percep=2, w_grad=0.1, w_distill=1),
-      4.1)
+  paper = losses.LossWeights(w_int=1, w_percep=2, w_grad=0.1, w_distill=1, w_refresh=1)
+  ones = dict.fromkeys(["l_int", "l_percep", "l_grad", "l_distill"], 1.0)
+  np.testing.assert_allclose(paper.total(ones), 4.1)
+  # Terms that are off are absent from `terms`, and add nothing.
+  np.testing.assert_allclose(student.total({"l_int": 1.0}), 1.0)

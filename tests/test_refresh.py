@@ -75,11 +75,11 @@ def test_batch_mode_ignores_unwritten_slots():
 def test_memory_contents_after_scatter(dtype, tol):
   cfg = refresh.RefreshConfig(memory_dtype=dtype)
   mem = refresh.init_memory(5, 4, 4, cfg)
-  x, written = refresh.gather(mem.best_ssim, jnp.arange(5), dtype)
+  x, written = refresh.gather(mem["best_ssim"], jnp.arange(5), dtype)
   assert not np.any(written) and np.all(np.asarray(x) == 0)
   out = jnp.linspace(-1, 1, 3 * 16).reshape(3, 4, 4, 1)
   ids = jnp.array([4, 0, 2])
-  new = refresh.scatter(mem.best_ssim, ids, out, jnp.array([T, F, T]), dtype)
+  new = refresh.scatter(mem["best_ssim"], ids, out, jnp.array([T, F, T]), dtype)
   x, written = refresh.gather(new, jnp.arange(5), dtype)
   np.testing.assert_array_equal(written, [F, F, T, F, T])
   np.testing.assert_allclose(x[4], out[0], atol=tol)
@@ -103,5 +103,17 @@ def test_bytes_per_sample():
   assert refresh.bytes_per_sample(refresh.RefreshConfig(memory_dtype="float32")) == 131072
   assert refresh.bytes_per_sample(refresh.RefreshConfig()) == 65536  # a quarter of 262,144
   assert refresh.bytes_per_sample(refresh.RefreshConfig(memory_dtype="uint8")) == 32768
-  assert refresh.bytes_per_sample(refresh.RefreshConfig(gmsd=False, memory_dtype="uint8")) == 16384
-  assert refresh.init_memory(3, 8, 8, refresh.RefreshConfig(ssim=False)).best_ssim is None
+  assert refresh.bytes_per_sample(refresh.RefreshConfig(memories=("ssim",), memory_dtype="uint8")) == 16384
+  assert list(refresh.init_memory(3, 8, 8, refresh.RefreshConfig(memories=("gmsd",)))) == ["best_gmsd"]
+
+
+def test_config_switches_select_memory_kinds():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  switches = ml_collections.ConfigDict(dict(ssim=False, gmsd=True, per_sample=True,
+                                            memory_dtype="uint8", weight_scale=10.0))
+  cfg = refresh.RefreshConfig.from_config(switches)
+  assert [kind.name for kind in cfg.kinds] == ["gmsd"] and cfg.per_sample
+  assert [kind.key for kind in refresh.MEMORY_KINDS] == ["best_ssim", "best_gmsd"]
+  with pytest.raises(ValueError, match="unknown refresh memories"):
+    refresh.RefreshConfig(memories=("psnr",))

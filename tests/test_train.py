@@ -4,7 +4,9 @@ Tiny shapes (32x32 patches, batch 2) with a seeded random VGG-19 and a random te
 that the whole module compiles the step once.
 """
 
+import dataclasses
 import glob
+import json
 import os
 import pathlib
 import subprocess
@@ -15,13 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
-from mmdrfuse_jax import checkpoints, models, refresh, summary, train, vgg
+from mmdrfuse_jax import checkpoints, distill, losses, models, refresh, stages, summary, train, trainer, vgg
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from configs import default  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs import default, quickstart  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +53,17 @@ def tiny_config(teacher_file):
   return config
 
 
+def read_scalars(path):
+  """(step, {tag: value}) rows of an event file, read with TensorBoard's own reader."""
+  accumulator = event_accumulator.EventAccumulator(str(path))
+  accumulator.Reload()
+  rows = {}
+  for tag in accumulator.Tags()["scalars"]:
+    for event in accumulator.Scalars(tag):
+      rows.setdefault(event.step, {})[tag] = event.value
+  return sorted(rows.items())
+
+
 def _restore_latest(workdir, config):
   """The final train state saved in `workdir` (restored with the run's own code)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -69,7 +83,7 @@ def _assert_trees_equal(a, b):
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, teacher_file):
   workdir = tmp_path_factory.mktemp("straight")
-  result = train.train_and_evaluate(tiny_config(teacher_file), workdir, log=lambda *_: None)
+  result = trainer.train_model(tiny_config(teacher_file), workdir, log=lambda *_: None)
   return workdir, result
 
 
@@ -78,7 +92,7 @@ def test_run_writes_weights_and_logs(straight_run):
   assert result.step == result.total_steps == 4 and result.weights is not None
   params = checkpoints.load_params(result.weights, "student")
   assert models.count_params(params) == 113
-  rows = summary.read_scalars(glob.glob(str(workdir / "events.out.tfevents.*"))[0])
+  rows = read_scalars(glob.glob(str(workdir / "events.out.tfevents.*"))[0])
   assert [step for step, _ in rows] == [1, 2, 3, 4]
   # Epoch 1 fills the memories, epoch 2 compares with them.
   assert rows[0][1]["refresh/ssim_first_writes"] == 1.0
@@ -88,7 +102,7 @@ def test_run_writes_weights_and_logs(straight_run):
 
 def test_same_seed_same_params(straight_run, tmp_path, teacher_file):
   workdir, _ = straight_run
-  train.train_and_evaluate(tiny_config(teacher_file), tmp_path, log=lambda *_: None)
+  trainer.train_model(tiny_config(teacher_file), tmp_path, log=lambda *_: None)
   a, _ = _restore_latest(workdir, None)
   b, _ = _restore_latest(tmp_path, None)
   _assert_trees_equal(a, b)
@@ -97,12 +111,12 @@ def test_same_seed_same_params(straight_run, tmp_path, teacher_file):
 def test_resume_equals_straight_run(straight_run, tmp_path, teacher_file):
   workdir, _ = straight_run
   config = tiny_config(teacher_file)
-  half = train.train_and_evaluate(config, tmp_path, log=lambda *_: None, stop_at_step=2)
+  half = trainer.train_model(config, tmp_path, log=lambda *_: None, stop_at_step=2)
   assert half.weights is None and half.step == 2
   mid, step = _restore_latest(tmp_path, None)
   assert step == 2 and int(mid["epoch"]) == 1 and int(mid["position"]) == 0
   lines = []
-  rest = train.train_and_evaluate(config, tmp_path, log=lines.append)
+  rest = trainer.train_model(config, tmp_path, log=lines.append)
   assert any("resumed" in line and "step 2" in line for line in lines)
   assert rest.step == 4 and rest.weights is not None
   a, _ = _restore_latest(workdir, None)
@@ -142,11 +156,11 @@ def test_nonfinite_loss_skips_update(straight_run, teacher_file):
   # First epoch: both memories now hold the output of the parameters before the update.
   x = np.concatenate([batch["ir"], batch["vis"]], axis=-1)
   expected = models.Student().apply({"params": before.params}, x)["out"]
-  for memory in (after2.memory.best_ssim, after2.memory.best_gmsd):
+  for memory in (after2.memory["best_ssim"], after2.memory["best_gmsd"]):
     img, written = refresh.gather(memory, jnp.array([0, 3]), "bfloat16")
     assert np.all(written)
     np.testing.assert_allclose(img, expected, atol=4e-3)
-  _, others = refresh.gather(after2.memory.best_ssim, jnp.array([1, 2]), "bfloat16")
+  _, others = refresh.gather(after2.memory["best_ssim"], jnp.array([1, 2]), "bfloat16")
   assert not np.any(others)
 
 
@@ -155,38 +169,38 @@ def test_per_sample_uint8_ssim_only_run(tmp_path, teacher_file):
   config.refresh.per_sample = True
   config.refresh.memory_dtype = "uint8"
   config.refresh.gmsd = False
-  half = train.train_and_evaluate(config, tmp_path, log=lambda *_: None, stop_at_step=3)
+  half = trainer.train_model(config, tmp_path, log=lambda *_: None, stop_at_step=3)
   assert half.step == 3
-  result = train.train_and_evaluate(config, tmp_path, log=lambda *_: None)
+  result = trainer.train_model(config, tmp_path, log=lambda *_: None)
   assert result.step == 4 and result.weights is not None
   final, _ = _restore_latest(tmp_path, None)
   assert final["memory"]["best_ssim"].dtype == np.uint8
   assert np.all(final["memory"]["best_ssim"][:, 0, 0, 0] != 255)  # Every slot written.
-  rows = summary.read_scalars(glob.glob(str(tmp_path / "events.out.tfevents.*"))[-1])
+  rows = read_scalars(glob.glob(str(tmp_path / "events.out.tfevents.*"))[-1])
   assert rows and not any("gmsd" in k for _, r in rows for k in r)
 
 
 def test_student_conv2_starts_from_teacher_conv00(teacher_file):
   teacher = checkpoints.load_params(teacher_file, "teacher")
-  params = train.init_student_from_teacher(models.init_params("student", jax.random.PRNGKey(0)), teacher)
+  params = distill.init_student_from_teacher(models.init_params("student", jax.random.PRNGKey(0)), teacher)
   np.testing.assert_array_equal(params["conv2"]["kernel"], teacher["conv00"]["kernel"])
   np.testing.assert_array_equal(params["conv2"]["bias"], teacher["conv00"]["bias"])
 
 
 def test_missing_inputs_are_one_line_errors(tmp_path, teacher_file):
   config = default.get_config()
-  with pytest.raises(train.TrainingError, match="prepare_data"):
-    train.load_dataset(config)
-  with pytest.raises(train.TrainingError, match="convert_vgg19"):
-    train.load_vgg(config, print)
+  with pytest.raises(trainer.TrainingError, match="prepare_data"):
+    trainer.load_dataset(config)
+  with pytest.raises(trainer.TrainingError, match="convert_vgg19"):
+    trainer.load_vgg(config, print)
   config.vgg_weights = str(tmp_path / "nope.npz")
-  with pytest.raises(train.TrainingError, match="nope.npz"):
-    train.load_vgg(config, print)
-  with pytest.raises(train.TrainingError, match="teacher"):
-    train.load_teacher(config)
+  with pytest.raises(trainer.TrainingError, match="nope.npz"):
+    trainer.load_vgg(config, print)
+  with pytest.raises(trainer.TrainingError, match="teacher"):
+    trainer.load_teacher(config)
   config.teacher_weights = str(tmp_path / "missing.model")
-  with pytest.raises(train.TrainingError, match="missing.model"):
-    train.load_teacher(config)
+  with pytest.raises(trainer.TrainingError, match="missing.model"):
+    trainer.load_teacher(config)
 
 
 def _run(args, env=None, timeout=600):
@@ -204,10 +218,11 @@ def test_cli_without_data_fails_in_one_line(tmp_path):
 
 _MULTI_DEVICE = textwrap.dedent("""
   import jax, numpy as np
-  from mmdrfuse_jax import models, refresh, train, vgg
+  from mmdrfuse_jax import losses, models, refresh, train, vgg
   assert len(jax.devices()) == 8, jax.devices()
   rcfg = refresh.RefreshConfig(memory_dtype="float32")
-  cfg = train.StepConfig.published("student", refresh=rcfg, steps_per_epoch=1)
+  cfg = train.StepConfig("student", losses.PUBLISHED_WEIGHTS["student"], refresh=rcfg,
+                         steps_per_epoch=1)
   teacher = models.init_params("teacher", jax.random.PRNGKey(3))
   frozen = train.Frozen(vgg=vgg.random_params(), teacher=teacher)
   rng = np.random.default_rng(0)
@@ -224,7 +239,7 @@ _MULTI_DEVICE = textwrap.dedent("""
     fz = train.replicate(frozen, mesh)
     for _ in range(3):  # Epoch 1 writes the memories, epochs 2-3 use them.
       state, metrics = step(state, batch, fz)
-    assert state.memory.best_ssim.sharding.is_fully_replicated
+    assert state.memory["best_ssim"].sharding.is_fully_replicated
     assert state.params["conv1"]["kernel"].sharding.is_fully_replicated
     results.append(jax.device_get((state.params, state.opt_state, state.memory)))
   one, many = results
@@ -246,8 +261,9 @@ def test_quickstart_smoke(tmp_path):
           "--config.data.synthetic_width=64", "--config.data.patch_size=32",
           "--config.data.patch_stride=32", "--config.batch_size=2", "--config.num_epochs=2",
           "--config.progress_bar=False"]
-  tiny += [flag.replace("--config.", "--config.teacher_run.") for flag in tiny]
-  tiny = [f for f in tiny if "teacher_run.num_epochs" not in f] + ["--config.teacher_run.num_epochs=1"]
+  tiny += [flag.replace("--config.", "--config.teacher_stage.") for flag in tiny]
+  tiny = [f for f in tiny if "teacher_stage.num_epochs" not in f] + [
+      "--config.teacher_stage.num_epochs=1"]
   proc = _run(["bin/train.py", "--config=configs/quickstart.py", f"--workdir={tmp_path}", *tiny])
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
   out = proc.stdout + proc.stderr
@@ -266,7 +282,7 @@ def test_teacher_cache_matches_teacher_in_step(teacher_file):
   rng = np.random.default_rng(1)
   batch = {"ir": rng.random((2, 32, 32, 1), dtype=np.float32),
            "vis": rng.random((2, 32, 32, 1), dtype=np.float32), "patch_id": np.array([2, 1], np.int32)}
-  cache = train.TeacherCache(4, 32, mesh)
+  cache = distill.TeacherCache(4, 32, mesh)
   results = []
   for b in (batch, cache.add_to(batch, frozen.teacher)):
     state = train.create_train_state("student", train.make_optimizer(1e-3), jax.random.PRNGKey(0), 4,
@@ -281,14 +297,69 @@ def test_teacher_cache_matches_teacher_in_step(teacher_file):
 def test_student_accepts_published_teacher(shared):
   config = default.get_config()
   config.teacher_weights = str(shared / "reference" / "weights" / "teacher.model")
-  assert models.count_params(train.load_teacher(config)) == 556489
+  assert models.count_params(trainer.load_teacher(config)) == 556489
 
 
-def test_event_file_format(tmp_path):
-  assert summary.crc32c(b"123456789") == 0xE3069283  # The CRC-32C check value.
-  writer = summary.SummaryWriter(tmp_path)
+def test_event_files_read_by_tensorboard(tmp_path):
+  writer = summary.MetricWriter(tmp_path)
+  writer.config('{"model": "student"}')
   writer.scalars(7, {"loss": 1.5, "refresh/ssim_gap": -0.25})
+  writer.scalars(8, {"loss": 0.75})
   writer.close()
   (events,) = glob.glob(str(tmp_path / "events.out.tfevents.*"))
-  assert summary.read_scalars(events) == [(7, {"loss": 1.5, "refresh/ssim_gap": -0.25})]
-  assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+  assert read_scalars(events) == [(7, {"loss": 1.5, "refresh/ssim_gap": -0.25}),
+                                  (8, {"loss": 0.75})]
+  accumulator = event_accumulator.EventAccumulator(events)
+  accumulator.Reload()
+  assert accumulator.Tags()["tensors"] == ["config/text_summary"]
+  rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(row) for row in rows] == [
+      {"step": 7, "loss": 1.5, "refresh/ssim_gap": -0.25}, {"step": 8, "loss": 0.75}]
+
+
+def test_run_logs_its_config(straight_run):
+  workdir, _ = straight_run
+  (events,) = glob.glob(str(workdir / "events.out.tfevents.*"))
+  accumulator = event_accumulator.EventAccumulator(events)
+  accumulator.Reload()
+  (text,) = accumulator.Tensors("config/text_summary")
+  assert '"teacher_cache": true' in text.tensor_proto.string_val[0].decode()
+
+
+def test_terms_that_are_off_run_no_vgg(straight_run, teacher_file):
+  """With perception and refresh off, a VGG-19 full of NaN never enters the step."""
+  config = tiny_config(teacher_file)
+  mesh = train.make_mesh(2)
+  teacher = checkpoints.load_params(teacher_file, "teacher")
+  poisoned = jax.tree_util.tree_map(lambda a: np.full_like(a, np.nan), vgg.random_params())
+  frozen = train.replicate(train.Frozen(vgg=poisoned, teacher=teacher), mesh)
+  rng = np.random.default_rng(2)
+  batch = {"ir": rng.random((2, 32, 32, 1), dtype=np.float32),
+           "vis": rng.random((2, 32, 32, 1), dtype=np.float32),
+           "patch_id": np.array([0, 1], np.int32)}
+  nonfinite = {}
+  for w_percep, ssim, gmsd in ((0.0, False, False), (2.0, True, True)):
+    config.loss.w_percep = w_percep
+    config.refresh.ssim, config.refresh.gmsd = ssim, gmsd
+    cfg = train.StepConfig.from_config(config, steps_per_epoch=2)
+    state = train.create_train_state("student", train.make_optimizer(1e-3),
+                                     jax.random.PRNGKey(0), 4, 32, cfg.refresh,
+                                     teacher_params=teacher)
+    _, metrics = train.make_train_step(cfg, mesh)(train.replicate(state, mesh), batch, frozen)
+    nonfinite[w_percep] = float(metrics["nonfinite"])
+    assert ("l_percep" in metrics) == (w_percep != 0)
+  assert nonfinite == {0.0: 0.0, 2.0: 1.0}  # Only the step that needs VGG sees its NaNs.
+
+
+def test_quickstart_is_two_explicit_stages(tmp_path):
+  teacher, student = stages.plan(quickstart.get_config(), tmp_path)
+  assert (teacher.name, teacher.workdir, teacher.config.model) == (
+      "teacher", tmp_path / "teacher", "teacher")
+  assert (student.name, student.workdir, student.config.model) == (
+      "student", tmp_path / "student", "student")
+  assert student.config.teacher_weights == str(tmp_path / "teacher" / "teacher.npz")
+  assert "teacher_stage" not in student.config
+  assert dict(teacher.config.loss) == {**dataclasses.asdict(losses.PUBLISHED_WEIGHTS["teacher"]),
+                                       "gradient_form": "code", "distill_normalize": "batch"}
+  (only,) = stages.plan(default.get_config("teacher"), tmp_path)
+  assert only.workdir == tmp_path and only.config.model == "teacher"

@@ -1,0 +1,66 @@
+"""What the student takes from its frozen teacher (SPEC section 3).
+
+* `init_student_from_teacher`: the student's `conv2` starts from the teacher's `conv00`.
+* `teacher_targets`: the two maps the distillation loss reads of the teacher's forward pass.
+* `TeacherCache`: those targets kept per patch in host RAM after their first computation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mmdrfuse_jax import models
+
+
+def init_student_from_teacher(student_params: Any, teacher_params: Any) -> Any:
+  """The student's conv2 starts from the teacher's conv00 (both 4 -> 1), as published."""
+  params = (flax.core.unfreeze(student_params)
+            if isinstance(student_params, flax.core.FrozenDict) else dict(student_params))
+  # A copy: the teacher is passed to the step too, and the state's buffers are donated.
+  params["conv2"] = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True),
+                                           dict(teacher_params["conv00"]))
+  return params
+
+
+def teacher_targets(teacher_params: Any, x: jax.Array) -> jax.Array:
+  """What distillation needs of the frozen teacher: (B, H, W, 2) = [sum_c t_feat, t_out].
+
+  The distillation loss only sees the teacher's features summed over channels, so one map
+  stands for the four channels exactly.
+  """
+  t = models.Teacher().apply({"params": teacher_params}, x)
+  return jnp.concatenate([jnp.sum(t["feat"], axis=-1, keepdims=True), t["out"]], axis=-1)
+
+
+class TeacherCache:
+  """Host copy of `teacher_targets` per patch id, filled the first time a patch is seen.
+
+  The teacher is frozen, so its targets for a patch never change: computing them once
+  instead of every epoch removes the teacher's forward pass from every later step (on a CPU
+  that is a large part of a student step; see the README's figures). Costs 2 x H x W float32
+  of host RAM per patch. Not checkpointed: after a restart it fills again.
+  """
+
+  def __init__(self, num_patches: int, patch_size: int, mesh: Mesh):
+    self.values = np.zeros((num_patches, patch_size, patch_size, 2), np.float32)
+    self.known = np.zeros(num_patches, bool)
+    self._sharding = NamedSharding(mesh, P("data"))
+    self._compute = jax.jit(teacher_targets,
+                            in_shardings=(NamedSharding(mesh, P()), self._sharding),
+                            out_shardings=self._sharding)
+
+  def add_to(self, batch: dict[str, jax.Array], teacher_params: Any) -> dict[str, jax.Array]:
+    """`batch` with its `teacher` targets (computed now for patches not seen before)."""
+    ids = np.asarray(batch["patch_id"])
+    if not self.known[ids].all():
+      x = jnp.concatenate([batch["ir"], batch["vis"]], axis=-1)
+      self.values[ids] = np.asarray(self._compute(teacher_params, x))
+      self.known[ids] = True
+    return {**batch, "teacher": jax.device_put(self.values[ids], self._sharding)}

@@ -1,0 +1,39 @@
+"""Stopping long jobs cleanly on SIGTERM/SIGINT.
+
+A job checks `StopRequest.signum` between units of work (a training step, an image) and
+finishes what it must (a checkpoint, the current file) before it returns; a second signal
+stops at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+
+class StopRequest:
+  """Context manager that turns SIGTERM/SIGINT into a flag (`signum`) checked between items.
+
+  Only installs its handlers in the main thread (Python allows no others); elsewhere it is a
+  flag that never turns on.
+  """
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._old = {}
+
+  def __enter__(self) -> "StopRequest":
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None:  # A second signal: stop now.
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)

@@ -1,0 +1,69 @@
+"""A training run as a sequence of stages: one model, or the teacher then its student.
+
+A config with a `teacher_stage` sub-config (the quickstart) is a two-stage run: the teacher is
+trained in `WORKDIR/teacher` from that sub-config, then the student in `WORKDIR/student`
+distils from `WORKDIR/teacher/teacher.npz`. Any other config is one stage in `WORKDIR`.
+Each stage resumes on its own, so rerunning the same command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any, Callable
+
+import ml_collections
+
+from mmdrfuse_jax import trainer
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One model trained in its own working directory."""
+
+  name: str
+  config: Any
+  workdir: pathlib.Path
+
+
+def plan(config: Any, workdir: str | os.PathLike) -> list[Stage]:
+  """The stages `config` describes, with their configs and working directories."""
+  workdir = pathlib.Path(workdir).expanduser()
+  if config.get("teacher_stage") is None:
+    return [Stage(str(config.model), config, workdir)]
+  teacher = ml_collections.ConfigDict(config.teacher_stage.to_dict())
+  # Settings given for the whole run apply to the teacher stage too.
+  if not teacher.vgg_weights:
+    teacher.vgg_weights = config.vgg_weights
+  teacher.progress_bar = config.progress_bar
+  student = ml_collections.ConfigDict(config.to_dict())
+  del student["teacher_stage"]
+  teacher_dir = workdir / "teacher"
+  student.teacher_weights = str(teacher_dir / f"{teacher.model}.npz")
+  return [Stage("teacher", teacher, teacher_dir),
+          Stage("student", student, workdir / "student")]
+
+
+def run(config: Any, workdir: str | os.PathLike, *, log: Callable[[str], None] = print,
+        stop_at_step: int | None = None) -> trainer.RunResult:
+  """Runs the stages of `config` in order; stops after a stage that did not finish.
+
+  Args:
+    config: the run's ml_collections config.
+    workdir: the run's working directory.
+    log: where progress lines go.
+    stop_at_step: passed to every stage (each counts its own steps).
+
+  Returns:
+    The `trainer.RunResult` of the last stage that ran.
+  """
+  stages = plan(config, workdir)
+  for number, stage in enumerate(stages, start=1):
+    if len(stages) > 1:
+      source = f", distilled from {stage.config.teacher_weights}" if stage.name == "student" else ""
+      log(f"== stage {number}/{len(stages)}: {stage.name}{source}")
+    result = trainer.train_model(stage.config, stage.workdir, log=log, stop_at_step=stop_at_step)
+    if result.weights is None:
+      break
+  return result
