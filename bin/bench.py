@@ -4,14 +4,9 @@
 import argparse
 import sys
 
-from mmdrfuse_jax.benchmarks import common
+from mmdrfuse_jax.benchmarks import common, infer, metrics, pipeline, train_step
 
 # Each module has add_parser(subparsers) that registers its subcommand with a `run` default.
-from mmdrfuse_jax.benchmarks import infer  # noqa: E402
-from mmdrfuse_jax.benchmarks import metrics  # noqa: E402
-from mmdrfuse_jax.benchmarks import pipeline  # noqa: E402
-from mmdrfuse_jax.benchmarks import train_step  # noqa: E402
-
 BENCHMARKS = [infer, pipeline, metrics, train_step]
 
 

@@ -11,8 +11,7 @@ written atomically as one `.npz` of the feature stack's float32 arrays (HWIO ker
 import argparse
 import sys
 
-from mmdrfuse_jax import torch_reader
-from mmdrfuse_jax import vgg
+from mmdrfuse_jax import torch_reader, vgg
 
 
 def main(argv=None) -> int:

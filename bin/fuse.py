@@ -15,9 +15,11 @@ from mmdrfuse_jax import batch_fuse, checkpoints, fusion, imageio
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--weights", required=True,
-                      help="published .model/.pth, the project's .npz, or an orbax checkpoint folder")
+                      help=("published .model/.pth, the project's .npz, or an orbax checkpoint "
+                            "folder"))
   parser.add_argument("--ir", required=True, help="infrared (or PET/SPECT/CT) image or folder")
   parser.add_argument("--vis", required=True, help="visible (or MRI) image or folder")
   parser.add_argument("--out", required=True, help="output folder")
@@ -27,7 +29,8 @@ def main(argv=None) -> int:
   parser.add_argument("--color", action="store_true",
                       help="fuse the luma of the colour input and keep its colours (YCbCr)")
   parser.add_argument("--bucket", type=int, default=128,
-                      help="student canvases are multiples of this (one compile per bucket); 0: exact sizes")
+                      help=("student canvases are multiples of this (one compile per bucket); "
+                            "0: exact sizes"))
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
 
@@ -44,7 +47,8 @@ def main(argv=None) -> int:
       fuser, pairing.pairs, args.out, progress=not args.no_progress,
       report=lambda message: print(f"skipped: {message}", file=sys.stderr))
   skipped = len(pairing.problems) + len(problems)
-  print(f"fused {written} pair(s) into {args.out}" + (f"; {skipped} problem(s) reported" if skipped else ""))
+  print(f"fused {written} pair(s) into {args.out}"
+        + (f"; {skipped} problem(s) reported" if skipped else ""))
   return 1 if skipped else 0
 
 

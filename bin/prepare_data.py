@@ -15,25 +15,34 @@ from mmdrfuse_jax.data import builders
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--dataset", required=True, choices=builders.CONFIG_NAMES)
-  parser.add_argument("--manual_dir", help="the folder holding the downloaded pairs (required to build)")
-  parser.add_argument("--data_dir", help="where the built dataset goes (TFDS data_dir; required to build)")
-  parser.add_argument("--skip_bad", action="store_true", help="leave out bad pairs instead of failing")
+  parser.add_argument("--manual_dir",
+                      help="the folder holding the downloaded pairs (required to build)")
+  parser.add_argument("--data_dir",
+                      help="where the built dataset goes (TFDS data_dir; required to build)")
+  parser.add_argument("--skip_bad", action="store_true",
+                      help="leave out bad pairs instead of failing")
   resize = parser.add_mutually_exclusive_group()
-  resize.add_argument("--resize_visible", dest="resize_visible", action="store_const", const=True, default=None,
-                      help="resize visible images of another size to the infrared size (default: on for roadscene only)")
-  resize.add_argument("--no_resize_visible", dest="resize_visible", action="store_const", const=False,
+  resize.add_argument("--resize_visible", dest="resize_visible", action="store_const", const=True,
+                      default=None,
+                      help=("resize visible images of another size to the infrared size "
+                            "(default: on for roadscene only)"))
+  resize.add_argument("--no_resize_visible", dest="resize_visible", action="store_const",
+                      const=False,
                       help="never resize: a visible image of another size makes a bad pair")
   parser.add_argument("--ir_folder", help="paired_folders: sub-folder of infrared-slot images")
   parser.add_argument("--vis_folder", help="paired_folders: sub-folder of visible-slot images")
   parser.add_argument("--patch_size", type=int, default=128)
   parser.add_argument("--patch_stride", type=int, default=128)
-  parser.add_argument("--instructions", action="store_true", help="print where to get the dataset and its layout, then exit")
+  parser.add_argument("--instructions", action="store_true",
+                      help="print where to get the dataset and its layout, then exit")
   args = parser.parse_args(argv)
   if args.instructions:
     # Nothing is written: the builder is only asked for its text.
-    print(builders.make_builder(args.dataset, args.data_dir or tempfile.gettempdir()).MANUAL_DOWNLOAD_INSTRUCTIONS)
+    print(builders.make_builder(args.dataset, args.data_dir or tempfile.gettempdir())
+          .MANUAL_DOWNLOAD_INSTRUCTIONS)
     return 0
   if not args.manual_dir or not args.data_dir:
     parser.error("--manual_dir and --data_dir are required to build a dataset")
@@ -42,10 +51,9 @@ def main(argv=None) -> int:
     return 2
 
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
 
   from mmdrfuse_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
 
   tfds.disable_progress_bar()
   absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS warns about its own temporary folders.
@@ -63,7 +71,8 @@ def main(argv=None) -> int:
     if stems:
       print(f"{split}: {len(stems)} visible image(s) resized to their infrared size")
   for split, images in sorted(built.images.items()):
-    patches = pipeline.count_patches([(h, w) for _, h, w in images], args.patch_size, args.patch_stride)
+    patches = pipeline.count_patches([(h, w) for _, h, w in images], args.patch_size,
+                                     args.patch_stride)
     print(f"{split}: {len(images)} images, {patches} patches")
   return 0
 

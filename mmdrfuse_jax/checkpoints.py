@@ -69,13 +69,14 @@ def _validated(source: str, flat: Mapping[tuple[str, str], np.ndarray], model: s
       if not np.all(np.isfinite(value)):
         raise WeightsError(f"{source}: {layer} {name} holds non-finite values")
       params[layer][name] = value.astype(np.float32)
-  unexpected = set(flat) - {(l, n) for l, s in expected_shapes(model).items() for n in s}
+  unexpected = set(flat) - {(ly, n) for ly, s in expected_shapes(model).items() for n in s}
   if unexpected:
     raise WeightsError(f"{source}: unexpected entries {sorted('/'.join(k) for k in unexpected)}")
   return params
 
 
-def params_from_state_dict(state: Mapping[str, np.ndarray], model: str, source: str = "state dict") -> dict:
+def params_from_state_dict(state: Mapping[str, np.ndarray], model: str,
+                           source: str = "state dict") -> dict:
   """Converts a published PyTorch state dict (`<layer>.1.weight`, OIHW) to Flax params (HWIO)."""
   flat = {}
   for key, value in state.items():
@@ -109,7 +110,8 @@ def _load_npz(path: pathlib.Path, model: str) -> dict:
     raise WeightsError(f"{path}: not a plain-array .npz weights file ({e})") from None
   except (OSError, zipfile.BadZipFile, EOFError) as e:
     raise WeightsError(f"{path}: corrupt or truncated .npz ({type(e).__name__}: {e})") from None
-  flat = {(layer, name): value for layer, entries in tree.items() for name, value in entries.items()}
+  flat = {(layer, name): value
+          for layer, entries in tree.items() for name, value in entries.items()}
   return _validated(str(path), flat, model)
 
 
@@ -119,8 +121,10 @@ def _load_orbax(path: pathlib.Path, model: str) -> dict:
   try:
     restored = ocp.StandardCheckpointer().restore(path.resolve())
   except Exception as e:  # orbax raises many types for a folder that is not a checkpoint.
-    raise WeightsError(f"{path}: not a readable orbax checkpoint ({type(e).__name__}: {e})") from None
-  if isinstance(restored, Mapping) and "params" in restored and isinstance(restored["params"], Mapping):
+    raise WeightsError(
+        f"{path}: not a readable orbax checkpoint ({type(e).__name__}: {e})") from None
+  if (isinstance(restored, Mapping) and "params" in restored
+      and isinstance(restored["params"], Mapping)):
     restored = restored["params"]
   if not isinstance(restored, Mapping):
     raise WeightsError(f"{path}: the orbax checkpoint does not hold a parameter tree")

@@ -157,7 +157,8 @@ def evaluate(triples: Sequence[Triple], *, names: Sequence[str] = metrics.METRIC
   names = tuple(names)
   unknown = [n for n in names if n not in metrics.ALL_NAMES]
   if unknown:
-    raise ValueError(f"unknown metrics {', '.join(unknown)}; choose from {', '.join(metrics.ALL_NAMES)}")
+    raise ValueError(f"unknown metrics {', '.join(unknown)}; "
+                     f"choose from {', '.join(metrics.ALL_NAMES)}")
   save_dir = pathlib.Path(save_fused) if save_fused is not None else None
   problems: list[str] = []
 
@@ -269,7 +270,11 @@ def format_means(result: EvaluationResult, fmt: str = "table", label: str = "mea
   if fmt != "table":
     raise ValueError(f"unknown format {fmt!r}; choose table, markdown, csv or json")
   widths = [max(len(a), len(b)) for a, b in zip(head, vals)]
-  line = lambda cells: "  ".join(c.rjust(wd) if i else c.ljust(wd) for i, (c, wd) in enumerate(zip(cells, widths)))
+
+  def line(cells):
+    return "  ".join(c.rjust(wd) if i else c.ljust(wd)
+                     for i, (c, wd) in enumerate(zip(cells, widths)))
+
   return line(head) + "\n" + line(vals)
 
 
@@ -285,7 +290,8 @@ def parse_metric_names(text: Optional[str]) -> tuple[str, ...]:
   for part in text.split(","):
     key = part.strip().lower()
     if key not in canon:
-      raise ValueError(f"unknown metric {part.strip()!r}; choose from {', '.join(metrics.ALL_NAMES)}")
+      raise ValueError(f"unknown metric {part.strip()!r}; "
+                       f"choose from {', '.join(metrics.ALL_NAMES)}")
     if canon[key] not in out:
       out.append(canon[key])
   return tuple(out)

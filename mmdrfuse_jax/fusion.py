@@ -42,7 +42,8 @@ def fuse(params: Mapping[str, Any], ir: jax.Array, vis: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def fuse_within(params: Mapping[str, Any], ir: jax.Array, vis: jax.Array, sizes: jax.Array) -> jax.Array:
+def fuse_within(params: Mapping[str, Any], ir: jax.Array, vis: jax.Array,
+                sizes: jax.Array) -> jax.Array:
   """`fuse` for student images placed top-left on a larger canvas of one shared shape.
 
   Inside each image's true region (`sizes[b]` = (height, width)) the result equals `fuse`

@@ -230,10 +230,12 @@ class PairingResult:
 def _images_by_stem(folder: pathlib.Path, problems: list[str]) -> dict[str, pathlib.Path]:
   by_stem: dict[str, pathlib.Path] = {}
   for path in sorted(folder.iterdir()):
-    if not path.is_file() or path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+    if (not path.is_file() or path.name.startswith(".")
+        or path.suffix.lower() not in IMAGE_EXTENSIONS):
       continue
     if path.stem in by_stem:
-      problems.append(f"{path}: another image in {folder} has the same stem ({by_stem[path.stem].name})")
+      problems.append(
+          f"{path}: another image in {folder} has the same stem ({by_stem[path.stem].name})")
       continue
     by_stem[path.stem] = path
   return by_stem
@@ -281,7 +283,8 @@ def pair_inputs(paths: Sequence[str | os.PathLike]) -> PairingResult:
     if not p.exists():
       raise ImageError(f"{p}: no such file or folder")
     if p.is_dir():
-      raise ImageError(f"{p}: is a folder, but the other input is a file; give two files or two folders")
+      raise ImageError(
+          f"{p}: is a folder, but the other input is a file; give two files or two folders")
   return PairingResult(pairs=[(paths[0].stem, tuple(paths))], problems=[])
 
 

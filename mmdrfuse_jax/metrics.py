@@ -90,7 +90,9 @@ def _corr(x: Array, y: Array, mask: Array, count: Array) -> Array:
 
 
 def _filter_axis(x: Array, taps: Sequence[float], axis: int, stride: int = 1) -> Array:
-  """'valid' correlation along `axis` with the 1-D window `taps`, keeping every `stride`-th output."""
+  """'valid' correlation along `axis` with the 1-D window `taps`, keeping every
+  `stride`-th output.
+  """
   n = len(taps)
   out_len = (x.shape[axis] - n) // stride + 1
 
@@ -215,7 +217,8 @@ def _mutual_information(joint: Array, count: Array) -> Array:
   nz = joint > 0
   safe = jnp.where(nz, joint, 1.0)
   # log(n_ij * n / (n_i * n_j)), with each factor's log taken separately to stay in range.
-  logs = jnp.log(safe) + jnp.log(count) - jnp.log(jnp.where(nz, row, 1.0)) - jnp.log(jnp.where(nz, col, 1.0))
+  logs = (jnp.log(safe) + jnp.log(count) - jnp.log(jnp.where(nz, row, 1.0))
+          - jnp.log(jnp.where(nz, col, 1.0)))
   return _sum(jnp.where(nz, safe * logs, 0.0)) / count
 
 
@@ -334,7 +337,8 @@ def vif(fused: Array, ir: Array, vis: Array, *, size=None) -> Array:
   NaN-free but meaningless values; `evaluation` rejects such images).
   """
   if min(fused.shape[-2:]) < MIN_SIZE:
-    raise ValueError(f"VIF needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels, got shape {fused.shape}")
+    raise ValueError(
+        f"VIF needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels, got shape {fused.shape}")
   h, w = _size(fused, size)
   mask = _mask(fused.shape, h, w)
   f, a, b = (_prepare(x, mask) for x in (fused, ir, vis))

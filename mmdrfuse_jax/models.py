@@ -97,7 +97,8 @@ class PlanarConv3x3(nn.Module):
 
   @nn.compact
   def __call__(self, planes: Sequence[jax.Array], pad) -> list[jax.Array]:
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, len(planes), self.features))
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (3, 3, len(planes), self.features))
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
     height, width = planes[0].shape[1:3]
     # The barrier makes XLA materialise the padded planes: fusing the reflection into the
@@ -136,12 +137,16 @@ class Student(nn.Module):
         `x`; the outputs inside each true region then equal those of the cropped image
         (used to share one compilation among images of different sizes).
     """
-    pad = _reflect_pad_plane if sizes is None else functools.partial(reflect_pad_within, sizes=sizes)
+    pad = (_reflect_pad_plane if sizes is None
+           else functools.partial(reflect_pad_within, sizes=sizes))
     planes = [x[..., c] for c in range(x.shape[-1])]
     feat_pre = PlanarConv3x3(4, name="conv1")(planes, pad)
     feat = [nn.relu(f) for f in feat_pre]
     (out_pre,) = PlanarConv3x3(1, name="conv2")(feat, pad)
-    stack = lambda planes: jnp.stack(planes, axis=-1)
+
+    def stack(planes):
+      return jnp.stack(planes, axis=-1)
+
     return {"feat_pre": stack(feat_pre), "feat": stack(feat), "out_pre": out_pre[..., None],
             "out": jnp.tanh(out_pre)[..., None]}
 

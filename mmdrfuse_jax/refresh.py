@@ -234,7 +234,8 @@ def scatter(memory: jax.Array, ids: jax.Array, out: jax.Array, replace: jax.Arra
             memory_dtype: str) -> jax.Array:
   """Writes `out` into the slots `ids` where `replace`, leaving the other slots as they were."""
   old = memory[ids]
-  new = jnp.where(replace[:, None, None, None], encode(jax.lax.stop_gradient(out), memory_dtype), old)
+  new = jnp.where(replace[:, None, None, None], encode(jax.lax.stop_gradient(out), memory_dtype),
+                  old)
   return memory.at[ids].set(new, unique_indices=True)
 
 

@@ -62,7 +62,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *unused_args):
   if any(n == 0 for n in size):
     return np.zeros(size, storage.dtype)
   if needed > storage.size:
-    raise _CorruptError(f"tensor of size {size} does not fit its storage of {storage.size} elements")
+    raise _CorruptError(
+        f"tensor of size {size} does not fit its storage of {storage.size} elements")
   view = np.lib.stride_tricks.as_strided(
       storage[storage_offset:], shape=size, strides=[s * storage.itemsize for s in stride])
   return np.array(view)  # Contiguous copy, independent of the storage buffer.
@@ -168,7 +169,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise WeightsError(f"{path}: corrupt checkpoint: {e}") from None
   except (zipfile.BadZipFile, EOFError, struct.error, ValueError, TypeError, IndexError,
           AttributeError, KeyError, OSError) as e:
-    raise WeightsError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e})") from None
+    raise WeightsError(
+        f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e})") from None
   if not isinstance(state, Mapping) or not all(
       isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items()):
     raise WeightsError(f"{path}: does not hold a state dict (a mapping of names to tensors)")
@@ -198,7 +200,8 @@ def _tuple(items: list[bytes]) -> bytes:
   return pickle.MARK + b"".join(items) + pickle.TUPLE
 
 
-def save_state_dict(path: str | os.PathLike, state: Mapping[str, np.ndarray], *, name: str = "archive") -> None:
+def save_state_dict(path: str | os.PathLike, state: Mapping[str, np.ndarray], *,
+                    name: str = "archive") -> None:
   """Writes `state` in PyTorch's zip format (what `torch.save(state_dict)` would write).
 
   The pickle is emitted opcode by opcode, so no PyTorch (or any torch-named module) is
@@ -225,7 +228,8 @@ def save_state_dict(path: str | os.PathLike, state: Mapping[str, np.ndarray], *,
         pickle.TUPLE, pickle.REDUCE,
     ]
   body += [pickle.SETITEMS, pickle.STOP]
-  with files.atomic_write(path) as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as archive:
+  with (files.atomic_write(path) as f,
+        zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as archive):
     archive.writestr(f"{name}/data.pkl", b"".join(body))
     archive.writestr(f"{name}/byteorder", b"little")
     for key, raw in storages.items():

@@ -230,7 +230,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Frozen, *
       state.params)
   skip = jnp.logical_not(jnp.isfinite(loss)) | _nonfinite(grads)
   updated = state.apply_gradients(grads=grads)
-  keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(skip, o, n), new, old)
+
+  def keep(new, old):
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(skip, o, n), new, old)
+
   params = keep(updated.params, state.params)
   opt_state = keep(updated.opt_state, state.opt_state)
 

@@ -94,7 +94,8 @@ def test_missing_file(tmp_path):
 
 
 def test_teacher_file_given_as_student(shared):
-  with pytest.raises(checkpoints.WeightsError, match="holds teacher weights, but the student was asked for"):
+  with pytest.raises(checkpoints.WeightsError,
+                     match="holds teacher weights, but the student was asked for"):
     checkpoints.load_params(shared / "reference" / "weights" / "teacher.model", "student")
 
 
@@ -102,7 +103,8 @@ def test_wrong_shape_is_named(tmp_path, student_params):
   state = checkpoints.params_to_state_dict(student_params)
   state["conv1.1.weight"] = np.zeros((8, 2, 3, 3), np.float32)
   torch_reader.save_state_dict(tmp_path / "w.pth", state)
-  with pytest.raises(checkpoints.WeightsError, match=r"conv1 kernel has shape \(3, 3, 2, 8\), expected \(3, 3, 2, 4\)"):
+  with pytest.raises(checkpoints.WeightsError,
+                     match=r"conv1 kernel has shape \(3, 3, 2, 8\), expected \(3, 3, 2, 4\)"):
     checkpoints.load_params(tmp_path / "w.pth", "student")
 
 

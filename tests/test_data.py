@@ -12,13 +12,10 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from PIL import Image
 
-from conftest import REPO_ROOT
-
-from mmdrfuse_jax.data import builders
-from mmdrfuse_jax.data import pipeline
-from mmdrfuse_jax.data import synthetic
+from mmdrfuse_jax.data import builders, pipeline, synthetic
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,8 +52,10 @@ def _check_pixels(ds: pipeline.PatchDataset, folder: pathlib.Path, image_ids, re
     batch = ds.patches(ids)
     for k, pid in enumerate(ids):
       y, x = ds.patch_y[pid], ds.patch_x[pid]
-      np.testing.assert_array_equal(np.round(batch["ir"][k, ..., 0] * 255), ir_ref[y:y + 128, x:x + 128])
-      np.testing.assert_array_equal(np.round(batch["vis"][k, ..., 0] * 255), vis_ref[y:y + 128, x:x + 128])
+      np.testing.assert_array_equal(np.round(batch["ir"][k, ..., 0] * 255),
+                                    ir_ref[y:y + 128, x:x + 128])
+      np.testing.assert_array_equal(np.round(batch["vis"][k, ..., 0] * 255),
+                                    vis_ref[y:y + 128, x:x + 128])
 
 
 @pytest.fixture(scope="module")
@@ -209,12 +208,14 @@ def _layout_tree(root: pathlib.Path, dirs):
 
 
 @pytest.mark.parametrize("config,dirs,expected", [
-    ("msrs", ["train/ir", "train/vi", "test/ir", "test/vi"], {"train": ("train/ir", "train/vi"), "test": ("test/ir", "test/vi")}),
+    ("msrs", ["train/ir", "train/vi", "test/ir", "test/vi"],
+     {"train": ("train/ir", "train/vi"), "test": ("test/ir", "test/vi")}),
     ("llvip", ["infrared/train", "infrared/test", "visible/train", "visible/test"],
      {"train": ("infrared/train", "visible/train"), "test": ("infrared/test", "visible/test")}),
     ("tno", ["Infrared", "Visible"], {"train": ("Infrared", "Visible")}),
     ("m3fd", ["Ir", "Vis"], {"train": ("Ir", "Vis")}),
-    ("roadscene", ["cropinfrared", "crop_LR_visible", "crop_HR_visible"], {"train": ("cropinfrared", "crop_LR_visible")}),
+    ("roadscene", ["cropinfrared", "crop_LR_visible", "crop_HR_visible"],
+     {"train": ("cropinfrared", "crop_LR_visible")}),
     ("harvard_mri_pet", ["PET", "MRI"], {"train": ("PET", "MRI")}),
     ("harvard_mri_spect", ["SPECT", "MRI"], {"train": ("SPECT", "MRI")}),
     ("harvard_mri_ct", ["CT", "MRI"], {"train": ("CT", "MRI")}),
@@ -223,7 +224,8 @@ def test_layouts(tmp_path, config, dirs, expected):
   root = _layout_tree(tmp_path / "d", dirs)
   cfg = next(c for c in builders.CONFIGS if c.name == config)
   got = builders.find_layout(root, cfg)
-  assert {s: (str(a.relative_to(root)), str(b.relative_to(root))) for s, (a, b) in got.items()} == expected
+  assert {s: (str(a.relative_to(root)), str(b.relative_to(root)))
+          for s, (a, b) in got.items()} == expected
   assert cfg.name in builders.CONFIG_NAMES and "Get it from" in cfg.instructions()
 
 
@@ -262,7 +264,8 @@ def test_bad_folder_report_and_skip(tmp_path):
   for stem, what in (("0003", "no partner"), ("0004", "different sizes"), ("0005", "cannot read"),
                      ("0006", "cannot read")):
     assert any(stem in line and what in line for line in report.splitlines()), (stem, report)
-  assert not (tmp_path / "out" / "fusion_pairs" / "paired_folders" / "1.0.0" / "dataset_info.json").exists()
+  assert not (tmp_path / "out" / "fusion_pairs" / "paired_folders" / "1.0.0"
+              / "dataset_info.json").exists()
 
   built = builders.prepare("paired_folders", folder, tmp_path / "out", skip_bad=True)
   assert [s for s, _, _ in built.images["train"]] == ["0000", "0001", "0002"]
@@ -278,7 +281,8 @@ def test_prepare_data_cli(tmp_path, capsys):
   finally:
     sys.path.pop(0)
   folder = _bad_folder(tmp_path / "bad")
-  args = ["--dataset", "paired_folders", "--manual_dir", str(folder), "--data_dir", str(tmp_path / "out")]
+  args = ["--dataset", "paired_folders", "--manual_dir", str(folder),
+          "--data_dir", str(tmp_path / "out")]
   assert prepare_data.main(args) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: 4 problem(s)") and "Traceback" not in err

@@ -5,10 +5,8 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import load_script
-
+from PIL import Image
 
 evaluate_cli = load_script("evaluate")
 
@@ -40,13 +38,14 @@ def _run(capsys, *argv):
 
 def test_clean_run_writes_csv(folders, tmp_path, capsys):
   out_csv = tmp_path / "sub" / "scores.csv"
-  code, out, err = _run(capsys, "--ir", folders / "ir", "--vis", folders / "vis", "--fused", folders / "fused",
-                        "--csv", out_csv)
+  code, out, err = _run(capsys, "--ir", folders / "ir", "--vis", folders / "vis",
+                        "--fused", folders / "fused", "--csv", out_csv)
   assert code == 0, err
   assert "EN" in out and "mean (3 images)" in out
   with open(out_csv, newline="") as f:
     rows = list(csv.reader(f))
-  assert rows[0] == ["name", "EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "CC", "PSNR"]
+  assert rows[0] == ["name", "EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "CC",
+                     "PSNR"]
   assert [r[0] for r in rows[1:]] == ["a", "b", "c"]
   assert not list(out_csv.parent.glob(".*.tmp"))
 
@@ -62,8 +61,9 @@ def test_problems_reported_rest_scored(folders, tmp_path, capsys):
   _write(root / "vis" / "d.png", np.zeros(SIZE, np.uint8))
   _write(root / "fused" / "d.png", np.zeros(SIZE, np.uint8))
   out_csv = tmp_path / "scores.csv"
-  code, out, err = _run(capsys, "--ir", root / "ir", "--vis", root / "vis", "--fused", root / "fused",
-                        "--csv", out_csv, "--metrics", "en,SD,mi", "--format", "json")
+  code, out, err = _run(capsys, "--ir", root / "ir", "--vis", root / "vis",
+                        "--fused", root / "fused", "--csv", out_csv, "--metrics", "en,SD,mi",
+                        "--format", "json")
   assert code == 1
   assert "a.png" in err and "no partner" in err
   assert "b.png" in err and "different sizes" in err
@@ -77,19 +77,21 @@ def test_problems_reported_rest_scored(folders, tmp_path, capsys):
 
 
 def test_user_errors_exit_2(folders, tmp_path, capsys):
-  code, _, err = _run(capsys, "--ir", tmp_path / "nope", "--vis", folders / "vis", "--fused", folders / "fused")
+  code, _, err = _run(capsys, "--ir", tmp_path / "nope", "--vis", folders / "vis",
+                      "--fused", folders / "fused")
   assert code == 2 and "no such folder" in err
-  code, _, err = _run(capsys, "--ir", folders / "ir", "--vis", folders / "vis", "--fused", folders / "fused",
-                      "--metrics", "EN,NOPE")
+  code, _, err = _run(capsys, "--ir", folders / "ir", "--vis", folders / "vis",
+                      "--fused", folders / "fused", "--metrics", "EN,NOPE")
   assert code == 2 and "NOPE" in err
-  code, _, err = _run(capsys, "--ir", folders / "ir", "--vis", folders / "vis", "--weights", tmp_path / "w.model")
+  code, _, err = _run(capsys, "--ir", folders / "ir", "--vis", folders / "vis",
+                      "--weights", tmp_path / "w.model")
   assert code == 2 and "w.model" in err
 
 
 def test_markdown_and_csv_formats(folders, capsys):
   for fmt, marker in (("markdown", "| mean (3 images) |"), ("csv", "mean,")):
-    code, out, _ = _run(capsys, "--ir", folders / "ir", "--vis", folders / "vis", "--fused", folders / "fused",
-                        "--format", fmt)
+    code, out, _ = _run(capsys, "--ir", folders / "ir", "--vis", folders / "vis",
+                        "--fused", folders / "fused", "--format", fmt)
     assert code == 0 and marker in out
 
 
@@ -103,11 +105,11 @@ def test_weights_match_fused_files(shared, tmp_path, capsys):
       (tmp_path / sub / f"{stem}.png").write_bytes((data / sub / f"{stem}.png").read_bytes())
   weights = shared / "reference" / "weights" / "student.model"
   mem_csv, file_csv = tmp_path / "mem.csv", tmp_path / "file.csv"
-  code, _, err = _run(capsys, "--ir", tmp_path / "PET", "--vis", tmp_path / "MRI", "--weights", weights,
-                      "--csv", mem_csv, "--save_fused", tmp_path / "saved")
+  code, _, err = _run(capsys, "--ir", tmp_path / "PET", "--vis", tmp_path / "MRI",
+                      "--weights", weights, "--csv", mem_csv, "--save_fused", tmp_path / "saved")
   assert code == 0, err
-  code, _, err = _run(capsys, "--ir", tmp_path / "PET", "--vis", tmp_path / "MRI", "--fused", tmp_path / "saved",
-                      "--csv", file_csv)
+  code, _, err = _run(capsys, "--ir", tmp_path / "PET", "--vis", tmp_path / "MRI",
+                      "--fused", tmp_path / "saved", "--csv", file_csv)
   assert code == 0, err
   assert mem_csv.read_text() == file_csv.read_text()
   with open(mem_csv, newline="") as f:
@@ -117,4 +119,5 @@ def test_weights_match_fused_files(shared, tmp_path, capsys):
   for stem, row in golden.items():
     for metric, want in row.items():
       if metric != "name":
-        assert float(mem[stem][metric]) == pytest.approx(float(want), rel=2e-3, abs=2e-3), (stem, metric)
+        assert float(mem[stem][metric]) == pytest.approx(float(want), rel=2e-3,
+                                                         abs=2e-3), (stem, metric)

@@ -5,11 +5,10 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import load_script
 from PIL import Image
 
-from conftest import load_script
 from mmdrfuse_jax import checkpoints, files, imageio, models
-
 
 fuse_cli = load_script("fuse")
 
@@ -50,13 +49,15 @@ def test_folders_paired_by_stem(weights, folders, tmp_path):
 
 def test_two_files(weights, folders, tmp_path):
   ir, vis = folders
-  assert run("--weights", weights, "--ir", ir / "b.png", "--vis", vis / "b.png", "--out", tmp_path / "o") == 0
+  assert run("--weights", weights, "--ir", ir / "b.png", "--vis", vis / "b.png",
+             "--out", tmp_path / "o") == 0
   assert (tmp_path / "o" / "b.png").is_file()
 
 
 def test_color_output(weights, folders, tmp_path):
   ir, vis = folders
-  assert run("--weights", weights, "--ir", ir, "--vis", vis, "--out", tmp_path / "c", "--color") == 0
+  assert run("--weights", weights, "--ir", ir, "--vis", vis, "--out", tmp_path / "c",
+             "--color") == 0
   assert np.asarray(Image.open(tmp_path / "c" / "a.png")).shape == (20, 30, 3)
 
 
@@ -88,7 +89,8 @@ def test_bad_weights_exit_2_without_traceback(folders, tmp_path, capsys, shared)
 
 
 def test_missing_input_exit_2(weights, tmp_path, capsys):
-  assert run("--weights", weights, "--ir", tmp_path / "nope", "--vis", tmp_path / "nope2", "--out", tmp_path / "o") == 2
+  assert run("--weights", weights, "--ir", tmp_path / "nope", "--vis", tmp_path / "nope2",
+             "--out", tmp_path / "o") == 2
   assert "no such file or folder" in capsys.readouterr().err
 
 
@@ -126,7 +128,8 @@ def test_sixteen_bit_and_rgb_files_are_read(tmp_path):
 def test_pairing_rules(tmp_path):
   a, b = tmp_path / "a", tmp_path / "b"
   for name in ["x.png", "y.jpg", "y.png", "z.bmp", "notes.txt"]:
-    _save(a / name, np.zeros((4, 4), np.uint8)) if name != "notes.txt" else (a / name).write_text("hi")
+    (_save(a / name, np.zeros((4, 4), np.uint8)) if name != "notes.txt"
+     else (a / name).write_text("hi"))
   for name in ["x.tif", "y.png", "w.png"]:
     _save(b / name, np.zeros((4, 4), np.uint8))
   result = imageio.pair_folders([a, b])

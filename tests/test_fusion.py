@@ -41,7 +41,8 @@ def test_quantize_minmax_and_clip():
   y = np.array([[0.2, 0.4], [0.6, 1.2]], np.float32)
   np.testing.assert_array_equal(fusion.quantize(y, "minmax"), [[0, 51], [102, 255]])
   np.testing.assert_array_equal(fusion.quantize(y, "clip"), [[51, 102], [153, 255]])
-  np.testing.assert_array_equal(fusion.quantize(np.full((2, 2), 0.3, np.float32), "minmax"), np.zeros((2, 2)))
+  np.testing.assert_array_equal(fusion.quantize(np.full((2, 2), 0.3, np.float32), "minmax"),
+                                np.zeros((2, 2)))
   assert fusion.quantize(y, "minmax", 65535).dtype == np.uint16
   with pytest.raises(ValueError, match="unknown output mode"):
     fusion.quantize(y, "sigmoid")
@@ -104,7 +105,8 @@ def test_pair_of_different_sizes_is_refused(random_student):
     fusion.Fuser(random_student).fuse_images(np.zeros((8, 8), np.uint8), np.zeros((8, 9), np.uint8))
 
 
-@pytest.mark.parametrize("dataset,ir_dir,vis_dir", [("RoadScene_test", "ir", "vi"), ("MRI_PET", "PET", "MRI")])
+@pytest.mark.parametrize("dataset,ir_dir,vis_dir",
+                         [("RoadScene_test", "ir", "vi"), ("MRI_PET", "PET", "MRI")])
 def test_reproduces_published_fused_images(shared, published_student, dataset, ir_dir, vis_dir):
   data = shared / "data" / dataset
   pairs = imageio.pair_folders([data / ir_dir, data / vis_dir])
@@ -113,7 +115,8 @@ def test_reproduces_published_fused_images(shared, published_student, dataset, i
   worst = 0
   for stem, (ir_path, vis_path) in pairs.pairs:
     out = fuser.fuse_images(imageio.read_image(ir_path), imageio.read_image(vis_path))
-    golden = np.asarray(Image.open(shared / "reference" / "golden" / "fused" / dataset / f"{stem}.png"))
+    golden = np.asarray(
+        Image.open(shared / "reference" / "golden" / "fused" / dataset / f"{stem}.png"))
     assert out.shape == golden.shape, stem
     worst = max(worst, int(np.abs(out.astype(int) - golden).max()))
   assert worst <= 1

@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmdrfuse_jax import losses
-from mmdrfuse_jax import vgg
+from mmdrfuse_jax import losses, vgg
 
 RTOL = 1e-4
 

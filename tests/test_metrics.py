@@ -86,7 +86,8 @@ def images():
 def _all(f, a, b, size=None, **kw):
   # Always an explicit size, so that padded and unpadded calls of one shape share a compile.
   size = np.array(f.shape[-2:], np.int32) if size is None else size
-  return {k: float(v) for k, v in metrics.all_metrics(f, a, b, size, names=metrics.ALL_NAMES, **kw).items()}
+  return {k: float(v)
+          for k, v in metrics.all_metrics(f, a, b, size, names=metrics.ALL_NAMES, **kw).items()}
 
 
 def test_identical_images_extremes(images):
@@ -118,13 +119,15 @@ def test_ssim_symmetric_in_its_two_images(images):
 def test_invariances(images):
   f, a, b = images
   shifted = np.clip(f, 0, 200) + 50.0
-  assert float(metrics.sd(shifted)) == pytest.approx(float(metrics.sd(np.clip(f, 0, 200))), rel=1e-5)
+  assert float(metrics.sd(shifted)) == pytest.approx(float(metrics.sd(np.clip(f, 0, 200))),
+                                                     rel=1e-5)
   perm = np.random.default_rng(1).permutation(256).astype(np.float32)
   a_perm = perm[a.astype(np.int64)]
   f_perm = perm[f.astype(np.int64)]
   assert float(metrics.mi(f, a_perm, b)) == pytest.approx(float(metrics.mi(f, a, b)), rel=1e-5)
   assert float(metrics.en(f_perm)) == pytest.approx(float(metrics.en(f)), rel=1e-6)
-  assert float(metrics.mi(f, a, b, base=2.0)) == pytest.approx(float(metrics.mi(f, a, b)) / math.log(2), rel=1e-6)
+  assert float(metrics.mi(f, a, b, base=2.0)) == pytest.approx(
+      float(metrics.mi(f, a, b)) / math.log(2), rel=1e-6)
 
 
 def test_constant_image():
@@ -143,7 +146,10 @@ def test_against_plain_numpy(images):
   assert out["SF"] == pytest.approx(sf, rel=1e-5)
   gy, gx = np.gradient(f)
   assert out["AG"] == pytest.approx(np.mean(np.sqrt((gx ** 2 + gy ** 2) / 2)), rel=1e-5)
-  corr = lambda x, y: np.corrcoef(x.ravel(), y.ravel())[0, 1]
+
+  def corr(x, y):
+    return np.corrcoef(x.ravel(), y.ravel())[0, 1]
+
   assert out["CC"] == pytest.approx((corr(a, f) + corr(b, f)) / 2, abs=1e-5)
   assert out["SCD"] == pytest.approx(corr(a, f - b) + corr(b, f - a), abs=1e-5)
   hist = np.bincount(f.astype(np.int64).ravel(), minlength=256) / f.size
@@ -188,7 +194,8 @@ def test_unknown_metric_name(images):
 def test_evaluation_gray_conversion():
   rgb = np.array([[[255, 0, 0], [10, 200, 30], [1, 2, 3]]], np.uint8)
   f = rgb.astype(np.float32)
-  want = np.round(f[..., 0] * np.float32(0.299) + f[..., 1] * np.float32(0.587) + f[..., 2] * np.float32(0.114))
+  want = np.round(f[..., 0] * np.float32(0.299) + f[..., 1] * np.float32(0.587)
+                  + f[..., 2] * np.float32(0.114))
   np.testing.assert_array_equal(imageio.to_gray_evaluation(rgb), want)
   np.testing.assert_array_equal(imageio.to_gray_evaluation(rgb.astype(np.uint16) * 257), want)
   gray = np.array([[0, 7, 255]], np.uint8)

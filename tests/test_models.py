@@ -69,7 +69,8 @@ def test_bicubic_upsampling_uses_pytorch_kernel():
   a = -0.75
   def w(t):
     t = abs(t)
-    return ((a + 2) * t - (a + 3)) * t * t + 1 if t <= 1 else ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return (((a + 2) * t - (a + 3)) * t * t + 1 if t <= 1
+            else ((a * t - 5 * a) * t + 8 * a) * t - 4 * a)
   src = [0.0, 1.0, 0.0, 0.0]
   expected = []
   for i in range(8):
@@ -146,9 +147,15 @@ def test_student_values_and_gradients_match_xla_convolution():
   rng = np.random.default_rng(4)
   x = rng.random((2, 19, 23, 2), dtype=np.float32)
   target = rng.random((2, 19, 23, 1), dtype=np.float32)
-  loss = lambda p, f: jax.numpy.mean((f(p, x) - target) ** 2)
-  ours = lambda p, x: models.Student().apply({"params": p}, x)["out"]
+
+  def loss(p, f):
+    return jax.numpy.mean((f(p, x) - target) ** 2)
+
+  def ours(p, x):
+    return models.Student().apply({"params": p}, x)["out"]
+
   np.testing.assert_allclose(ours(params, x), _reference_student(params, x), atol=1e-6)
   g_ours = jax.grad(loss)(params, ours)
   g_ref = jax.grad(loss)(params, _reference_student)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g_ours, g_ref)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                         g_ours, g_ref)

@@ -71,7 +71,8 @@ def test_batch_mode_ignores_unwritten_slots():
   np.testing.assert_allclose(d["weight"], [1.0, 0.0], atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype,tol", [("float32", 0.0), ("bfloat16", 4e-3), ("uint8", 1 / 254 + 1e-6)])
+@pytest.mark.parametrize("dtype,tol",
+                         [("float32", 0.0), ("bfloat16", 4e-3), ("uint8", 1 / 254 + 1e-6)])
 def test_memory_contents_after_scatter(dtype, tol):
   cfg = refresh.RefreshConfig(memory_dtype=dtype)
   mem = refresh.init_memory(5, 4, 4, cfg)
@@ -103,8 +104,10 @@ def test_bytes_per_sample():
   assert refresh.bytes_per_sample(refresh.RefreshConfig(memory_dtype="float32")) == 131072
   assert refresh.bytes_per_sample(refresh.RefreshConfig()) == 65536  # a quarter of 262,144
   assert refresh.bytes_per_sample(refresh.RefreshConfig(memory_dtype="uint8")) == 32768
-  assert refresh.bytes_per_sample(refresh.RefreshConfig(memories=("ssim",), memory_dtype="uint8")) == 16384
-  assert list(refresh.init_memory(3, 8, 8, refresh.RefreshConfig(memories=("gmsd",)))) == ["best_gmsd"]
+  assert refresh.bytes_per_sample(
+      refresh.RefreshConfig(memories=("ssim",), memory_dtype="uint8")) == 16384
+  assert list(refresh.init_memory(3, 8, 8,
+                                  refresh.RefreshConfig(memories=("gmsd",)))) == ["best_gmsd"]
 
 
 def test_config_switches_select_memory_kinds():

@@ -19,7 +19,18 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from mmdrfuse_jax import checkpoints, distill, losses, models, refresh, stages, summary, train, trainer, vgg
+from mmdrfuse_jax import (
+  checkpoints,
+  distill,
+  losses,
+  models,
+  refresh,
+  stages,
+  summary,
+  train,
+  trainer,
+  vgg,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -182,7 +193,8 @@ def test_per_sample_uint8_ssim_only_run(tmp_path, teacher_file):
 
 def test_student_conv2_starts_from_teacher_conv00(teacher_file):
   teacher = checkpoints.load_params(teacher_file, "teacher")
-  params = distill.init_student_from_teacher(models.init_params("student", jax.random.PRNGKey(0)), teacher)
+  params = distill.init_student_from_teacher(models.init_params("student", jax.random.PRNGKey(0)),
+                                             teacher)
   np.testing.assert_array_equal(params["conv2"]["kernel"], teacher["conv00"]["kernel"])
   np.testing.assert_array_equal(params["conv2"]["bias"], teacher["conv00"]["bias"])
 
@@ -281,12 +293,13 @@ def test_teacher_cache_matches_teacher_in_step(teacher_file):
   frozen = train.replicate(train.Frozen(vgg=vgg.random_params(), teacher=teacher), mesh)
   rng = np.random.default_rng(1)
   batch = {"ir": rng.random((2, 32, 32, 1), dtype=np.float32),
-           "vis": rng.random((2, 32, 32, 1), dtype=np.float32), "patch_id": np.array([2, 1], np.int32)}
+           "vis": rng.random((2, 32, 32, 1), dtype=np.float32),
+           "patch_id": np.array([2, 1], np.int32)}
   cache = distill.TeacherCache(4, 32, mesh)
   results = []
   for b in (batch, cache.add_to(batch, frozen.teacher)):
-    state = train.create_train_state("student", train.make_optimizer(1e-3), jax.random.PRNGKey(0), 4,
-                                     32, cfg.refresh, teacher_params=teacher)
+    state = train.create_train_state("student", train.make_optimizer(1e-3), jax.random.PRNGKey(0),
+                                     4, 32, cfg.refresh, teacher_params=teacher)
     state, metrics = train.make_train_step(cfg, mesh)(train.replicate(state, mesh), b, frozen)
     results.append(jax.device_get((state.params, metrics["l_distill"])))
   assert cache.known.tolist() == [False, True, True, False]

@@ -6,10 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import load_script
-from mmdrfuse_jax import torch_reader
-from mmdrfuse_jax import vgg
+
+from mmdrfuse_jax import torch_reader, vgg
 
 
 def _rel_err(got, ref) -> float:

@@ -24,7 +24,8 @@ def device_description() -> str:
   return f"{dev.platform}: {dev.device_kind} x{len(jax.devices())}"
 
 
-def time_call(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2, min_seconds: float = 0.0) -> dict:
+def time_call(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2,
+              min_seconds: float = 0.0) -> dict:
   """Times `fn()` (which returns JAX arrays) after `warmup` calls that absorb compilation.
 
   Args:

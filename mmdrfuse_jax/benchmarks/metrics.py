@@ -16,7 +16,9 @@ def add_parser(subparsers) -> None:
   parser = subparsers.add_parser("metrics", help="time of the eleven fusion metrics per image")
   parser.add_argument("--height", type=int, default=480)
   parser.add_argument("--width", type=int, default=640)
-  parser.add_argument("--batch", type=int, default=1, help="images per call: 1 scores one (H, W) image, more a vmapped (B, H, W) batch")
+  parser.add_argument("--batch", type=int, default=1,
+                      help=("images per call: 1 scores one (H, W) image, more a vmapped (B, H, W) "
+                            "batch"))
   parser.add_argument("--repeats", type=int, default=20)
   parser.set_defaults(run=run)
 

@@ -15,7 +15,8 @@ import time
 def add_parser(subparsers) -> None:
   p = subparsers.add_parser("pipeline", help="patches/s of the training patch pipeline")
   p.add_argument("--batch", type=int, default=30)
-  p.add_argument("--data_dir", help="a TFDS data_dir built by bin/prepare_data.py (default: synthetic pairs)")
+  p.add_argument("--data_dir",
+                 help="a TFDS data_dir built by bin/prepare_data.py (default: synthetic pairs)")
   p.add_argument("--dataset", default="roadscene")
   p.add_argument("--split", default="train")
   p.add_argument("--num_pairs", type=int, default=32, help="synthetic pairs")
@@ -23,7 +24,8 @@ def add_parser(subparsers) -> None:
   p.add_argument("--patch_size", type=int, default=128)
   p.add_argument("--patch_stride", type=int, default=128)
   p.add_argument("--min_batches", type=int, default=300, help="time at least this many batches")
-  p.add_argument("--device", action="store_true", help="put batches on the devices (sharded over a 1-D mesh)")
+  p.add_argument("--device", action="store_true",
+                 help="put batches on the devices (sharded over a 1-D mesh)")
   p.set_defaults(run=run)
 
 
@@ -39,7 +41,8 @@ def run(args) -> dict:
     source = f"{args.dataset}/{args.split}"
   else:
     ds = pipeline.PatchDataset.from_synthetic(args.num_pairs, args.size, args.size, seed=0,
-                                              patch_size=args.patch_size, patch_stride=args.patch_stride)
+                                              patch_size=args.patch_size,
+                                              patch_stride=args.patch_stride)
     source = f"synthetic {args.num_pairs}x{args.size}x{args.size}"
   load_s = time.perf_counter() - start
   sharding = jax.make_mesh((len(jax.devices()),), ("data",)) if args.device else None

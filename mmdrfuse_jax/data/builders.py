@@ -26,9 +26,9 @@ import os
 import pathlib
 from typing import Iterator, Sequence
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
 from mmdrfuse_jax import imageio
@@ -36,8 +36,10 @@ from mmdrfuse_jax import imageio
 BUILDER_NAME = "fusion_pairs"
 SPLIT_NAMES = ("train", "test", "validation")
 # Folder names tried for each split, lower case.
-_SPLIT_ALIASES = {"train": ("train", "training"), "test": ("test", "testing"), "validation": ("validation", "val")}
-_COMMON_LAYOUT = "  <manual_dir>/ir/  and  <manual_dir>/vi/   (files paired by name: ir/00001.png <-> vi/00001.jpg)"
+_SPLIT_ALIASES = {"train": ("train", "training"), "test": ("test", "testing"),
+                  "validation": ("validation", "val")}
+_COMMON_LAYOUT = ("  <manual_dir>/ir/  and  <manual_dir>/vi/   "
+                  "(files paired by name: ir/00001.png <-> vi/00001.jpg)")
 
 
 class DataError(ValueError):
@@ -74,13 +76,15 @@ class FusionPairsConfig(tfds.core.BuilderConfig):
   def instructions(self) -> str:
     return (
         f"{self.description}\nGet it from: {self.homepage}\n"
-        f"Point --manual_dir at the folder holding it. Accepted layouts:\n{self.layout}\n{_COMMON_LAYOUT}\n"
+        f"Point --manual_dir at the folder holding it. Accepted layouts:\n"
+        f"{self.layout}\n{_COMMON_LAYOUT}\n"
         "  or train/ and test/ sub-folders each holding one of these pairs of folders.\n"
         "A folder without train/test sub-folders becomes the `train` split."
     )
 
 
-def _config(name, ir, vis, homepage, layout, description, resize_visible=False) -> FusionPairsConfig:
+def _config(name, ir, vis, homepage, layout, description,
+            resize_visible=False) -> FusionPairsConfig:
   return FusionPairsConfig(
       name=name, version=tfds.core.Version("1.0.0"), description=description,
       ir_folders=tuple(ir), vis_folders=tuple(vis), homepage=homepage, layout=layout,
@@ -89,34 +93,44 @@ def _config(name, ir, vis, homepage, layout, description, resize_visible=False) 
 
 CONFIGS = (
     _config("msrs", ["ir", "Infrared"], ["vi", "Visible"], "https://github.com/Linfeng-Tang/MSRS",
-            "  <manual_dir>/train/{ir,vi}/  and  <manual_dir>/test/{ir,vi}/   (as in the MSRS repository)",
+            "  <manual_dir>/train/{ir,vi}/  and  <manual_dir>/test/{ir,vi}/   "
+            "(as in the MSRS repository)",
             "MSRS: 1,083 train and 361 test aligned infrared/visible road scenes (480x640)."),
     _config("llvip", ["infrared", "ir"], ["visible", "vi"], "https://bupt-ai-cz.github.io/LLVIP/",
-            "  <manual_dir>/infrared/{train,test}/  and  <manual_dir>/visible/{train,test}/   (the LLVIP archive)",
+            "  <manual_dir>/infrared/{train,test}/  and  <manual_dir>/visible/{train,test}/   "
+            "(the LLVIP archive)",
             "LLVIP: 15,488 low-light infrared/visible pairs (1280x1024), train/test split."),
     _config("roadscene", ["cropinfrared", "ir", "Infrared"], ["crop_LR_visible", "vi", "Visible"],
             "https://github.com/hanna-xu/RoadScene",
-            "  <manual_dir>/cropinfrared/  and  <manual_dir>/crop_LR_visible/   (the RoadScene repository;\n"
-            "  crop_HR_visible/ images may stand in for crop_LR_visible/: they are resized to the infrared size)",
-            "RoadScene: 221 aligned infrared/visible road scenes (various sizes).", resize_visible=True),
+            "  <manual_dir>/cropinfrared/  and  <manual_dir>/crop_LR_visible/   "
+            "(the RoadScene repository;\n"
+            "  crop_HR_visible/ images may stand in for crop_LR_visible/: "
+            "they are resized to the infrared size)",
+            "RoadScene: 221 aligned infrared/visible road scenes (various sizes).",
+            resize_visible=True),
     _config("tno", ["Infrared", "IR", "ir"], ["Visible", "VIS", "vi"],
             "https://figshare.com/articles/dataset/TNO_Image_Fusion_Dataset/1008029",
-            "  <manual_dir>/Infrared/  and  <manual_dir>/Visible/   (TNO pairs, renamed so the two files share a name)",
+            "  <manual_dir>/Infrared/  and  <manual_dir>/Visible/   "
+            "(TNO pairs, renamed so the two files share a name)",
             "TNO Image Fusion Dataset: military and surveillance infrared/visible pairs."),
     _config("m3fd", ["Ir", "Infrared"], ["Vis", "Visible"], "https://github.com/JinyuanLiu-CV/TarDAL",
             "  <manual_dir>/Ir/  and  <manual_dir>/Vis/   (M3FD_Fusion or M3FD_Detection)",
             "M3FD: 4,200 infrared/visible pairs (1024x768) from the TarDAL project."),
     _config("harvard_mri_pet", ["PET"], ["MRI"], "http://www.med.harvard.edu/AANLIB/home.html",
-            "  <manual_dir>/PET/  and  <manual_dir>/MRI/   (PET in the infrared slot, MRI in the visible slot)",
+            "  <manual_dir>/PET/  and  <manual_dir>/MRI/   "
+            "(PET in the infrared slot, MRI in the visible slot)",
             "Harvard Whole Brain Atlas MRI-PET pairs (256x256; PET in colour)."),
     _config("harvard_mri_spect", ["SPECT"], ["MRI"], "http://www.med.harvard.edu/AANLIB/home.html",
-            "  <manual_dir>/SPECT/  and  <manual_dir>/MRI/   (SPECT in the infrared slot, MRI in the visible slot)",
+            "  <manual_dir>/SPECT/  and  <manual_dir>/MRI/   "
+            "(SPECT in the infrared slot, MRI in the visible slot)",
             "Harvard Whole Brain Atlas MRI-SPECT pairs (256x256; SPECT in colour)."),
     _config("harvard_mri_ct", ["CT"], ["MRI"], "http://www.med.harvard.edu/AANLIB/home.html",
-            "  <manual_dir>/CT/  and  <manual_dir>/MRI/   (CT in the infrared slot, MRI in the visible slot)",
+            "  <manual_dir>/CT/  and  <manual_dir>/MRI/   "
+            "(CT in the infrared slot, MRI in the visible slot)",
             "Harvard Whole Brain Atlas MRI-CT pairs (256x256)."),
     _config("paired_folders", [], [], "your own data",
-            "  <manual_dir>/<ir_folder>/  and  <manual_dir>/<vis_folder>/   (names given with --ir_folder/--vis_folder)",
+            "  <manual_dir>/<ir_folder>/  and  <manual_dir>/<vis_folder>/   "
+            "(names given with --ir_folder/--vis_folder)",
             "Any two folders of aligned image pairs, matched by file name."),
 )
 CONFIG_NAMES = tuple(c.name for c in CONFIGS)
@@ -141,7 +155,8 @@ def _child_dirs(folder: pathlib.Path) -> dict[str, pathlib.Path]:
   return found
 
 
-def _find_modalities(folder: pathlib.Path, config: FusionPairsConfig) -> tuple[pathlib.Path, pathlib.Path] | None:
+def _find_modalities(folder: pathlib.Path,
+                     config: FusionPairsConfig) -> tuple[pathlib.Path, pathlib.Path] | None:
   children = _child_dirs(folder)
   ir = next((children[n.lower()] for n in config.ir_candidates() if n.lower() in children), None)
   vis = next((children[n.lower()] for n in config.vis_candidates() if n.lower() in children), None)
@@ -160,7 +175,8 @@ def _find_splits(folder: pathlib.Path) -> dict[str, pathlib.Path]:
   return splits
 
 
-def find_layout(manual_dir: str | os.PathLike, config: FusionPairsConfig) -> dict[str, tuple[pathlib.Path, pathlib.Path]]:
+def find_layout(manual_dir: str | os.PathLike,
+                config: FusionPairsConfig) -> dict[str, tuple[pathlib.Path, pathlib.Path]]:
   """Maps split name -> (infrared folder, visible folder) inside the user's folder.
 
   Raises:
@@ -185,8 +201,8 @@ def find_layout(manual_dir: str | os.PathLike, config: FusionPairsConfig) -> dic
     ir_names = "/".join(config.ir_candidates())
     vis_names = "/".join(config.vis_candidates())
     raise DataError(
-        f"{root}: no infrared and visible folders found for '{config.name}' (expected {ir_names} and "
-        f"{vis_names}, directly or inside train/ and test/)")
+        f"{root}: no infrared and visible folders found for '{config.name}' "
+        f"(expected {ir_names} and {vis_names}, directly or inside train/ and test/)")
   return layout
 
 
@@ -217,7 +233,8 @@ def check_pairs(pairs: Sequence[tuple[str, tuple[pathlib.Path, pathlib.Path]]], 
       continue
     if ir_size != vis_size and not resize_visible:
       problems.append(
-          f"{ir_path}: pair of different sizes ({ir_path.parent.name}/{ir_path.name} is {ir_size[1]}x{ir_size[0]}, "
+          f"{ir_path}: pair of different sizes "
+          f"({ir_path.parent.name}/{ir_path.name} is {ir_size[1]}x{ir_size[0]}, "
           f"{vis_path.parent.name}/{vis_path.name} is {vis_size[1]}x{vis_size[0]})")
       continue
     good.append((stem, (ir_path, vis_path)))
@@ -229,7 +246,8 @@ def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
   return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC))
 
 
-def read_pair(ir_path: pathlib.Path, vis_path: pathlib.Path, *, resize_visible: bool = False) -> dict:
+def read_pair(ir_path: pathlib.Path, vis_path: pathlib.Path, *,
+              resize_visible: bool = False) -> dict:
   """Decodes a pair: gray uint8 `ir`/`vis` (H, W) and RGB `ir_color`/`vis_color` or None.
 
   With `resize_visible`, a visible image of another size is first resized (as 8-bit RGB
@@ -254,16 +272,17 @@ def read_pair(ir_path: pathlib.Path, vis_path: pathlib.Path, *, resize_visible: 
 
 def format_report(problems: Sequence[str], *, skipped: bool) -> str:
   head = (f"skipped {len(problems)} problem(s) in the dataset folder:" if skipped else
-          f"{len(problems)} problem(s) in the dataset folder (fix them, or pass --skip_bad / skip_bad=True "
-          "to leave those files out):")
+          f"{len(problems)} problem(s) in the dataset folder "
+          "(fix them, or pass --skip_bad / skip_bad=True to leave those files out):")
   lines = [head, *(f"  - {p}" for p in problems)]
   if not skipped and any("pair of different sizes" in p for p in problems):
-    lines.append("  (if the visible images are the same views at another resolution, --resize_visible / "
-                 "resize_visible=True resizes them to the infrared size)")
+    lines.append("  (if the visible images are the same views at another resolution, "
+                 "--resize_visible / resize_visible=True resizes them to the infrared size)")
   return "\n".join(lines)
 
 
-def encode_pair(ir_path: pathlib.Path, vis_path: pathlib.Path, resize_visible: bool) -> dict | imageio.ImageError:
+def encode_pair(ir_path: pathlib.Path, vis_path: pathlib.Path,
+                resize_visible: bool) -> dict | imageio.ImageError:
   """`read_pair`, then PNG-encoded as the builder's features (or the ImageError)."""
   try:
     pair = read_pair(ir_path, vis_path, resize_visible=resize_visible)
@@ -293,7 +312,8 @@ def _encode_in_threads(pairs, resize_visible: bool, num_threads: int | None = No
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
     pending = collections.deque()
     for stem, (ir_path, vis_path) in pairs:
-      pending.append((stem, ir_path, vis_path, pool.submit(encode_pair, ir_path, vis_path, resize_visible)))
+      pending.append((stem, ir_path, vis_path,
+                      pool.submit(encode_pair, ir_path, vis_path, resize_visible)))
       if len(pending) >= 2 * num_threads:
         stem_, a, b, fut = pending.popleft()
         yield stem_, a, b, fut.result()
@@ -366,8 +386,12 @@ class FusionPairs(tfds.core.GeneratorBasedBuilder):
     return self.builder_config.instructions()
 
   def _info(self) -> tfds.core.DatasetInfo:
-    gray = lambda: tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png")
-    color = lambda: tfds.features.Image(shape=(None, None, 3), dtype=np.uint8, encoding_format="png")
+    def gray():
+      return tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png")
+
+    def color():
+      return tfds.features.Image(shape=(None, None, 3), dtype=np.uint8, encoding_format="png")
+
     return tfds.core.DatasetInfo(
         builder=self,
         description=self.builder_config.description,
@@ -415,7 +439,8 @@ class FusionPairs(tfds.core.GeneratorBasedBuilder):
     meta = self.info.metadata
     meta["source"] = {
         "manual_dir": str(manual_dir.resolve()),
-        "folders": {s: [str(a.relative_to(manual_dir)), str(b.relative_to(manual_dir))] for s, (a, b) in layout.items()},
+        "folders": {s: [str(a.relative_to(manual_dir)), str(b.relative_to(manual_dir))]
+                    for s, (a, b) in layout.items()},
     }
     meta["skipped"] = list(problems)
     meta["resize_visible"] = self.resize_visible
@@ -461,8 +486,8 @@ def make_builder(dataset: str, data_dir: str | os.PathLike, *, skip_bad: bool = 
       config = paired_folders_config(ir_folder or "ir", vis_folder or "vi")
   elif ir_folder or vis_folder:
     raise DataError("--ir_folder/--vis_folder are only for --dataset paired_folders")
-  return FusionPairs(config=config, data_dir=os.fspath(data_dir), file_format="array_record", skip_bad=skip_bad,
-                     resize_visible=resize_visible)
+  return FusionPairs(config=config, data_dir=os.fspath(data_dir), file_format="array_record",
+                     skip_bad=skip_bad, resize_visible=resize_visible)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -486,16 +511,17 @@ class BuiltDataset:
 
 def _built_info(builder: FusionPairs) -> BuiltDataset:
   meta = builder.info.metadata or {}
-  images = {s: [(str(a), int(b), int(c)) for a, b, c in rows] for s, rows in dict(meta.get("images", {})).items()}
+  images = {s: [(str(a), int(b), int(c)) for a, b, c in rows]
+            for s, rows in dict(meta.get("images", {})).items()}
   return BuiltDataset(
       data_dir=pathlib.Path(builder.data_dir), images=images, skipped=list(meta.get("skipped", [])),
       resized={s: list(v) for s, v in dict(meta.get("resized", {})).items()},
       source=str(dict(meta.get("source", {})).get("manual_dir", "")))
 
 
-def prepare(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike, *, skip_bad: bool = False,
-            resize_visible: bool | None = None, ir_folder: str | None = None,
-            vis_folder: str | None = None) -> BuiltDataset:
+def prepare(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike, *,
+            skip_bad: bool = False, resize_visible: bool | None = None,
+            ir_folder: str | None = None, vis_folder: str | None = None) -> BuiltDataset:
   """Builds `dataset` from `manual_dir` into `data_dir` (idempotent) and describes it.
 
   A dataset already built in `data_dir` is reused when it came from the same folder.
@@ -524,5 +550,6 @@ def load_built(dataset: str, data_dir: str | os.PathLike) -> BuiltDataset:
   """Describes an already built dataset (raises DataError when it is not built)."""
   builder = make_builder(dataset, data_dir)
   if not builder.is_prepared():
-    raise DataError(f"{pathlib.Path(data_dir)}: no built '{dataset}' dataset (run bin/prepare_data.py first)")
+    raise DataError(f"{pathlib.Path(data_dir)}: no built '{dataset}' dataset "
+                    "(run bin/prepare_data.py first)")
   return _built_info(builder)

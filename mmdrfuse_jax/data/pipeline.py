@@ -104,14 +104,16 @@ class PatchDataset:
     if len(ir_images) != len(vis_images):
       raise ValueError(f"{len(ir_images)} infrared images but {len(vis_images)} visible images")
     if patch_size < 1 or patch_stride < 1:
-      raise ValueError(f"patch_size and patch_stride must be positive, got {patch_size}, {patch_stride}")
+      raise ValueError(
+          f"patch_size and patch_stride must be positive, got {patch_size}, {patch_stride}")
     self.patch_size, self.patch_stride = int(patch_size), int(patch_stride)
     self.ir_images = [_gray_uint8(x) for x in ir_images]
     self.vis_images = [_gray_uint8(x) for x in vis_images]
     self.stems = list(stems) if stems is not None else [str(i) for i in range(len(self.ir_images))]
     for i, (a, b) in enumerate(zip(self.ir_images, self.vis_images)):
       if a.shape != b.shape:
-        raise ValueError(f"image {self.stems[i]}: infrared {a.shape} and visible {b.shape} differ in size")
+        raise ValueError(
+            f"image {self.stems[i]}: infrared {a.shape} and visible {b.shape} differ in size")
     image_index, ys, xs = [], [], []
     for i, img in enumerate(self.ir_images):
       rows, cols = patch_grid(*img.shape, self.patch_size, self.patch_stride)
@@ -140,7 +142,8 @@ class PatchDataset:
     from mmdrfuse_jax.data import synthetic  # pylint: disable=g-import-not-at-top
 
     ir, vis = synthetic.make_pairs(num_pairs, height, width, seed)
-    return cls(list(ir), list(vis), stems=[f"synthetic_{seed}_{i:04d}" for i in range(num_pairs)], **kwargs)
+    return cls(list(ir), list(vis), stems=[f"synthetic_{seed}_{i:04d}" for i in range(num_pairs)],
+               **kwargs)
 
   @classmethod
   def from_tfds(cls, data_dir: str | os.PathLike, dataset: str, split: str = "train", *,
@@ -164,18 +167,23 @@ class PatchDataset:
       raise builders.DataError(
           f"{built.data_dir}: no split {split!r} (built: {', '.join(sorted(built.images))})")
     source = tfds.data_source(
-        f"{builders.BUILDER_NAME}/{dataset}", split=split, data_dir=os.fspath(data_dir), download=False,
-        decoders={"ir_color": tfds.decode.SkipDecoding(), "vis_color": tfds.decode.SkipDecoding()})
+        f"{builders.BUILDER_NAME}/{dataset}", split=split, data_dir=os.fspath(data_dir),
+        download=False,
+        decoders={"ir_color": tfds.decode.SkipDecoding(),
+                  "vis_color": tfds.decode.SkipDecoding()})
 
     def take(record):
-      return int(record["image_id"]), record["stem"].decode(), record["ir"][..., 0], record["vis"][..., 0]
+      return (int(record["image_id"]), record["stem"].decode(), record["ir"][..., 0],
+              record["vis"][..., 0])
 
     ds = grain.MapDataset.source(source).map(take).to_iter_dataset(
         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * max(num_threads, 1)))
     records = sorted(ds, key=lambda r: r[0])
     if [r[0] for r in records] != list(range(len(records))):
-      raise builders.DataError(f"{built.data_dir}: image ids of split {split!r} are not 0..{len(records) - 1}")
-    return cls([r[2] for r in records], [r[3] for r in records], stems=[r[1] for r in records], **kwargs)
+      raise builders.DataError(
+          f"{built.data_dir}: image ids of split {split!r} are not 0..{len(records) - 1}")
+    return cls([r[2] for r in records], [r[3] for r in records], stems=[r[1] for r in records],
+               **kwargs)
 
   # -------------------------------------------------------------------------------------
   # Sizes.
@@ -196,7 +204,9 @@ class PatchDataset:
   # Patches.
 
   def patches(self, patch_ids: np.ndarray) -> Batch:
-    """The patches with these ids: `ir`, `vis` float32 (B, P, P, 1) in [0, 1], `patch_id` int32 (B,)."""
+    """The patches with these ids: `ir`, `vis` float32 (B, P, P, 1) in [0, 1],
+    `patch_id` int32 (B,).
+    """
     patch_ids = np.asarray(patch_ids, np.int64)
     p = self.patch_size
     ir = np.empty((len(patch_ids), p, p), np.uint8)
@@ -216,15 +226,18 @@ class PatchDataset:
     """The patch ids of one epoch in delivery order: a function of (seed, epoch, N) only."""
     if not shuffle:
       return np.arange(self.num_patches)
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch)])))
+    rng = np.random.Generator(
+        np.random.PCG64(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch)])))
     return rng.permutation(self.num_patches)
 
   # -------------------------------------------------------------------------------------
   # Iteration.
 
   def iterate(self, batch_size: int, seed: int, start_state: Mapping[str, Any] | None = None, *,
-              num_epochs: int | None = None, sharding: jax.sharding.Sharding | jax.sharding.Mesh | None = None,
-              shuffle: bool = True, prefetch: int = 2, num_threads: int = 1) -> Iterator[tuple[Batch, State]]:
+              num_epochs: int | None = None,
+              sharding: jax.sharding.Sharding | jax.sharding.Mesh | None = None,
+              shuffle: bool = True, prefetch: int = 2,
+              num_threads: int = 1) -> Iterator[tuple[Batch, State]]:
     """Yields (batch, state_after) from `start_state` on, for `num_epochs` epochs (None: forever).
 
     Args:

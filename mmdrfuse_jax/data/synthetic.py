@@ -23,7 +23,9 @@ from mmdrfuse_jax import imageio
 
 
 def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:
-  """Value noise: a (cells+1)^2 random grid, smoothstep-interpolated to (height, width), in [0, 1]."""
+  """Value noise: a (cells+1)^2 random grid, smoothstep-interpolated to (height, width),
+  in [0, 1].
+  """
   grid = rng.random((cells + 1, cells + 1))
 
   def axis(n):
@@ -38,7 +40,8 @@ def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int)
   return rows[:, ix] * (1 - fx) + rows[:, ix + 1] * fx
 
 
-def _fractal(rng: np.random.Generator, height: int, width: int, base_cells: int, octaves: int) -> np.ndarray:
+def _fractal(rng: np.random.Generator, height: int, width: int, base_cells: int,
+             octaves: int) -> np.ndarray:
   """Sum of value-noise octaves (each twice as fine, half as strong), scaled to [0, 1]."""
   total = np.zeros((height, width))
   amp, norm, cells = 1.0, 0.0, base_cells
@@ -119,7 +122,8 @@ def make_pair(height: int, width: int, rng: np.random.Generator) -> tuple[np.nda
   half = (0.05 + 0.4 * ground_t) * w
   road = (~sky) & (np.abs(xx - road_cx) < half)
   vis = np.where(road[..., None], (0.3 + 0.1 * tex)[..., None], vis)
-  dash = road & (np.abs(xx - road_cx) < 0.006 * w + 0.01 * half) & ((yy // max(h // 24, 1)) % 2 == 0)
+  dash = (road & (np.abs(xx - road_cx) < 0.006 * w + 0.01 * half)
+          & ((yy // max(h // 24, 1)) % 2 == 0))
   vis[dash] = 0.9
   ir[road] += 0.06
 
@@ -173,7 +177,8 @@ def make_pair(height: int, width: int, rng: np.random.Generator) -> tuple[np.nda
   light = (level * (0.5 + _smooth_noise(rng, h, w, 3))).astype(f32)
   for _ in range(rng.integers(0, 4)):
     sy, sx, sr = rng.uniform(horizon, h), rng.uniform(0, w), rng.uniform(0.05, 0.15) * w
-    light += f32(rng.uniform(0.3, 0.8)) * np.exp(-((yy - sy) ** 2 + (xx - sx) ** 2) / f32(2 * sr * sr))
+    light += f32(rng.uniform(0.3, 0.8)) * np.exp(
+        -((yy - sy) ** 2 + (xx - sx) ** 2) / f32(2 * sr * sr))
   shadow = np.zeros((h, w), f32)
   hidden = objects[rng.integers(len(objects))]  # this one is always in deep shadow
   for k in range(rng.integers(1, 4)):
