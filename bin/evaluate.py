@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Scores fused images with the metrics of the published tables (EN SD SF AG MI SCD VIF Qabf \
-SSIM CC PSNR).
+"""Scores fused images with the metrics of the published tables.
+
+The metrics: EN SD SF AG MI SCD VIF Qabf SSIM CC PSNR.
 
   python bin/evaluate.py --ir IR_DIR --vis VIS_DIR --fused FUSED_DIR [--csv OUT.csv]
   python bin/evaluate.py --ir IR_DIR --vis VIS_DIR --weights student.model [--save_fused DIR]

@@ -90,8 +90,9 @@ def _corr(x: Array, y: Array, mask: Array, count: Array) -> Array:
 
 
 def _filter_axis(x: Array, taps: Sequence[float], axis: int, stride: int = 1) -> Array:
-  """'valid' correlation along `axis` with the 1-D window `taps`, keeping every
-  `stride`-th output.
+  """'valid' correlation along `axis` with the 1-D window `taps`.
+
+  Keeps every `stride`-th output.
   """
   n = len(taps)
   out_len = (x.shape[axis] - n) // stride + 1

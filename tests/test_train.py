@@ -64,6 +64,21 @@ def tiny_config(teacher_file):
   return config
 
 
+def _fresh_state(cfg, teacher, mesh):
+  """A new student train state for `tiny_config`'s 4 patches of 32x32, placed on `mesh`."""
+  state = train.create_train_state("student", train.make_optimizer(1e-3), jax.random.PRNGKey(0),
+                                   4, 32, cfg.refresh, teacher_params=teacher)
+  return train.replicate(state, mesh)
+
+
+def _random_batch(seed, patch_ids):
+  """A batch of random 32x32 pairs for the given patch ids."""
+  rng = np.random.default_rng(seed)
+  shape = (len(patch_ids), 32, 32, 1)
+  return {"ir": rng.random(shape, dtype=np.float32), "vis": rng.random(shape, dtype=np.float32),
+          "patch_id": np.array(patch_ids, np.int32)}
+
+
 def read_scalars(path):
   """(step, {tag: value}) rows of an event file, read with TensorBoard's own reader."""
   accumulator = event_accumulator.EventAccumulator(str(path))
@@ -142,9 +157,7 @@ def test_nonfinite_loss_skips_update(straight_run, teacher_file):
   cfg = train.StepConfig.from_config(config, steps_per_epoch=2)
   mesh = train.make_mesh(2)
   teacher = checkpoints.load_params(teacher_file, "teacher")
-  state = train.create_train_state("student", train.make_optimizer(1e-3), jax.random.PRNGKey(0), 4,
-                                   32, cfg.refresh, teacher_params=teacher)
-  state = train.replicate(state, mesh)
+  state = _fresh_state(cfg, teacher, mesh)
   frozen = train.replicate(train.Frozen(vgg=vgg.random_params(), teacher=teacher), mesh)
   before = jax.device_get(state)
   step = train.make_train_step(cfg, mesh)
@@ -291,16 +304,11 @@ def test_teacher_cache_matches_teacher_in_step(teacher_file):
   mesh = train.make_mesh(2)
   teacher = checkpoints.load_params(teacher_file, "teacher")
   frozen = train.replicate(train.Frozen(vgg=vgg.random_params(), teacher=teacher), mesh)
-  rng = np.random.default_rng(1)
-  batch = {"ir": rng.random((2, 32, 32, 1), dtype=np.float32),
-           "vis": rng.random((2, 32, 32, 1), dtype=np.float32),
-           "patch_id": np.array([2, 1], np.int32)}
+  batch = _random_batch(1, [2, 1])
   cache = distill.TeacherCache(4, 32, mesh)
   results = []
   for b in (batch, cache.add_to(batch, frozen.teacher)):
-    state = train.create_train_state("student", train.make_optimizer(1e-3), jax.random.PRNGKey(0),
-                                     4, 32, cfg.refresh, teacher_params=teacher)
-    state, metrics = train.make_train_step(cfg, mesh)(train.replicate(state, mesh), b, frozen)
+    state, metrics = train.make_train_step(cfg, mesh)(_fresh_state(cfg, teacher, mesh), b, frozen)
     results.append(jax.device_get((state.params, metrics["l_distill"])))
   assert cache.known.tolist() == [False, True, True, False]
   for x, y in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(results[1])):
@@ -346,19 +354,13 @@ def test_terms_that_are_off_run_no_vgg(straight_run, teacher_file):
   teacher = checkpoints.load_params(teacher_file, "teacher")
   poisoned = jax.tree_util.tree_map(lambda a: np.full_like(a, np.nan), vgg.random_params())
   frozen = train.replicate(train.Frozen(vgg=poisoned, teacher=teacher), mesh)
-  rng = np.random.default_rng(2)
-  batch = {"ir": rng.random((2, 32, 32, 1), dtype=np.float32),
-           "vis": rng.random((2, 32, 32, 1), dtype=np.float32),
-           "patch_id": np.array([0, 1], np.int32)}
+  batch = _random_batch(2, [0, 1])
   nonfinite = {}
   for w_percep, ssim, gmsd in ((0.0, False, False), (2.0, True, True)):
     config.loss.w_percep = w_percep
     config.refresh.ssim, config.refresh.gmsd = ssim, gmsd
     cfg = train.StepConfig.from_config(config, steps_per_epoch=2)
-    state = train.create_train_state("student", train.make_optimizer(1e-3),
-                                     jax.random.PRNGKey(0), 4, 32, cfg.refresh,
-                                     teacher_params=teacher)
-    _, metrics = train.make_train_step(cfg, mesh)(train.replicate(state, mesh), batch, frozen)
+    _, metrics = train.make_train_step(cfg, mesh)(_fresh_state(cfg, teacher, mesh), batch, frozen)
     nonfinite[w_percep] = float(metrics["nonfinite"])
     assert ("l_percep" in metrics) == (w_percep != 0)
   assert nonfinite == {0.0: 0.0, 2.0: 1.0}  # Only the step that needs VGG sees its NaNs.

@@ -204,8 +204,9 @@ class PatchDataset:
   # Patches.
 
   def patches(self, patch_ids: np.ndarray) -> Batch:
-    """The patches with these ids: `ir`, `vis` float32 (B, P, P, 1) in [0, 1],
-    `patch_id` int32 (B,).
+    """The patches with these ids.
+
+    Returns `ir`, `vis` float32 (B, P, P, 1) in [0, 1] and `patch_id` int32 (B,).
     """
     patch_ids = np.asarray(patch_ids, np.int64)
     p = self.patch_size
