@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -39,6 +40,14 @@ def teacher_targets(teacher_params: Any, x: jax.Array) -> jax.Array:
   return jnp.concatenate([jnp.sum(t["feat"], axis=-1, keepdims=True), t["out"]], axis=-1)
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_teacher_targets(mesh: Mesh):
+  """`teacher_targets` jitted for `mesh` (cached: every cache on a mesh shares one compilation)."""
+  batch = NamedSharding(mesh, P("data"))
+  return jax.jit(teacher_targets, in_shardings=(NamedSharding(mesh, P()), batch),
+                 out_shardings=batch)
+
+
 class TeacherCache:
   """Host copy of `teacher_targets` per patch id, filled the first time a patch is seen.
 
@@ -52,9 +61,7 @@ class TeacherCache:
     self.values = np.zeros((num_patches, patch_size, patch_size, 2), np.float32)
     self.known = np.zeros(num_patches, bool)
     self._sharding = NamedSharding(mesh, P("data"))
-    self._compute = jax.jit(teacher_targets,
-                            in_shardings=(NamedSharding(mesh, P()), self._sharding),
-                            out_shardings=self._sharding)
+    self._compute = _jitted_teacher_targets(mesh)
 
   def add_to(self, batch: dict[str, jax.Array], teacher_params: Any) -> dict[str, jax.Array]:
     """`batch` with its `teacher` targets (computed now for patches not seen before)."""

@@ -107,10 +107,21 @@ class StepConfig:
     return max(needed, default=0)
 
 
+@functools.lru_cache(maxsize=32)
 def make_optimizer(lr: float = 1e-4, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
                    ) -> optax.GradientTransformation:
-  """Adam, by default with PyTorch's defaults (optax.adam matches torch.optim.Adam)."""
+  """Adam, by default with PyTorch's defaults (optax.adam matches torch.optim.Adam).
+
+  Cached: the optimiser is a static part of the `TrainState` pytree, so equal settings must
+  give the same object for a jitted step to be reused across states (stages, resumes, tests).
+  """
   return optax.adam(lr, b1=b1, b2=b2, eps=eps)
+
+
+@functools.lru_cache(maxsize=None)
+def _network(model: str):
+  # One module per network: its `apply` is static in the `TrainState`, like the optimiser.
+  return models.get_model(model)
 
 
 def create_train_state(model: str, tx: optax.GradientTransformation, rng: jax.Array,
@@ -131,7 +142,7 @@ def create_train_state(model: str, tx: optax.GradientTransformation, rng: jax.Ar
   if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.key_data(rng)  # Raw uint32 keys checkpoint as plain arrays.
   init_rng, state_rng = jax.random.split(rng)
-  net = models.get_model(model)
+  net = _network(model)
   if params is None:
     params = net.init(init_rng, jnp.zeros((1, patch_size, patch_size, 2), jnp.float32))["params"]
     if model == "student" and teacher_params is not None:
