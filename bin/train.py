@@ -8,6 +8,7 @@ Rerunning with the same --workdir resumes from its latest checkpoint.
 """
 
 import pathlib
+import re
 import sys
 
 # The configs import `configs.default`, which lives next to bin/ in the repository.
@@ -21,6 +22,30 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _config_error(e: Exception) -> str:
+  """One line for a config file or `--config.x` override that cannot be used."""
+  text = " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
+  suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+  if suggestion:
+    return (f"--config: no field {suggestion.group(2)!r} in the config; did you mean "
+            f"{suggestion.group(1)!r}?")
+  missing = re.search(r"Attempted \[.*?\]: (\S+) \[Errno 2\]", text)
+  if missing:
+    return f"--config={missing.group(1)}: no such config file"
+  return f"--config: {text[:300]}"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a bad flag, config file or override as one line and exit 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+  except Exception as e:  # config_flags raises many types for a file or override it rejects.
+    print(f"error: {_config_error(e)}", file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -30,7 +55,13 @@ def main(argv) -> int:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
 
   try:
-    result = stages.run(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    config.get("model")  # The file is loaded lazily: a missing or broken one fails here.
+  except Exception as e:  # The config file failed to load (absl parsed the flags lazily).
+    print(f"error: {_config_error(e)}", file=sys.stderr)
+    return 2
+  try:
+    result = stages.run(config, _WORKDIR.value)
   except trainer.TrainingError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -40,4 +71,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

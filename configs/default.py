@@ -63,6 +63,11 @@ def get_config(model: str = "student") -> ml_collections.ConfigDict:
   # (2 x H x W float32 per patch) instead of running the teacher in every step.
   config.teacher_cache = True
 
+  # Rerunning in the same --workdir resumes; a run with other settings (see
+  # `trainer.IDENTITY_KEYS`) is refused unless `start_fresh`, which moves the earlier run
+  # aside (to WORKDIR/replaced-<time>) and starts over. `num_epochs` may grow between reruns.
+  config.start_fresh = False
+
   config.log_every_steps = 50
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3

@@ -35,5 +35,6 @@ def get_config():
   # WORKDIR/teacher/teacher.npz (into WORKDIR/student).
   teacher = _small(default.get_config("teacher"))
   teacher.num_epochs = 3
+  del teacher["data"]  # Both stages train on the run's `config.data` (see stages.py).
   config.teacher_stage = teacher
   return config

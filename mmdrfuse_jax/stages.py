@@ -2,8 +2,12 @@
 
 A config with a `teacher_stage` sub-config (the quickstart) is a two-stage run: the teacher is
 trained in `WORKDIR/teacher` from that sub-config, then the student in `WORKDIR/student`
-distils from `WORKDIR/teacher/teacher.npz`. Any other config is one stage in `WORKDIR`.
-Each stage resumes on its own, so rerunning the same command continues where it stopped.
+distils from `WORKDIR/teacher/teacher.npz`. Both stages train on the run's `config.data`
+(the teacher stage has no data settings of its own), and the run's `vgg_weights` (unless the
+stage names its own), `progress_bar` and `start_fresh` apply to both. Given
+`config.teacher_weights`, the teacher stage is skipped and the student distils from that
+teacher. Any other config is one stage in `WORKDIR`. Each stage resumes on its own, so
+rerunning the same command continues where it stopped.
 """
 
 from __future__ import annotations
@@ -32,13 +36,17 @@ def plan(config: Any, workdir: str | os.PathLike) -> list[Stage]:
   workdir = pathlib.Path(workdir).expanduser()
   if config.get("teacher_stage") is None:
     return [Stage(str(config.model), config, workdir)]
+  student = ml_collections.ConfigDict(config.to_dict())
+  del student["teacher_stage"]
+  if config.teacher_weights:  # A given teacher: distil from it, no teacher stage.
+    return [Stage("student", student, workdir / "student")]
   teacher = ml_collections.ConfigDict(config.teacher_stage.to_dict())
   # Settings given for the whole run apply to the teacher stage too.
+  teacher.data = ml_collections.ConfigDict(config.data.to_dict())
   if not teacher.vgg_weights:
     teacher.vgg_weights = config.vgg_weights
   teacher.progress_bar = config.progress_bar
-  student = ml_collections.ConfigDict(config.to_dict())
-  del student["teacher_stage"]
+  teacher.start_fresh = config.start_fresh
   teacher_dir = workdir / "teacher"
   student.teacher_weights = str(teacher_dir / f"{teacher.model}.npz")
   return [Stage("teacher", teacher, teacher_dir),
@@ -57,8 +65,14 @@ def run(config: Any, workdir: str | os.PathLike, *, log: Callable[[str], None] =
 
   Returns:
     The `trainer.RunResult` of the last stage that ran.
+
+  Raises:
+    trainer.TrainingError: a stage cannot run (one-line message); checked for every stage's
+      settings before the first stage starts.
   """
   stages = plan(config, workdir)
+  for stage in stages:  # Every stage's settings before any stage trains.
+    trainer.check_config(stage.config)
   for number, stage in enumerate(stages, start=1):
     if len(stages) > 1:
       source = f", distilled from {stage.config.teacher_weights}" if stage.name == "student" else ""

@@ -14,18 +14,32 @@ from typing import Mapping
 
 import tensorboardX
 
+from mmdrfuse_jax import files
+
 # The loss terms in the order the console line shows them.
 _CONSOLE_TERMS = ("l_int", "l_percep", "l_grad", "l_distill", "l_refresh")
 
 
 class MetricWriter:
-  """Scalars to TensorBoard and `metrics.jsonl`; the run's config as TensorBoard text."""
+  """Scalars to TensorBoard and `metrics.jsonl`; the run's config as TensorBoard text.
 
-  def __init__(self, logdir: str | os.PathLike):
+  Args:
+    logdir: the run's working directory.
+    purge_after_step: for a run resumed from this step's checkpoint: rows of later steps,
+      logged before the interruption, are dropped from `metrics.jsonl` and hidden from
+      TensorBoard (its `purge_step`), since the resumed run logs those steps again.
+  """
+
+  def __init__(self, logdir: str | os.PathLike, purge_after_step: int | None = None):
     logdir = pathlib.Path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
-    self._events = tensorboardX.SummaryWriter(logdir=str(logdir))
-    self._jsonl = open(logdir / "metrics.jsonl", "a", encoding="utf-8")
+    jsonl = logdir / "metrics.jsonl"
+    purge_step = None
+    if purge_after_step is not None:
+      purge_step = purge_after_step + 1
+      _drop_rows_after(jsonl, purge_after_step)
+    self._events = tensorboardX.SummaryWriter(logdir=str(logdir), purge_step=purge_step)
+    self._jsonl = open(jsonl, "a", encoding="utf-8")
 
   def config(self, config_json: str) -> None:
     """Records the run's config (JSON text), shown under TensorBoard's Text tab."""
@@ -47,6 +61,24 @@ class MetricWriter:
     self.flush()
     self._events.close()
     self._jsonl.close()
+
+
+def _drop_rows_after(jsonl: pathlib.Path, step: int) -> None:
+  """Rewrites `jsonl` (atomically) without the rows of steps after `step`."""
+  if not jsonl.is_file():
+    return
+  lines = jsonl.read_text(encoding="utf-8").splitlines(keepends=True)
+  kept = [line for line in lines if _row_step(line) <= step]
+  if len(kept) != len(lines):
+    with files.atomic_write(jsonl, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+
+
+def _row_step(line: str) -> float:
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, KeyError, TypeError):
+    return float("inf")  # A torn last line (the process was killed while writing): drop it.
 
 
 def format_metrics(step: int, total: int, m: Mapping[str, float]) -> str:

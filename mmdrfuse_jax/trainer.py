@@ -8,8 +8,11 @@ teacher-then-student sequence of the quickstart is `stages.run`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
+import shutil
+import time
 from typing import Any, Callable
 
 import jax
@@ -17,7 +20,17 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mmdrfuse_jax import checkpoints, distill, interrupts, models, refresh, summary, train, vgg
+from mmdrfuse_jax import (
+    checkpoints,
+    distill,
+    files,
+    interrupts,
+    models,
+    refresh,
+    summary,
+    train,
+    vgg,
+)
 
 
 class TrainingError(RuntimeError):
@@ -33,6 +46,87 @@ class RunResult:
   total_steps: int
   interrupted_by: int | None = None  # The signal number that stopped the run early.
   nonfinite_skips: int = 0
+
+
+# ------------------------------------------------------------------------- run settings
+
+# The settings that shape a run: checkpoints, the data order and the refresh memories depend
+# on them, so a rerun in the same workdir must keep them. The others (logging, checkpoint
+# frequency, progress bar, teacher cache) may change between reruns, and `num_epochs` may
+# grow (the run continues); `start_fresh=True` moves the old run aside and starts over.
+IDENTITY_KEYS = ("model", "seed", "data", "batch_size", "optim", "loss", "refresh",
+                 "vgg_weights", "allow_random_vgg", "random_vgg_seed", "teacher_weights")
+_POSITIVE_INTS = ("batch_size", "num_epochs", "log_every_steps", "checkpoint_every_steps",
+                  "keep_checkpoints", "data.patch_size", "data.patch_stride")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if hasattr(tree, "to_dict"):
+    tree = tree.to_dict()
+  if not isinstance(tree, dict):
+    return {prefix[:-1]: tree}
+  flat = {}
+  for key, value in tree.items():
+    flat.update(_flatten(value, f"{prefix}{key}."))
+  return flat
+
+
+def check_config(config: Any) -> None:
+  """Raises TrainingError (one line) for settings no run can use."""
+  if config.model not in models.MODELS:
+    raise TrainingError(
+        f"config.model must be one of {sorted(models.MODELS)}, got {config.model!r}")
+  flat = _flatten(config)
+  for key in _POSITIVE_INTS:
+    value = flat[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise TrainingError(f"config.{key} must be a positive integer, got {value!r}")
+  if int(config.data.synthetic_pairs) > 0 and config.data.dataset:
+    raise TrainingError(
+        f"config.data names both a dataset ({config.data.dataset!r}) and procedural pairs "
+        f"(synthetic_pairs={config.data.synthetic_pairs}); to train on the dataset add "
+        "--config.data.synthetic_pairs=0")
+
+
+def run_identity(config: Any) -> dict[str, Any]:
+  """The settings of `config` that a rerun in the same workdir must keep (dotted keys)."""
+  return {k: v for k, v in _flatten(config).items() if k.split(".")[0] in IDENTITY_KEYS}
+
+
+def _claim_workdir(workdir: pathlib.Path, config: Any, log: Callable[[str], None]) -> None:
+  """Records the run's settings in `workdir/run.json`, or checks a rerun keeps them.
+
+  Raises:
+    TrainingError: the workdir holds a run with other settings.
+  """
+  record = workdir / "run.json"
+  identity = run_identity(config)
+  if config.get("start_fresh", False) and any(workdir.iterdir()):
+    aside = workdir / f"replaced-{time.strftime('%Y%m%dT%H%M%S')}"
+    aside.mkdir()
+    for entry in list(workdir.iterdir()):
+      if entry != aside and not entry.name.startswith("replaced-"):
+        shutil.move(str(entry), aside / entry.name)
+    log(f"start_fresh: the earlier run in {workdir} was moved to {aside}")
+  elif record.is_file():
+    try:
+      before = json.loads(record.read_text())["identity"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise TrainingError(f"{record}: unreadable run record ({type(e).__name__}: {e}); "
+                          "use another --workdir or --config.start_fresh=True") from None
+    changed = [f"{key}: {before.get(key, '(unset)')!r} -> {identity.get(key, '(unset)')!r}"
+               for key in sorted(set(before) | set(identity))
+               if before.get(key, "(unset)") != identity.get(key, "(unset)")]
+    if changed:
+      raise TrainingError(
+          f"{workdir} holds a run with other settings ({'; '.join(changed)}); use another "
+          "--workdir, or --config.start_fresh=True to move that run aside and start over")
+    return
+  elif (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
+    log(f"warning: {workdir} has checkpoints but no run record (an older version's run); "
+        "resuming without checking its settings")
+  with files.atomic_write(record, "w") as f:
+    f.write(json.dumps({"identity": identity}, indent=2, sort_keys=True, default=str) + "\n")
 
 
 # ------------------------------------------------------------------------------ run inputs
@@ -102,31 +196,69 @@ class RunCheckpoints:
 
     self._ocp = ocp
     self.directory = directory
-    self._manager = ocp.CheckpointManager(
-        directory.resolve(),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False,
+    self._keep = keep
+    self._manager = self._open()
+
+  def _open(self):
+    return self._ocp.CheckpointManager(
+        self.directory.resolve(),
+        options=self._ocp.CheckpointManagerOptions(
+            max_to_keep=self._keep, create=True, enable_async_checkpointing=False,
             cleanup_tmp_directories=True))
 
-  def restore_latest(self, like: train.TrainState) -> tuple[train.TrainState, int | None]:
-    """The latest saved state (shaped and placed like `like`) and its step; `like` if none."""
-    latest = self._manager.latest_step()
-    if latest is None:
-      return like, None
+  def restore_latest(self, like: train.TrainState, log: Callable[[str], None]
+                     ) -> tuple[train.TrainState, int | None]:
+    """The newest saved state that restores (shaped and placed like `like`), and its step.
+
+    A checkpoint that does not restore (truncated, missing metadata, empty) is moved to
+    `damaged_checkpoints/` beside `checkpoints/`, never deleted, and the next older one is
+    tried. Returns `(like, None)` when there is no checkpoint.
+
+    Raises:
+      TrainingError: checkpoints exist but none restores.
+    """
     abstract = jax.tree_util.tree_map(self._ocp.utils.to_shape_dtype_struct, like)
-    try:
-      return self._manager.restore(latest, args=self._ocp.args.StandardRestore(abstract)), latest
-    except Exception as e:  # Orbax raises many types for a mismatching or damaged checkpoint.
-      first_line = (str(e).splitlines() or [""])[0][:200]
+    failures = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        restored = self._manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+      except Exception as e:  # Orbax raises many types for a damaged checkpoint.
+        reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+        failures.append(f"step {step} ({reason})")
+        log(f"warning: checkpoint at step {step} in {self.directory} does not restore "
+            f"({reason}); moved to {self._quarantine(step)}, trying an older one")
+        # A fresh manager: a failed restore can leave the old one's view of the steps wrong.
+        self._manager = self._open()
+        continue
+      return restored, step
+    if failures:
       raise TrainingError(
-          f"{self.directory}: cannot resume from step {latest} with this config "
-          f"({type(e).__name__}: {first_line}); use another --workdir") from None
+          f"{self.directory}: no checkpoint restores, all are damaged ({'; '.join(failures)}); "
+          "use another --workdir, or --config.start_fresh=True to start over")
+    return like, None
+
+  def _quarantine(self, step: int) -> pathlib.Path:
+    damaged = self.directory.parent / "damaged_checkpoints"
+    damaged.mkdir(exist_ok=True)
+    target = damaged / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+    (self.directory / str(step)).rename(target)
+    return target
 
   def save(self, step: int, state: train.TrainState) -> None:
-    """Saves `state` as `step` (once: a step already saved is not written again)."""
-    if self._manager.latest_step() != step:
+    """Saves `state` as `step` (once: a step already saved is not written again).
+
+    Raises:
+      TrainingError: the checkpoint cannot be written (disk full, permissions).
+    """
+    if self._manager.latest_step() == step:
+      return
+    try:
       self._manager.save(step, args=self._ocp.args.StandardSave(state), force=True)
       self._manager.wait_until_finished()
+    except Exception as e:  # OSError, or orbax/tensorstore errors wrapping one.
+      first = (str(e).splitlines() or [""])[0][:200]
+      raise TrainingError(f"{self.directory}: cannot save the checkpoint of step {step} "
+                          f"({type(e).__name__}: {first})") from None
 
 
 # -------------------------------------------------------------------------------- the loop
@@ -151,15 +283,27 @@ def train_model(config: Any, workdir: str | os.PathLike, *, log: Callable[[str],
     A `RunResult`.
 
   Raises:
-    TrainingError: missing or unusable data, VGG or teacher weights (one-line message).
+    TrainingError: unusable settings; missing or unusable data, VGG or teacher weights; a
+      workdir holding a run with other settings; damaged checkpoints; a full disk (one-line
+      message).
   """
+  workdir = pathlib.Path(workdir).expanduser()
+  check_config(config)
+  try:
+    return _train_model(config, workdir, log, stop_at_step)
+  except OSError as e:  # Disk full, permissions: the cause and the path, in one line.
+    where = e.filename or workdir
+    raise TrainingError(f"{where}: {e.strerror or e}; checkpoints written so far are kept "
+                        "and a rerun resumes from the latest") from None
+
+
+def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
+                 stop_at_step: int | None) -> RunResult:
+  """`train_model` after the config checks."""
   import tqdm  # pylint: disable=g-import-not-at-top
 
-  workdir = pathlib.Path(workdir).expanduser()
-  if config.model not in models.MODELS:
-    raise TrainingError(
-        f"config.model must be one of {sorted(models.MODELS)}, got {config.model!r}")
   workdir.mkdir(parents=True, exist_ok=True)
+  _claim_workdir(workdir, config, log)
   dataset = load_dataset(config)
   vgg_params = load_vgg(config, log)
   teacher = load_teacher(config) if config.model == "student" else None
@@ -185,19 +329,25 @@ def train_model(config: Any, workdir: str | os.PathLike, *, log: Callable[[str],
   frozen = train.replicate(train.Frozen(vgg=vgg_params, teacher=teacher), mesh)
 
   saved = RunCheckpoints(workdir / "checkpoints", int(config.keep_checkpoints))
-  state, resumed_from = saved.restore_latest(state)
+  state, resumed_from = saved.restore_latest(state, log)
   if resumed_from is not None:
+    if resumed_from > total_steps:
+      raise TrainingError(
+          f"{saved.directory}: the run is at step {resumed_from}, past the {total_steps} steps "
+          f"of num_epochs={config.num_epochs}; give at least as many epochs as before")
     log(f"resumed from {saved.directory} at step {resumed_from} "
         f"(epoch {int(state.epoch)}, batch {int(state.position)})")
   config_json = config.to_json_best_effort(indent=2)
-  (workdir / "config.json").write_text(config_json + "\n")
+  with files.atomic_write(workdir / "config.json", "w") as f:
+    f.write(config_json + "\n")
 
   cache = None
   if cfg.uses_teacher and config.teacher_cache:
     cache = distill.TeacherCache(dataset.num_patches, dataset.patch_size, mesh)
   step = int(state.step)
   train_step = train.make_train_step(cfg, mesh)
-  writer = summary.MetricWriter(workdir)
+  # Rows logged after the checkpoint we resume from are dropped (they will be logged again).
+  writer = summary.MetricWriter(workdir, purge_after_step=resumed_from)
   writer.config(config_json)
   interrupted = None
   history = []

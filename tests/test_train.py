@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -286,7 +287,9 @@ def test_quickstart_smoke(tmp_path):
           "--config.data.synthetic_width=64", "--config.data.patch_size=32",
           "--config.data.patch_stride=32", "--config.batch_size=2", "--config.num_epochs=2",
           "--config.progress_bar=False"]
-  tiny += [flag.replace("--config.", "--config.teacher_stage.") for flag in tiny]
+  # The teacher stage trains on the run's data; its own batch size and epochs.
+  tiny += [flag.replace("--config.", "--config.teacher_stage.") for flag in tiny
+           if ".data." not in flag]
   tiny = [f for f in tiny if "teacher_stage.num_epochs" not in f] + [
       "--config.teacher_stage.num_epochs=1"]
   proc = _run(["bin/train.py", "--config=configs/quickstart.py", f"--workdir={tmp_path}", *tiny])
@@ -380,5 +383,112 @@ def test_quickstart_is_two_explicit_stages(tmp_path):
   assert "teacher_stage" not in student.config
   assert dict(teacher.config.loss) == {**dataclasses.asdict(losses.PUBLISHED_WEIGHTS["teacher"]),
                                        "gradient_form": "code", "distill_normalize": "batch"}
+  assert teacher.config.data == quickstart.get_config().data  # One data setting for both.
   (only,) = stages.plan(default.get_config("teacher"), tmp_path)
   assert only.workdir == tmp_path and only.config.model == "teacher"
+  given = quickstart.get_config()
+  given.teacher_weights = "published/teacher.model"
+  (student,) = stages.plan(given, tmp_path)  # A given teacher: no teacher stage.
+  assert (student.name, student.config.teacher_weights) == ("student", "published/teacher.model")
+
+
+def _workdir_bytes(workdir):
+  """Every file of a workdir (relative path -> bytes), to show a refused run touched nothing."""
+  root = pathlib.Path(workdir)
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_rerun_with_other_settings_is_refused(straight_run, teacher_file):
+  workdir, _ = straight_run
+  before = _workdir_bytes(workdir)
+  config = tiny_config(teacher_file)
+  config.batch_size = 4
+  config.loss.w_percep = 0.0
+  with pytest.raises(trainer.TrainingError,
+                     match=r"other settings \(batch_size: 2 -> 4; loss.w_percep: 2.0 -> 0.0\)"):
+    trainer.train_model(config, workdir, log=lambda *_: None)
+  assert _workdir_bytes(workdir) == before
+
+
+def test_more_epochs_continue_and_start_fresh_moves_the_run_aside(straight_run, tmp_path,
+                                                                   teacher_file):
+  workdir, _ = straight_run
+  shutil.copytree(workdir, tmp_path / "run")
+  config = tiny_config(teacher_file)
+  config.num_epochs = 3  # Allowed to grow: the run continues from step 4.
+  lines = []
+  result = trainer.train_model(config, tmp_path / "run", log=lines.append)
+  assert any("resumed" in line and "step 4" in line for line in lines)
+  assert result.step == 6 and result.weights is not None
+  config.num_epochs = 2
+  with pytest.raises(trainer.TrainingError, match="past the 4 steps"):
+    trainer.train_model(config, tmp_path / "run", log=lambda *_: None)
+  config.seed = 1  # Another run: refused, then started over with start_fresh.
+  with pytest.raises(trainer.TrainingError, match="seed: 0 -> 1"):
+    trainer.train_model(config, tmp_path / "run", log=lambda *_: None)
+  config.start_fresh = True
+  result = trainer.train_model(config, tmp_path / "run", log=lambda *_: None)
+  assert result.step == 4 and result.weights is not None
+  (aside,) = (tmp_path / "run").glob("replaced-*")
+  assert (aside / "student.npz").is_file() and (aside / "checkpoints").is_dir()
+
+
+def _damage(step_dir, how):
+  if how == "truncated array file":
+    for path in step_dir.rglob("*"):
+      if path.is_file() and path.parent.name == "d":
+        path.write_bytes(path.read_bytes()[:10])
+  elif how == "missing metadata":
+    for path in step_dir.rglob("*METADATA"):
+      path.unlink()
+  else:  # "empty directory"
+    shutil.rmtree(step_dir)
+    step_dir.mkdir()
+
+
+@pytest.mark.parametrize("how", ["truncated array file", "missing metadata", "empty directory"])
+def test_resume_skips_a_damaged_newest_checkpoint(straight_run, tmp_path, teacher_file, how):
+  config = tiny_config(teacher_file)
+  config.checkpoint_every_steps = 1
+  trainer.train_model(config, tmp_path, log=lambda *_: None, stop_at_step=3)
+  _damage(tmp_path / "checkpoints" / "3", how)
+  lines = []
+  result = trainer.train_model(config, tmp_path, log=lines.append)
+  assert result.step == 4 and result.weights is not None
+  assert any("resumed" in line and "step 2" in line for line in lines), lines
+  # Resuming from step 2 ends exactly where the uninterrupted run ended.
+  _assert_trees_equal(_restore_latest(straight_run[0], None)[0], _restore_latest(tmp_path, None)[0])
+
+
+def test_all_checkpoints_damaged_is_one_line(tmp_path, teacher_file):
+  config = tiny_config(teacher_file)
+  trainer.train_model(config, tmp_path, log=lambda *_: None, stop_at_step=1)
+  _damage(tmp_path / "checkpoints" / "1", "truncated array file")
+  with pytest.raises(trainer.TrainingError, match="no checkpoint restores, all are damaged"):
+    trainer.train_model(config, tmp_path, log=lambda *_: None)
+  assert list((tmp_path / "damaged_checkpoints").iterdir())  # Moved aside, not deleted.
+
+
+def test_resume_drops_log_rows_after_the_checkpoint(tmp_path, teacher_file):
+  config = tiny_config(teacher_file)
+  config.checkpoint_every_steps = 2
+  trainer.train_model(config, tmp_path, log=lambda *_: None, stop_at_step=3)
+  shutil.rmtree(tmp_path / "checkpoints" / "3")  # As if killed after logging step 3.
+  trainer.train_model(config, tmp_path, log=lambda *_: None)
+  steps = [json.loads(row)["step"] for row in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [1, 2, 3, 4]
+
+
+def test_config_mistakes_are_one_line(tmp_path):
+  for override, expected in [("--config.batchsize=4", "did you mean 'batch_size'"),
+                             ("--config.batch_size=0", "batch_size must be a positive integer"),
+                             ("--config.num_epochs=-1", "num_epochs must be a positive integer"),
+                             ("--config.data.dataset=llvip", "synthetic_pairs=0")]:
+    proc = _run(["bin/train.py", "--config=configs/quickstart.py", f"--workdir={tmp_path}",
+                 override])
+    assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and expected in proc.stderr, proc.stderr
+  proc = _run(["bin/train.py", "--config=configs/nope.py", f"--workdir={tmp_path}"])
+  assert proc.returncode == 2 and proc.stderr.strip() == (
+      "error: --config=configs/nope.py: no such config file")
+  assert not list(tmp_path.iterdir())  # Nothing was started.
