@@ -5,13 +5,16 @@
 
 IR and VIS are two files or two folders paired by file stem (a.png pairs with a.jpg).
 Writes OUT_DIR/<stem>.png. Problems with single pairs are reported, the rest is fused, and
-the exit code is 1 if anything was skipped (2 if nothing could start).
+the exit code is 1 if anything was skipped (2 if nothing could start: bad weights, inputs
+or options, or an output folder that is an input folder, would replace an input file, or
+cannot be written). SIGINT/SIGTERM stop after the current image (the finished images stay)
+with exit code 130/143.
 """
 
 import argparse
 import sys
 
-from mmdrfuse_jax import batch_fuse, checkpoints, fusion, imageio
+from mmdrfuse_jax import batch_fuse, checkpoints, files, fusion, imageio, interrupts
 
 
 def main(argv=None) -> int:
@@ -22,7 +25,8 @@ def main(argv=None) -> int:
                             "folder"))
   parser.add_argument("--ir", required=True, help="infrared (or PET/SPECT/CT) image or folder")
   parser.add_argument("--vis", required=True, help="visible (or MRI) image or folder")
-  parser.add_argument("--out", required=True, help="output folder")
+  parser.add_argument("--out", required=True,
+                      help="output folder (created when the first image is written)")
   parser.add_argument("--model", choices=("student", "teacher"), default="student")
   parser.add_argument("--output", choices=fusion.OUTPUT_MODES, default="minmax",
                       help="minmax: stretch each image to 0..255 (published); clip: clip to [0, 1]")
@@ -33,21 +37,44 @@ def main(argv=None) -> int:
                             "0: exact sizes"))
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
+  try:
+    with interrupts.StopRequest() as stop:
+      return _run(args, stop)
+  except KeyboardInterrupt:  # A second signal: stopped at once (no file is half-written).
+    print("stopped at once by a second interrupt; the images already written are complete",
+          file=sys.stderr)
+    return interrupts.SIGINT_EXIT_CODE
 
+
+def _run(args: argparse.Namespace, stop: interrupts.StopRequest) -> int:
+  try:
+    fusion.check_bucket(args.bucket)
+  except ValueError as e:
+    print(f"error: --{e}", file=sys.stderr)
+    return 2
   try:
     params = checkpoints.load_params(args.weights, args.model)
     pairing = imageio.pair_inputs([args.ir, args.vis])
-  except (checkpoints.WeightsError, imageio.ImageError) as e:
+    inputs = batch_fuse.input_paths([args.ir, args.vis], pairing.pairs)
+    created = batch_fuse.check_output(args.out, [stem for stem, _ in pairing.pairs], inputs)
+  except (checkpoints.WeightsError, imageio.ImageError, files.OutputError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  for problem in pairing.problems:
-    print(f"skipped: {problem}", file=sys.stderr)
-  fuser = fusion.Fuser(params, output=args.output, color=args.color, bucket=args.bucket)
-  written, problems = batch_fuse.fuse_pairs(
-      fuser, pairing.pairs, args.out, progress=not args.no_progress,
-      report=lambda message: print(f"skipped: {message}", file=sys.stderr))
-  skipped = len(pairing.problems) + len(problems)
-  print(f"fused {written} pair(s) into {args.out}"
+  try:
+    for problem in pairing.problems:
+      print(f"skipped: {problem}", file=sys.stderr)
+    fuser = fusion.Fuser(params, output=args.output, color=args.color, bucket=args.bucket)
+    result = batch_fuse.fuse_pairs(
+        fuser, pairing.pairs, args.out, progress=not args.no_progress, stop=stop,
+        report=lambda message: print(f"skipped: {message}", file=sys.stderr))
+  finally:
+    files.remove_created_folders(created)  # only where nothing was written
+  skipped = len(pairing.problems) + len(result.problems)
+  if stop.signum is not None and result.not_started:
+    print(f"stopped by {interrupts.signal_name(stop.signum)}: {result.written} image(s) written "
+          f"to {args.out} are complete, {result.not_started} pair(s) not fused", file=sys.stderr)
+    return interrupts.exit_code(stop.signum)
+  print(f"fused {result.written} pair(s) into {args.out}"
         + (f"; {skipped} problem(s) reported" if skipped else ""))
   return 1 if skipped else 0
 

@@ -3,11 +3,19 @@
 
   python bin/prepare_data.py --dataset roadscene --manual_dir ~/data/RoadScene --data_dir ~/tfds
 
-Run again with the same arguments to just print the counts (the build is reused).
+Run again with the same arguments to just print the counts: the build is reused ("already
+built") while the folder's image files (names, sizes, modification times) and the build
+options are those it was built from, and rebuilt otherwise (one line says why; the earlier
+build is kept until the new one is complete).
 `--dataset paired_folders --ir_folder A --vis_folder B` reads any two folders of pairs.
+
+Exit codes: 0 built or reused; 2 a path or the folder's pairs cannot be used (nothing is
+written); 1 the build failed midway (disk full, permissions; nothing half-written is kept);
+130 interrupted (nothing half-written is kept).
 """
 
 import argparse
+import os
 import sys
 import tempfile
 
@@ -59,12 +67,19 @@ def main(argv=None) -> int:
   absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS warns about its own temporary folders.
   try:
     built = builders.prepare(
-        args.dataset, args.manual_dir, args.data_dir, skip_bad=args.skip_bad,
-        resize_visible=args.resize_visible, ir_folder=args.ir_folder, vis_folder=args.vis_folder)
+        args.dataset, os.path.expanduser(args.manual_dir), os.path.expanduser(args.data_dir),
+        skip_bad=args.skip_bad, resize_visible=args.resize_visible, ir_folder=args.ir_folder,
+        vis_folder=args.vis_folder, report=print)
+  except builders.BuildError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   except builders.DataError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"built: {built.data_dir}")
+  except KeyboardInterrupt:
+    print("error: interrupted; nothing half-written was kept", file=sys.stderr)
+    return 130
+  print(f"{built.status}: {built.data_dir}")
   if built.skipped:
     print(builders.format_report(built.skipped, skipped=True))
   for split, stems in sorted(built.resized.items()):

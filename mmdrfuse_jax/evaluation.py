@@ -8,6 +8,13 @@ scale: gray `round(v / 257)` (65535 -> 255), colour `round(0.299 R + 0.587 G + 0
 the channels divided by 257, so their scores compare with 8-bit ones and the histogram
 metrics keep 256 levels.
 
+Undefined values: a metric without a finite value for an image (CC or SCD of a constant
+image, a 0/0 correlation, which the field's evaluator also gives as NaN; PSNR of a fused
+image whose maximum is 0 (-inf) or that equals both sources (+inf)) is *undefined* for that
+image: `None` in the rows, an empty field in the per-image CSV, `null` in JSON. Means are
+taken over the images where the metric is defined, and `EvaluationResult.undefined()` counts
+the others; the printed tables show those counts. Finite values are never changed.
+
 Compilation: images are placed top-left on zero canvases ("buckets") and scored with their
 true size (see `metrics`), so a folder of many sizes compiles a handful of times, not once
 per size. A bucket is shared when its area is at most `max_waste` times an image's own.
@@ -28,7 +35,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from mmdrfuse_jax import files, imageio, metrics
+from mmdrfuse_jax import files, imageio, interrupts, metrics
 
 ImageError = imageio.ImageError
 FuseFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -59,19 +66,35 @@ class EvaluationResult:
 
   Attributes:
     names: the metrics computed, in column order.
-    rows: (image name, {metric: value}) in the order of the input triples.
+    rows: (image name, {metric: value}) in the order of the input triples; a value is None
+      where the metric is undefined for that image (not finite, see the module docstring).
     problems: one-line messages naming the file and the problem.
+    stopped_by: the signal number when a stop request ended the evaluation early (the rows
+      then hold only the images scored before it), else None.
   """
 
   names: tuple[str, ...]
-  rows: list[tuple[str, dict[str, float]]]
+  rows: list[tuple[str, dict[str, Optional[float]]]]
   problems: list[str]
+  stopped_by: Optional[int] = None
 
-  def means(self) -> dict[str, float]:
-    """Mean of every metric over the scored images (NaN when none was scored)."""
-    if not self.rows:
-      return {n: math.nan for n in self.names}
-    return {n: float(np.mean([r[n] for _, r in self.rows])) for n in self.names}
+  def means(self) -> dict[str, Optional[float]]:
+    """Mean of every metric over the images where it is defined (None where there is none)."""
+    means = {}
+    for n in self.names:
+      values = [r[n] for _, r in self.rows if r[n] is not None]
+      means[n] = float(np.mean(values)) if values else None
+    return means
+
+  def undefined(self) -> dict[str, int]:
+    """For every metric, the number of scored images where it is undefined."""
+    return {n: sum(r[n] is None for _, r in self.rows) for n in self.names}
+
+
+def defined(value) -> Optional[float]:
+  """A metric value as a float, or None when it is not finite (undefined)."""
+  value = float(value)
+  return value if math.isfinite(value) else None
 
 
 def pair_triples(ir_dir, vis_dir, fused_dir=None) -> tuple[list[Triple], list[str]]:
@@ -115,21 +138,32 @@ def assign_buckets(sizes: Sequence[tuple[int, int]], *, multiple: int = 32,
   return [chosen[s] for s in sizes]
 
 
-def _load(triple: Triple, fuse_fn: Optional[FuseFn], save_dir: Optional[pathlib.Path]):
-  """The triple's three float gray images; raises ImageError naming the file."""
+def _load(triple: Triple, fuse_fn: Optional[FuseFn], save_dir: Optional[pathlib.Path],
+          problems: list[str]):
+  """The triple's three float gray images; raises ImageError naming the file.
+
+  A fused image that cannot be saved to `save_dir` is reported in `problems` and still scored.
+  """
   ir_raw = imageio.read_image(triple.ir)
   vis_raw = imageio.read_image(triple.vis)
-  imageio.check_same_size([triple.ir, triple.vis], [ir_raw, vis_raw])
+  imageio.check_same_size([triple.ir, triple.vis], [ir_raw, vis_raw], ("infrared", "visible"))
   if triple.fused is not None:
     fused_raw = imageio.read_image(triple.fused)
-    imageio.check_same_size([triple.fused, triple.ir, triple.vis], [fused_raw, ir_raw, vis_raw])
+    imageio.check_same_size([triple.fused, triple.ir, triple.vis], [fused_raw, ir_raw, vis_raw],
+                            ("fused", "infrared", "visible"))
   else:
     try:
       fused_raw = fuse_fn(ir_raw, vis_raw)
     except ValueError as e:
       raise ImageError(f"{triple.ir}: cannot fuse ({e})") from None
     if save_dir is not None:
-      imageio.write_image_atomic(save_dir / f"{triple.name}.png", fused_raw)
+      path = save_dir / f"{triple.name}.png"
+      try:
+        imageio.write_image_atomic(path, fused_raw)
+      except OSError as e:
+        reason = ("a folder of that name is in the way" if path.is_dir()
+                  else files.os_error_cause(e))
+        problems.append(f"{path}: cannot save the fused image ({reason}); it is still scored")
   return tuple(imageio.to_gray_evaluation(raw) for raw in (fused_raw, ir_raw, vis_raw))
 
 
@@ -137,7 +171,8 @@ def evaluate(triples: Sequence[Triple], *, names: Sequence[str] = metrics.METRIC
              ssim_data_range: float = 2.0, mi_base: Optional[float] = None,
              fuse_fn: Optional[FuseFn] = None, save_fused: Optional[str | os.PathLike] = None,
              batch_size: int = 1, bucket_multiple: int = 32, max_waste: float = 3.0,
-             progress: bool = False) -> EvaluationResult:
+             progress: bool = False,
+             stop: Optional[interrupts.StopRequest] = None) -> EvaluationResult:
   """Scores image triples; files that cannot be used are reported, the rest scored.
 
   Args:
@@ -150,9 +185,11 @@ def evaluate(triples: Sequence[Triple], *, names: Sequence[str] = metrics.METRIC
     batch_size: images scored per vmapped call (the last batch is padded with a repeat).
     bucket_multiple, max_waste: canvas sharing (see `assign_buckets`).
     progress: show a tqdm progress bar.
+    stop: checked before each batch; once its `signum` is set, the evaluation ends early
+      (`EvaluationResult.stopped_by`).
 
   Returns:
-    An EvaluationResult, rows in the order of `triples`.
+    An EvaluationResult, rows in the order of `triples`; undefined values are None.
   """
   names = tuple(names)
   unknown = [n for n in names if n not in metrics.ALL_NAMES]
@@ -184,7 +221,8 @@ def evaluate(triples: Sequence[Triple], *, names: Sequence[str] = metrics.METRIC
   # compile per canvas shape.
   fn = functools.partial(metrics.all_metrics, names=names, ssim_data_range=float(ssim_data_range),
                          mi_base=mi_base)
-  scores: dict[str, dict[str, float]] = {}
+  scores: dict[str, dict[str, Optional[float]]] = {}
+  stopped_by = None
   bar = None
   if progress:
     from tqdm import tqdm
@@ -192,10 +230,13 @@ def evaluate(triples: Sequence[Triple], *, names: Sequence[str] = metrics.METRIC
   try:
     for (ch, cw), group in groups.items():
       for start in range(0, len(group), batch_size):
+        if stop is not None and stop.signum is not None:
+          stopped_by = stop.signum
+          break
         batch, arrays = [], []
         for t in group[start:start + batch_size]:
           try:
-            images = _load(t, fuse_fn, save_dir)
+            images = _load(t, fuse_fn, save_dir, problems)
           except ImageError as e:
             problems.append(str(e))
           else:
@@ -222,60 +263,83 @@ def evaluate(triples: Sequence[Triple], *, names: Sequence[str] = metrics.METRIC
         else:
           out = jax.device_get(fn(*stacks, sizes))
         for i, t in enumerate(batch):
-          scores[t.name] = {n: float(out[n][i]) for n in names}
+          scores[t.name] = {n: defined(out[n][i]) for n in names}
+      if stopped_by is not None:
+        break
   finally:
     if bar is not None:
       bar.close()
   rows = [(t.name, scores[t.name]) for t, _ in sized if t.name in scores]
-  return EvaluationResult(names=names, rows=rows, problems=problems)
+  return EvaluationResult(names=names, rows=rows, problems=problems, stopped_by=stopped_by)
 
 
 # ---------------------------------------------------------------------------------------------
 # Output.
 
 
+def _field(value: Optional[float], fmt: str = ".6f") -> str:
+  """A value for CSV output: empty where undefined."""
+  return "" if value is None else format(value, fmt)
+
+
 def write_csv_atomic(path: str | os.PathLike, result: EvaluationResult) -> None:
-  """Writes `name,<metrics...>` per image through a temporary file, then renames."""
+  """Writes `name,<metrics...>` per image through a temporary file, then renames.
+
+  Undefined values are empty fields.
+  """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   with files.atomic_write(path, "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(("name",) + result.names)
     for name, row in result.rows:
-      writer.writerow([name] + [f"{row[n]:.6f}" for n in result.names])
+      writer.writerow([name] + [_field(row[n]) for n in result.names])
 
 
 def format_means(result: EvaluationResult, fmt: str = "table", label: str = "mean") -> str:
   """The mean scores in the papers' layout (one row, metrics as columns).
 
+  Means are over the images where each metric is defined. When a metric is undefined for
+  some image, a second row (label "undefined") gives the number of such images per metric;
+  a metric undefined for every image has no mean ("n/a"; an empty CSV field).
+
   Args:
     fmt: "table" (aligned text, 2 decimals as in the papers), "markdown", "csv" or "json"
-      (the last two at full precision).
+      (the last two at full precision). JSON is always valid JSON:
+      `{"images": n, "means": {...}, "undefined": {...}}`, `null` for a missing mean.
   """
   means = result.means()
+  undefined = result.undefined()
   n = len(result.rows)
   if fmt == "json":
-    return json.dumps({"images": n, "means": means}, sort_keys=False)
+    return json.dumps({"images": n, "means": means, "undefined": undefined}, sort_keys=False,
+                      allow_nan=False)
+  extra = any(undefined.values())
   if fmt == "csv":
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(("name",) + result.names)
-    writer.writerow([label] + [f"{means[k]:.6f}" for k in result.names])
+    writer.writerow([label] + [_field(means[k]) for k in result.names])
+    if extra:
+      writer.writerow(["undefined"] + [undefined[k] for k in result.names])
     return buf.getvalue().rstrip("\n")
   head = [""] + list(result.names)
-  vals = [f"{label} ({n} images)"] + [f"{means[k]:.2f}" for k in result.names]
+  rows = [[f"{label} ({n} images)"] + ["n/a" if means[k] is None else f"{means[k]:.2f}"
+                                       for k in result.names]]
+  if extra:
+    rows.append(["undefined (images)"] + [str(undefined[k]) for k in result.names])
   if fmt == "markdown":
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-                      "| " + " | ".join(vals) + " |"])
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(vals) + " |" for vals in rows])
   if fmt != "table":
     raise ValueError(f"unknown format {fmt!r}; choose table, markdown, csv or json")
-  widths = [max(len(a), len(b)) for a, b in zip(head, vals)]
+  widths = [max(len(c) for c in column) for column in zip(head, *rows)]
 
   def line(cells):
     return "  ".join(c.rjust(wd) if i else c.ljust(wd)
                      for i, (c, wd) in enumerate(zip(cells, widths)))
 
-  return line(head) + "\n" + line(vals)
+  return "\n".join(line(cells) for cells in [head] + rows)
 
 
 FORMATS = ("table", "markdown", "csv", "json")

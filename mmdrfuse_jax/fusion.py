@@ -61,6 +61,13 @@ def bucket_shape(height: int, width: int, multiple: int) -> tuple[int, int]:
   return (-(-height // multiple) * multiple, -(-width // multiple) * multiple)
 
 
+def check_bucket(bucket: int) -> None:
+  """Raises ValueError unless `bucket` is 0 (exact sizes) or a positive number of pixels."""
+  if isinstance(bucket, bool) or not isinstance(bucket, (int, np.integer)) or bucket < 0:
+    raise ValueError(f"bucket must be 0 (exact sizes) or a positive number of pixels, "
+                     f"got {bucket!r}")
+
+
 def quantize(fused: np.ndarray, output: str = "minmax", max_value: int = 255) -> np.ndarray:
   """Turns one fused float image (H, W) into integers on 0..max_value.
 
@@ -102,6 +109,7 @@ class Fuser:
   def __post_init__(self):
     if self.output not in OUTPUT_MODES:
       raise ValueError(f"unknown output mode {self.output!r}; choose one of {OUTPUT_MODES}")
+    check_bucket(self.bucket)
     self.model = models.model_of(self.params)
     self.params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, self.params))
 
@@ -116,8 +124,8 @@ class Fuser:
       ValueError: the two images differ in height or width, or are too small.
     """
     if ir.shape[:2] != vis.shape[:2]:
-      raise ValueError(f"pair of different sizes ({ir.shape[1]}x{ir.shape[0]} and "
-                       f"{vis.shape[1]}x{vis.shape[0]})")
+      raise ValueError(f"pair of different sizes (infrared {ir.shape[1]}x{ir.shape[0]}, "
+                       f"visible {vis.shape[1]}x{vis.shape[0]})")
     if min(ir.shape[:2]) < 4:
       raise ValueError(f"image of {ir.shape[1]}x{ir.shape[0]} pixels is too small (at least 4x4)")
     out_max = max(imageio.max_value(ir), imageio.max_value(vis))

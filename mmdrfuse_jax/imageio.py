@@ -288,10 +288,28 @@ def pair_inputs(paths: Sequence[str | os.PathLike]) -> PairingResult:
   return PairingResult(pairs=[(paths[0].stem, tuple(paths))], problems=[])
 
 
-def check_same_size(paths: Iterable[pathlib.Path], images: Iterable[np.ndarray]) -> None:
-  """Raises ImageError naming the files when the images' heights and widths differ."""
+# The roles of the images `check_same_size` compares, by count, in the project's order.
+DEFAULT_ROLES = {2: ("infrared", "visible"), 3: ("fused", "infrared", "visible")}
+
+
+def check_same_size(paths: Iterable[pathlib.Path], images: Iterable[np.ndarray],
+                    roles: Sequence[str] | None = None) -> None:
+  """Raises ImageError naming each file and its role when the heights and widths differ.
+
+  Args:
+    paths, images: the files and their pixels, in the same order.
+    roles: what each file is ("infrared", "visible", ...); by default (infrared, visible)
+      for two files and (fused, infrared, visible) for three.
+
+  The message reads, for example, `ir/x.png: pair of different sizes (infrared ir/x.png is
+  80x64, visible vi/x.png is 96x64)`, sizes as width x height.
+  """
   paths, images = list(paths), list(images)
+  if roles is None:
+    roles = DEFAULT_ROLES.get(len(paths), ("",) * len(paths))
   sizes = [img.shape[:2] for img in images]
   if len(set(sizes)) > 1:
-    desc = ", ".join(f"{p.name} is {w}x{h}" for p, (h, w) in zip(paths, sizes))
-    raise ImageError(f"{paths[0]}: pair of different sizes ({desc})")
+    desc = ", ".join(f"{role} {p} is {w}x{h}".lstrip()
+                     for role, p, (h, w) in zip(roles, paths, sizes))
+    what = "pair" if len(paths) == 2 else "images"
+    raise ImageError(f"{paths[0]}: {what} of different sizes ({desc})")

@@ -2,13 +2,29 @@
 
 A job checks `StopRequest.signum` between units of work (a training step, an image) and
 finishes what it must (a checkpoint, the current file) before it returns; a second signal
-stops at once.
+stops at once (KeyboardInterrupt). Command-line tools then exit with the shell's code for
+the signal, `128 + signum` (130 for SIGINT, 143 for SIGTERM).
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+
+SIGINT_EXIT_CODE = 128 + signal.SIGINT  # 130: also the exit code after a KeyboardInterrupt.
+
+
+def exit_code(signum: int) -> int:
+  """The shell's exit code for a process stopped by signal `signum` (128 + signum)."""
+  return 128 + int(signum)
+
+
+def signal_name(signum: int) -> str:
+  """'SIGINT', 'SIGTERM', ..."""
+  try:
+    return signal.Signals(signum).name
+  except ValueError:
+    return f"signal {signum}"
 
 
 class StopRequest:

@@ -8,6 +8,8 @@ import pytest
 from conftest import load_script
 from PIL import Image
 
+from mmdrfuse_jax import evaluation
+
 evaluate_cli = load_script("evaluate")
 
 SIZE = (48, 44)  # (height, width); one compile for the whole module
@@ -121,3 +123,32 @@ def test_weights_match_fused_files(shared, tmp_path, capsys):
       if metric != "name":
         assert float(mem[stem][metric]) == pytest.approx(float(want), rel=2e-3,
                                                          abs=2e-3), (stem, metric)
+
+
+def test_undefined_values_in_every_format(tmp_path):
+  """None (undefined) is never a number: excluded from means, counted, empty, null."""
+  result = evaluation.EvaluationResult(
+      names=("EN", "CC", "PSNR"),
+      rows=[("a", {"EN": 1.0, "CC": None, "PSNR": None}),
+            ("b", {"EN": 3.0, "CC": None, "PSNR": 12.5})],
+      problems=[])
+  assert result.means() == {"EN": 2.0, "CC": None, "PSNR": 12.5}
+  assert result.undefined() == {"EN": 0, "CC": 2, "PSNR": 1}
+  summary = json.loads(evaluation.format_means(result, "json"))
+  assert summary == {"images": 2, "means": {"EN": 2.0, "CC": None, "PSNR": 12.5},
+                     "undefined": {"EN": 0, "CC": 2, "PSNR": 1}}
+  assert evaluation.format_means(result, "csv").splitlines() == [
+      "name,EN,CC,PSNR", "mean,2.000000,,12.500000", "undefined,0,2,1"]
+  table = evaluation.format_means(result, "table").splitlines()
+  assert table[1].split() == ["mean", "(2", "images)", "2.00", "n/a", "12.50"]
+  assert table[2].split() == ["undefined", "(images)", "0", "2", "1"]
+  assert "| undefined (images) | 0 | 2 | 1 |" in evaluation.format_means(result, "markdown")
+  evaluation.write_csv_atomic(tmp_path / "s.csv", result)
+  assert (tmp_path / "s.csv").read_text().splitlines()[1:] == ["a,1.000000,,",
+                                                               "b,3.000000,,12.500000"]
+  assert evaluation.defined(float("nan")) is None and evaluation.defined(-np.inf) is None
+  assert evaluation.defined(np.float32(0.5)) == 0.5
+  # Without undefined values the output keeps its one-row layout.
+  clean = evaluation.EvaluationResult(names=("EN",), rows=[("a", {"EN": 1.0})], problems=[])
+  assert len(evaluation.format_means(clean, "table").splitlines()) == 2
+  assert evaluation.format_means(clean, "csv") == "name,EN\nmean,1.000000"

@@ -138,6 +138,23 @@ def test_constant_image():
   assert float(metrics.ag(c)) == 0.0
 
 
+def test_degenerate_images_give_the_reference_evaluator_values(images):
+  """A constant fused image: CC is 0/0 (NaN, as np.corrcoef gives); max(F) = 0: PSNR -inf.
+
+  `metrics` returns these raw values; `evaluation` reports every non-finite value as
+  undefined (None) instead of a number.
+  """
+  _, a, b = images
+  zero = np.zeros((H, W), np.float32)
+  out = _all(zero, a, b)
+  assert math.isnan(out["CC"]) and out["PSNR"] == -math.inf
+  with np.errstate(invalid="ignore", divide="ignore"):
+    assert np.isnan(np.corrcoef(zero.ravel(), a.ravel())[0, 1])
+  assert math.isfinite(out["SCD"]) and math.isfinite(out["MSE"])
+  assert evaluation.defined(out["CC"]) is None and evaluation.defined(out["PSNR"]) is None
+  assert evaluation.defined(out["MSE"]) == out["MSE"]
+
+
 def test_against_plain_numpy(images):
   f, a, b = (x.astype(np.float64) for x in images)
   out = _all(*images)

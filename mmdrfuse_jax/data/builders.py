@@ -14,24 +14,41 @@ that image has colour, else a 1x1 placeholder, with `ir_has_color`/`vis_has_colo
 `stem`, `ir_file`, `vis_file`, `height`, `width` and `image_id`: the pair's position in
 sorted-stem order within its split (dense 0..n-1). Gray is PIL's `convert("L")`, as the
 published code reads its training images; 16-bit files are scaled to 8 bits.
+
+Each build records what it was built from in `source.json` in its version folder: the
+source folder, the build options and every image file read (relative name, size,
+modification time). `prepare` reuses a build only while these match, and
+`source_changes` tells the training pipeline when the folder has changed since.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import errno
 import io
+import json
 import os
 import pathlib
-from typing import Iterator, Sequence
+import secrets
+import shutil
+import stat
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
+from tensorflow_datasets.core import constants as tfds_constants
 
-from mmdrfuse_jax import imageio
+from mmdrfuse_jax import files, imageio
+
+try:
+  import fcntl
+except ImportError:  # Not POSIX: builds are not locked against each other.
+  fcntl = None
 
 BUILDER_NAME = "fusion_pairs"
 SPLIT_NAMES = ("train", "test", "validation")
@@ -40,10 +57,20 @@ _SPLIT_ALIASES = {"train": ("train", "training"), "test": ("test", "testing"),
                   "validation": ("validation", "val")}
 _COMMON_LAYOUT = ("  <manual_dir>/ir/  and  <manual_dir>/vi/   "
                   "(files paired by name: ir/00001.png <-> vi/00001.jpg)")
+# The record of what a build was made from, in its version folder.
+SOURCE_RECORD = "source.json"
+_RECORD_FORMAT = 1
+# Write failures that arrive as other exceptions (ArrayRecord raises RuntimeError with the
+# system's message) are recognised by the system's wording of these errors.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
 
 class DataError(ValueError):
   """The user's dataset folder cannot be used; the message says why (one report)."""
+
+
+class BuildError(RuntimeError):
+  """Writing a build failed midway (disk full, permissions); nothing half-written is kept."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -338,6 +365,67 @@ def decode_problems(pairs, resize_visible: bool) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------
+# What a build was made from.
+
+
+def scan_sources(manual_dir: str | os.PathLike,
+                 folders: Sequence[str | os.PathLike]) -> dict[str, list[int]]:
+  """The image files a build reads: relative name -> [size, modification time in ns].
+
+  Only the files `imageio.pair_folders` considers (visible image files, symlinks followed)
+  directly inside `folders`; a folder that no longer exists contributes nothing.
+
+  Raises:
+    OSError: a folder or file cannot be listed or inspected.
+  """
+  root = pathlib.Path(manual_dir)
+  found: dict[str, list[int]] = {}
+  for folder in dict.fromkeys(pathlib.Path(f) for f in folders):
+    folder = folder if folder.is_absolute() else root / folder
+    if not folder.is_dir():
+      continue
+    for path in folder.iterdir():
+      if path.name.startswith(".") or path.suffix.lower() not in imageio.IMAGE_EXTENSIONS:
+        continue
+      try:
+        st = path.stat()
+      except FileNotFoundError:  # A dangling symlink: not an image the build can read.
+        continue
+      if stat.S_ISREG(st.st_mode):
+        found[path.relative_to(root).as_posix()] = [st.st_size, st.st_mtime_ns]
+  return found
+
+
+def describe_changes(recorded: dict[str, list[int]], current: dict[str, list[int]]) -> str | None:
+  """`3 files added, 1 removed, 2 modified` between two `scan_sources`, or None when equal."""
+  counts = [(len(current.keys() - recorded.keys()), "added"),
+            (len(recorded.keys() - current.keys()), "removed"),
+            (sum(list(recorded[k]) != list(current[k]) for k in current.keys() & recorded.keys()),
+             "modified")]
+  parts = [(n, what) for n, what in counts if n]
+  if not parts:
+    return None
+  n, what = parts[0]
+  return ", ".join([f"{n} file{'s' if n != 1 else ''} {what}", *(f"{n} {w}" for n, w in parts[1:])])
+
+
+def _layout_folders(manual_dir: pathlib.Path, layout) -> dict[str, list[str]]:
+  return {s: [a.relative_to(manual_dir).as_posix(), b.relative_to(manual_dir).as_posix()]
+          for s, (a, b) in layout.items()}
+
+
+def read_source_record(version_dir: str | os.PathLike) -> dict | None:
+  """The `source.json` of a build, or None (built before builds recorded it, or unreadable)."""
+  try:
+    record = json.loads((pathlib.Path(version_dir) / SOURCE_RECORD).read_text())
+  except (OSError, ValueError):
+    return None
+  if not isinstance(record, dict) or record.get("format") != _RECORD_FORMAT:
+    return None
+  return record
+
+
+# ---------------------------------------------------------------------------------------
 # The builder.
 
 
@@ -382,6 +470,14 @@ class FusionPairs(tfds.core.GeneratorBasedBuilder):
     return self._resize_visible
 
   @property
+  def build_options(self) -> dict:
+    """The options that decide what a build holds, as recorded in `source.json`."""
+    config = self.builder_config
+    return {"config": config.name, "ir_folders": list(config.ir_candidates()),
+            "vis_folders": list(config.vis_candidates()), "resize_visible": self.resize_visible,
+            "skip_bad": self._skip_bad}
+
+  @property
   def MANUAL_DOWNLOAD_INSTRUCTIONS(self) -> str:  # pylint: disable=invalid-name
     return self.builder_config.instructions()
 
@@ -418,6 +514,12 @@ class FusionPairs(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = pathlib.Path(dl_manager.manual_dir)
     layout = find_layout(manual_dir, self.builder_config)
+    # Taken before any file is read: a file changed during the build shows as changed later.
+    folders = _layout_folders(manual_dir, layout)
+    self._source_record = {
+        "format": _RECORD_FORMAT, "manual_dir": str(manual_dir.resolve()),
+        "options": self.build_options, "folders": folders,
+        "files": scan_sources(manual_dir, [f for pair in folders.values() for f in pair])}
     problems: list[str] = []
     split_pairs = {}
     for split, (ir_dir, vis_dir) in layout.items():
@@ -437,16 +539,21 @@ class FusionPairs(tfds.core.GeneratorBasedBuilder):
     if not split_pairs:
       raise DataError(f"{manual_dir}: no usable pair left\n{format_report(problems, skipped=True)}")
     meta = self.info.metadata
-    meta["source"] = {
-        "manual_dir": str(manual_dir.resolve()),
-        "folders": {s: [str(a.relative_to(manual_dir)), str(b.relative_to(manual_dir))]
-                    for s, (a, b) in layout.items()},
-    }
+    meta["source"] = {"manual_dir": str(manual_dir.resolve()), "folders": folders}
     meta["skipped"] = list(problems)
     meta["resize_visible"] = self.resize_visible
     meta["resized"] = {}
     meta["images"] = {}
     return {split: self._generate_examples(split, pairs) for split, pairs in split_pairs.items()}
+
+  def _download_and_prepare(self, dl_manager, download_config) -> None:
+    super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
+    # `data_dir` is TFDS's temporary `incomplete.*` folder here: the record is renamed into
+    # place with the rest of the build, or removed with it.
+    record = getattr(self, "_source_record", None)
+    if record is not None:  # None: no split was generated (max_examples_per_split=0).
+      with files.atomic_write(pathlib.Path(self.data_dir) / SOURCE_RECORD, "w") as f:
+        json.dump(record, f)
 
   def _generate_examples(self, split: str, pairs) -> Iterator[tuple[int, dict]]:
     table = self.info.metadata["images"].setdefault(split, [])
@@ -500,6 +607,7 @@ class BuiltDataset:
     skipped: problems left out with skip_bad.
     resized: split -> stems whose visible image was resized to the infrared size.
     source: the folder it was built from.
+    status: what `prepare` did: "built", "rebuilt" or "already built" (reused).
   """
 
   data_dir: pathlib.Path
@@ -507,45 +615,220 @@ class BuiltDataset:
   skipped: list[str]
   resized: dict[str, list[str]]
   source: str
+  status: str = "built"
 
 
-def _built_info(builder: FusionPairs) -> BuiltDataset:
+def _built_info(builder: FusionPairs, status: str = "built") -> BuiltDataset:
   meta = builder.info.metadata or {}
   images = {s: [(str(a), int(b), int(c)) for a, b, c in rows]
             for s, rows in dict(meta.get("images", {})).items()}
   return BuiltDataset(
       data_dir=pathlib.Path(builder.data_dir), images=images, skipped=list(meta.get("skipped", [])),
       resized={s: list(v) for s, v in dict(meta.get("resized", {})).items()},
-      source=str(dict(meta.get("source", {})).get("manual_dir", "")))
+      source=str(dict(meta.get("source", {})).get("manual_dir", "")), status=status)
+
+
+def _check_folder_path(path: pathlib.Path) -> None:
+  """DataError when `path`, or the nearest part of it that exists, is not a folder."""
+  existing = path
+  while not existing.exists() and existing.parent != existing:
+    existing = existing.parent
+  if not existing.is_dir():
+    raise DataError(f"{path}: is a file, not a folder" if existing == path else
+                    f"{path}: {existing} is a file, not a folder")
+
+
+def _check_readable(manual_dir: pathlib.Path, built: BuiltDataset | None) -> None:
+  if not manual_dir.exists():
+    kept = ""
+    if built is not None and built.source == str(manual_dir.resolve()):
+      kept = f" (the dataset built from it in {built.data_dir} is still usable)"
+    raise DataError(f"{manual_dir}: no such folder{kept}")
+  if not manual_dir.is_dir():
+    raise DataError(f"{manual_dir}: is a file, not a folder")
+  try:
+    with os.scandir(manual_dir) as entries:
+      next(entries, None)
+  except OSError as e:
+    raise DataError(files.os_error_message(e, manual_dir)) from None
+
+
+def _check_writable(*folders: pathlib.Path) -> None:
+  """DataError naming the first folder that cannot be created or written into."""
+  for folder in folders:
+    try:
+      files.prepare_folder(folder, "data_dir")
+    except files.OutputError as e:
+      raise DataError(str(e)) from None
+
+
+@contextlib.contextmanager
+def _build_lock(folder: pathlib.Path) -> Iterator[None]:
+  """Holds `folder/.prepare.lock` so that two builds of one dataset never run at once."""
+  if fcntl is None:
+    yield
+    return
+  with open(folder / ".prepare.lock", "a") as f:
+    try:
+      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise DataError(f"{folder}: another build of this dataset is running now; "
+                      "wait for it to finish") from None
+    yield  # The lock goes with the file's closing, also when the process dies.
+
+
+def _as_os_error(error: BaseException | None) -> OSError | None:
+  """The OSError behind a failed write, also when a library reported it as another error."""
+  seen, bare = set(), None
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno is not None:
+      return error
+    bare = bare or (error if isinstance(error, OSError) else None)
+    text = str(error)
+    for code in _WRITE_ERRNOS:
+      if os.strerror(code) in text:
+        return OSError(code, os.strerror(code))
+    # TFDS re-raises an OSError as a new one without its errno, caused by the original.
+    error = error.__cause__ or error.__context__
+  return bare
+
+
+def _rebuild_reason(record: dict | None, current: dict[str, list[int]], options: dict,
+                    built: BuiltDataset) -> str | None:
+  """Why a build no longer matches its folder and options (None: reuse it)."""
+  if record is None:
+    return "no record of the files it was built from (built by an earlier version)"
+  changes = describe_changes(record.get("files", {}), current)
+  if changes:
+    return f"source changed since the build ({changes})"
+  old = record.get("options", {})
+  # skip_bad changes nothing when nothing had to be skipped.
+  differ = [k for k in options
+            if old.get(k) != options[k] and (k != "skip_bad" or built.skipped)]
+  if differ:
+    return "built with other options (" + ", ".join(
+        f"{k} was {old.get(k)}, now {options[k]}" for k in differ) + ")"
+  return None
 
 
 def prepare(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike, *,
             skip_bad: bool = False, resize_visible: bool | None = None,
-            ir_folder: str | None = None, vis_folder: str | None = None) -> BuiltDataset:
+            ir_folder: str | None = None, vis_folder: str | None = None,
+            report: Callable[[str], None] | None = None) -> BuiltDataset:
   """Builds `dataset` from `manual_dir` into `data_dir` (idempotent) and describes it.
 
-  A dataset already built in `data_dir` is reused when it came from the same folder.
+  A dataset already built in `data_dir` from the same folder is reused ("already built")
+  while the folder's image files (names, sizes, modification times) and the build options
+  are those recorded with it; otherwise it is rebuilt, `report` being told why in one line.
+  The earlier build stays in place until the new one is complete, and is kept if the
+  rebuild fails. A build that fails or is killed midway leaves nothing that a later call
+  takes as built (TFDS writes into an `incomplete.*` folder and renames it when done; such
+  leftovers are removed by the next build).
+
+  Args:
+    dataset: a config name (`CONFIG_NAMES`).
+    manual_dir: the folder holding the downloaded pairs.
+    data_dir: the TFDS data_dir the build goes to.
+    skip_bad: leave out bad pairs instead of failing.
+    resize_visible: see `FusionPairs`; None: the config's default.
+    ir_folder: paired_folders: the sub-folder of infrared-slot images.
+    vis_folder: paired_folders: the sub-folder of visible-slot images.
+    report: called with one-line notes (why a rebuild, leftovers removed).
 
   Raises:
-    DataError: the folder is unusable, its pairs have problems (unless skip_bad), or
-      `data_dir` already holds this dataset built from another folder.
+    DataError: a path is unusable (missing, not a folder, unreadable, not writable), the
+      folder's pairs have problems (unless skip_bad), `data_dir` holds this dataset built
+      from another folder, or another build of it is running.
+    BuildError: writing failed midway (disk full, permissions).
   """
-  builder = make_builder(dataset, data_dir, skip_bad=skip_bad, resize_visible=resize_visible,
-                         ir_folder=ir_folder, vis_folder=vis_folder)
-  manual_dir = pathlib.Path(manual_dir)
-  if builder.is_prepared():
-    built = _built_info(builder)
-    if built.source and manual_dir.is_dir() and pathlib.Path(built.source) != manual_dir.resolve():
+  report = report or (lambda line: None)
+  manual_dir, data_dir = pathlib.Path(manual_dir), pathlib.Path(data_dir)
+  _check_folder_path(data_dir)
+  options = dict(skip_bad=skip_bad, resize_visible=resize_visible, ir_folder=ir_folder,
+                 vis_folder=vis_folder)
+  builder = make_builder(dataset, data_dir, **options)
+  version_dir = pathlib.Path(builder.data_path)
+  built = _built_info(builder, "already built") if builder.is_prepared() else None
+  _check_readable(manual_dir, built)
+  layout = find_layout(manual_dir, builder.builder_config)  # One-line error before TFDS starts.
+  try:
+    current = scan_sources(manual_dir, [f for pair in layout.values() for f in pair])
+  except OSError as e:
+    raise DataError(files.os_error_message(e)) from None
+  reason = None
+  if built is not None:
+    if built.source and pathlib.Path(built.source) != manual_dir.resolve():
       raise DataError(
           f"{built.data_dir}: already built from {built.source}, not {manual_dir.resolve()}; "
           "use another --data_dir or delete that folder")
-    return built
-  find_layout(manual_dir, builder.builder_config)  # One-line error before TFDS starts.
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir.resolve())))
-  return _built_info(make_builder(dataset, data_dir, ir_folder=ir_folder, vis_folder=vis_folder))
+    reason = _rebuild_reason(read_source_record(version_dir), current, builder.build_options,
+                             built)
+    if reason is None:
+      return built
+  elif version_dir.exists():
+    raise DataError(f"{version_dir}: holds no complete build (no dataset_info.json); "
+                    "delete that folder and run again")
+  _check_writable(data_dir, version_dir.parent)
+  with _build_lock(version_dir.parent):
+    for leftover in sorted(version_dir.parent.glob(
+        f"{tfds_constants.INCOMPLETE_PREFIX}*_{version_dir.name}")):
+      shutil.rmtree(leftover, ignore_errors=True)
+      report(f"removed an unfinished build left by an interrupted run: {leftover}")
+    aside = None
+    try:
+      if reason is not None:
+        report(f"{reason}: rebuilding")
+        # Renamed, not deleted: it comes back if the rebuild fails. Its name marks it as
+        # a leftover for the next build, should this process die before the end.
+        aside = version_dir.with_name(f"{tfds_constants.INCOMPLETE_PREFIX}earlier"
+                                      f"{secrets.token_hex(3).upper()}_{version_dir.name}")
+        version_dir.rename(aside)
+      # A fresh builder: one that read the earlier build carries its metadata.
+      make_builder(dataset, data_dir, **options).download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir.resolve())))
+    except BaseException as e:
+      kept = aside is not None and aside.exists() and not version_dir.exists()
+      if kept:
+        aside.rename(version_dir)
+      note = ("the earlier build is kept" if kept else
+              "nothing half-written was kept" if aside is None else "")
+      if isinstance(e, DataError):
+        if kept:
+          raise DataError(f"{e}\n({note}: {version_dir})") from None
+        raise
+      os_error = _as_os_error(e)
+      if os_error is None:
+        raise
+      where = os_error.filename
+      if not where or tfds_constants.INCOMPLETE_PREFIX in os.fspath(where):
+        where = data_dir
+      raise BuildError(f"{files.os_error_message(os_error, where)} while building "
+                       f"'{dataset}'" + (f"; {note}" if note else "")) from None
+    if aside is not None:
+      shutil.rmtree(aside, ignore_errors=True)
+  return _built_info(make_builder(dataset, data_dir, ir_folder=ir_folder, vis_folder=vis_folder),
+                     "rebuilt" if reason else "built")
 
 
+def source_changes(built: BuiltDataset) -> str | None:
+  """How the source folder of a build has changed since (`1 file added, 2 modified`).
+
+  None when unchanged, when the build has no record of its files, or when the folder no
+  longer exists (a build is self-contained: the folder may have been deleted or left on
+  another machine).
+
+  Costs one directory listing per source folder and one `stat` per file.
+  """
+  record = read_source_record(built.data_dir)
+  if record is None or not pathlib.Path(record.get("manual_dir", "")).is_dir():
+    return None
+  folders = [f for pair in dict(record.get("folders", {})).values() for f in pair]
+  try:
+    current = scan_sources(record["manual_dir"], folders)
+  except OSError as e:
+    return f"unreadable now: {files.os_error_message(e)}"
+  return describe_changes(record.get("files", {}), current)
 def load_built(dataset: str, data_dir: str | os.PathLike) -> BuiltDataset:
   """Describes an already built dataset (raises DataError when it is not built)."""
   builder = make_builder(dataset, data_dir)

@@ -147,14 +147,21 @@ class PatchDataset:
 
   @classmethod
   def from_tfds(cls, data_dir: str | os.PathLike, dataset: str, split: str = "train", *,
-                num_threads: int = 4, **kwargs) -> "PatchDataset":
+                num_threads: int = 4, check_source: bool = True, **kwargs) -> "PatchDataset":
     """Loads a split built by `bin/prepare_data.py` (`builders.prepare`) into memory.
 
     Records are read with `tfds.data_source` and decoded in `num_threads` grain threads;
     the colour copies are not decoded.
 
+    With `check_source`, a build whose source folder still exists but whose image files
+    have changed since (added, removed, or other sizes or modification times) is refused:
+    it would train on stale data, and patch ids would shift at the rebuild. This costs a
+    `stat` per source file. A build whose folder is gone (moved, or deleted after the
+    build) is used as it is.
+
     Raises:
-      builders.DataError: the dataset or split is not built in `data_dir`.
+      builders.DataError: the dataset or split is not built in `data_dir`, or (with
+        `check_source`) its source folder has changed since the build.
     """
     # Imported here, not at the top: TFDS is heavy, and in-memory or procedural data
     # needs none of it.
@@ -163,6 +170,11 @@ class PatchDataset:
     from mmdrfuse_jax.data import builders  # pylint: disable=g-import-not-at-top
 
     built = builders.load_built(dataset, data_dir)
+    stale = builders.source_changes(built) if check_source else None
+    if stale:
+      raise builders.DataError(
+          f"{built.data_dir}: its source {built.source} changed since the build ({stale}); "
+          "rebuild it with bin/prepare_data.py (or pass check_source=False to use it as built)")
     if split not in built.images:
       raise builders.DataError(
           f"{built.data_dir}: no split {split!r} (built: {', '.join(sorted(built.images))})")
