@@ -107,14 +107,18 @@ class StepConfig:
     return max(needed, default=0)
 
 
-@functools.lru_cache(maxsize=32)
 def make_optimizer(lr: float = 1e-4, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
                    ) -> optax.GradientTransformation:
   """Adam, by default with PyTorch's defaults (optax.adam matches torch.optim.Adam).
 
-  Cached: the optimiser is a static part of the `TrainState` pytree, so equal settings must
-  give the same object for a jitted step to be reused across states (stages, resumes, tests).
+  Equal settings give the same object: the optimiser is a static part of the `TrainState`
+  pytree, so a jitted step is reused across states (stages, resumes, tests) only then.
   """
+  return _adam(float(lr), float(b1), float(b2), float(eps))
+
+
+@functools.lru_cache(maxsize=32)
+def _adam(lr: float, b1: float, b2: float, eps: float) -> optax.GradientTransformation:
   return optax.adam(lr, b1=b1, b2=b2, eps=eps)
 
 
