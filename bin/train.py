@@ -52,7 +52,9 @@ def main(argv) -> int:
   from mmdrfuse_jax import stages, trainer  # pylint: disable=g-import-not-at-top
 
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+    # Orbax logs every save at INFO, and a failed save (a full disk) as dozens of ERROR
+    # lines from its writer threads; the run reports such failures itself, in one line.
+    logging.set_verbosity(logging.FATAL)
 
   try:
     config = _CONFIG.value

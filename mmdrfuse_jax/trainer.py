@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import shutil
 import time
 from typing import Any, Callable
@@ -256,9 +257,19 @@ class RunCheckpoints:
       self._manager.save(step, args=self._ocp.args.StandardSave(state), force=True)
       self._manager.wait_until_finished()
     except Exception as e:  # OSError, or orbax/tensorstore errors wrapping one.
-      first = (str(e).splitlines() or [""])[0][:200]
       raise TrainingError(f"{self.directory}: cannot save the checkpoint of step {step} "
-                          f"({type(e).__name__}: {first})") from None
+                          f"({_save_error_cause(e)}); the earlier checkpoints are kept") from None
+
+
+def _save_error_cause(error: Exception) -> str:
+  """The cause of a failed checkpoint save in a few words ("no space left on device")."""
+  if isinstance(error, OSError):
+    return files.os_error_cause(error)
+  # Orbax's tensorstore writer reports a system error as text: `... [os_error_code='28']`.
+  code = re.search(r"os_error_code='?(\d+)", str(error))
+  if code:
+    return files.os_error_cause(OSError(int(code.group(1)), os.strerror(int(code.group(1)))))
+  return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
 
 
 # -------------------------------------------------------------------------------- the loop
@@ -292,9 +303,8 @@ def train_model(config: Any, workdir: str | os.PathLike, *, log: Callable[[str],
   try:
     return _train_model(config, workdir, log, stop_at_step)
   except OSError as e:  # Disk full, permissions: the cause and the path, in one line.
-    where = e.filename or workdir
-    raise TrainingError(f"{where}: {e.strerror or e}; checkpoints written so far are kept "
-                        "and a rerun resumes from the latest") from None
+    raise TrainingError(f"{files.os_error_message(e, e.filename or workdir)}; the checkpoints "
+                        "written so far are kept and a rerun resumes from the latest") from None
 
 
 def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
