@@ -8,7 +8,11 @@ import importlib.util
 import os
 import pathlib
 
+import jax
 import pytest
+from PIL import Image
+
+from mmdrfuse_jax import checkpoints, models
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,3 +36,17 @@ def load_script(name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+  """A freshly initialised student's weights file (`student.npz`)."""
+  path = tmp_path_factory.mktemp("w") / "student.npz"
+  checkpoints.save_params(path, models.init_params("student", jax.random.key(0)))
+  return path
+
+
+def save_image(path, array):
+  """Writes an image array to `path` (creating its folder)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(array).save(path)

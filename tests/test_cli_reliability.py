@@ -14,13 +14,12 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, load_script
+from conftest import REPO_ROOT, load_script, save_image
 from PIL import Image
 
-from mmdrfuse_jax import checkpoints, files, interrupts, models
+from mmdrfuse_jax import files, interrupts
 
 fuse_cli = load_script("fuse")
 evaluate_cli = load_script("evaluate")
@@ -29,23 +28,11 @@ SIZE = 48
 METRICS = "EN,CC,PSNR"  # cheap to compile; CC and PSNR have undefined cases
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-  path = tmp_path_factory.mktemp("w") / "student.npz"
-  checkpoints.save_params(path, models.init_params("student", jax.random.key(0)))
-  return path
-
-
-def _save(path, array):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(array).save(path)
-
-
 def _pairs(root, stems=("a", "b"), size=(SIZE, SIZE), seed=0):
   rng = np.random.default_rng(seed)
   for stem in stems:
-    _save(root / "ir" / f"{stem}.png", rng.integers(0, 256, size, dtype=np.uint8))
-    _save(root / "vi" / f"{stem}.png", rng.integers(0, 256, size, dtype=np.uint8))
+    save_image(root / "ir" / f"{stem}.png", rng.integers(0, 256, size, dtype=np.uint8))
+    save_image(root / "vi" / f"{stem}.png", rng.integers(0, 256, size, dtype=np.uint8))
   return root / "ir", root / "vi"
 
 
@@ -201,9 +188,9 @@ def test_evaluate_unusable_save_fused(weights, tmp_path, capsys, monkeypatch):
 def test_undefined_metrics_are_counted_not_averaged(tmp_path, capsys):
   ir, vis = _pairs(tmp_path, stems=("a", "b", "c"))
   rng = np.random.default_rng(5)
-  _save(tmp_path / "fused" / "a.png", np.zeros((SIZE, SIZE), np.uint8))  # CC nan, PSNR -inf
-  _save(tmp_path / "fused" / "b.png", np.full((SIZE, SIZE), 9, np.uint8))  # CC nan
-  _save(tmp_path / "fused" / "c.png", rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8))
+  save_image(tmp_path / "fused" / "a.png", np.zeros((SIZE, SIZE), np.uint8))  # CC nan, PSNR -inf
+  save_image(tmp_path / "fused" / "b.png", np.full((SIZE, SIZE), 9, np.uint8))  # CC nan
+  save_image(tmp_path / "fused" / "c.png", rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8))
   args = ["--ir", ir, "--vis", vis, "--fused", tmp_path / "fused", "--metrics", METRICS]
   code, out, err = _evaluate(capsys, *args, "--format", "json", "--csv", tmp_path / "s.csv")
   assert code == 0, err
@@ -251,8 +238,8 @@ def test_sigint_stops_fuse_after_the_current_image(weights, tmp_path):
   rng = np.random.default_rng(0)
   for i in range(30):  # 30 sizes with --bucket 0: a compilation each, so the run is slow
     size = (SIZE, SIZE + i)
-    _save(tmp_path / "ir" / f"{i:02d}.png", rng.integers(0, 256, size, dtype=np.uint8))
-    _save(tmp_path / "vi" / f"{i:02d}.png", rng.integers(0, 256, size, dtype=np.uint8))
+    save_image(tmp_path / "ir" / f"{i:02d}.png", rng.integers(0, 256, size, dtype=np.uint8))
+    save_image(tmp_path / "vi" / f"{i:02d}.png", rng.integers(0, 256, size, dtype=np.uint8))
   out = tmp_path / "out"
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
   proc = subprocess.Popen(
@@ -339,16 +326,16 @@ def test_negative_bucket_is_one_line_up_front(weights, tmp_path, capsys):
 
 
 def test_size_mismatch_names_the_roles(weights, tmp_path, capsys):
-  _save(tmp_path / "ir" / "x.png", np.zeros((64, 80), np.uint8))
-  _save(tmp_path / "vi" / "x.png", np.zeros((64, 96), np.uint8))
+  save_image(tmp_path / "ir" / "x.png", np.zeros((64, 80), np.uint8))
+  save_image(tmp_path / "vi" / "x.png", np.zeros((64, 96), np.uint8))
   ir, vis = tmp_path / "ir", tmp_path / "vi"
   code, _, err = _fuse(capsys, "--weights", weights, "--ir", ir, "--vis", vis,
                        "--out", tmp_path / "out")
   assert code == 1
   assert (f"{ir / 'x.png'}: pair of different sizes (infrared {ir / 'x.png'} is 80x64, "
           f"visible {vis / 'x.png'} is 96x64)") in err
-  _save(tmp_path / "vi" / "x.png", np.zeros((64, 80), np.uint8))
-  _save(tmp_path / "fused" / "x.png", np.zeros((50, 80), np.uint8))
+  save_image(tmp_path / "vi" / "x.png", np.zeros((64, 80), np.uint8))
+  save_image(tmp_path / "fused" / "x.png", np.zeros((50, 80), np.uint8))
   code, _, err = _evaluate(capsys, "--ir", ir, "--vis", vis, "--fused", tmp_path / "fused",
                            "--metrics", METRICS)
   assert code == 2
@@ -357,8 +344,8 @@ def test_size_mismatch_names_the_roles(weights, tmp_path, capsys):
 
 
 def test_output_folder_is_only_left_when_something_was_written(weights, tmp_path, capsys):
-  _save(tmp_path / "ir" / "x.png", np.zeros((SIZE, SIZE), np.uint8))
-  _save(tmp_path / "vi" / "x.png", np.zeros((SIZE, SIZE + 1), np.uint8))
+  save_image(tmp_path / "ir" / "x.png", np.zeros((SIZE, SIZE), np.uint8))
+  save_image(tmp_path / "vi" / "x.png", np.zeros((SIZE, SIZE + 1), np.uint8))
   out = tmp_path / "new" / "deeper" / "out"
   code, _, _ = _fuse(capsys, "--weights", weights, "--ir", tmp_path / "ir",
                      "--vis", tmp_path / "vi", "--out", out)

@@ -2,37 +2,24 @@
 
 import os
 
-import jax
 import numpy as np
 import pytest
-from conftest import load_script
+from conftest import load_script, save_image
 from PIL import Image
 
-from mmdrfuse_jax import checkpoints, files, imageio, models
+from mmdrfuse_jax import files, imageio
 
 fuse_cli = load_script("fuse")
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-  path = tmp_path_factory.mktemp("w") / "student.npz"
-  checkpoints.save_params(path, models.init_params("student", jax.random.key(0)))
-  return path
-
-
-def _save(path, array):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(array).save(path)
 
 
 @pytest.fixture()
 def folders(tmp_path):
   rng = np.random.default_rng(0)
   ir, vis = tmp_path / "ir", tmp_path / "vi"
-  _save(ir / "a.png", rng.integers(0, 256, (20, 30), dtype=np.uint8))
-  _save(vis / "a.jpg", rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))  # Pairs by stem.
-  _save(ir / "b.png", rng.integers(0, 256, (21, 17), dtype=np.uint8))
-  _save(vis / "b.png", rng.integers(0, 256, (21, 17), dtype=np.uint8))
+  save_image(ir / "a.png", rng.integers(0, 256, (20, 30), dtype=np.uint8))
+  save_image(vis / "a.jpg", rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))  # Pairs by stem.
+  save_image(ir / "b.png", rng.integers(0, 256, (21, 17), dtype=np.uint8))
+  save_image(vis / "b.png", rng.integers(0, 256, (21, 17), dtype=np.uint8))
   return ir, vis
 
 
@@ -63,11 +50,11 @@ def test_color_output(weights, folders, tmp_path):
 
 def test_problems_are_reported_and_the_rest_fused(weights, folders, tmp_path, capsys):
   ir, vis = folders
-  _save(ir / "lonely.png", np.zeros((8, 8), np.uint8))
-  _save(ir / "c.png", np.zeros((10, 10), np.uint8))
-  _save(vis / "c.png", np.zeros((10, 12), np.uint8))
+  save_image(ir / "lonely.png", np.zeros((8, 8), np.uint8))
+  save_image(ir / "c.png", np.zeros((10, 10), np.uint8))
+  save_image(vis / "c.png", np.zeros((10, 12), np.uint8))
   (ir / "d.png").write_bytes(b"not an image")
-  _save(vis / "d.png", np.zeros((10, 10), np.uint8))
+  save_image(vis / "d.png", np.zeros((10, 10), np.uint8))
   assert run("--weights", weights, "--ir", ir, "--vis", vis, "--out", tmp_path / "out") == 1
   err = capsys.readouterr().err
   assert "lonely.png: no partner" in err
@@ -128,10 +115,10 @@ def test_sixteen_bit_and_rgb_files_are_read(tmp_path):
 def test_pairing_rules(tmp_path):
   a, b = tmp_path / "a", tmp_path / "b"
   for name in ["x.png", "y.jpg", "y.png", "z.bmp", "notes.txt"]:
-    (_save(a / name, np.zeros((4, 4), np.uint8)) if name != "notes.txt"
+    (save_image(a / name, np.zeros((4, 4), np.uint8)) if name != "notes.txt"
      else (a / name).write_text("hi"))
   for name in ["x.tif", "y.png", "w.png"]:
-    _save(b / name, np.zeros((4, 4), np.uint8))
+    save_image(b / name, np.zeros((4, 4), np.uint8))
   result = imageio.pair_folders([a, b])
   assert [stem for stem, _ in result.pairs] == ["x", "y"]
   text = "\n".join(result.problems)
