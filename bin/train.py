@@ -49,7 +49,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from mmdrfuse_jax import stages, trainer  # pylint: disable=g-import-not-at-top
+  from mmdrfuse_jax import interrupts, stages, trainer  # pylint: disable=g-import-not-at-top
 
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs every save at INFO, and a failed save (a full disk) as dozens of ERROR
@@ -68,7 +68,7 @@ def main(argv) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   if result.interrupted_by is not None:
-    return 128 + result.interrupted_by
+    return interrupts.exit_code(result.interrupted_by)
   return 0
 
 

@@ -97,11 +97,15 @@ def run_identity(config: Any) -> dict[str, Any]:
 def _claim_workdir(workdir: pathlib.Path, config: Any, log: Callable[[str], None]) -> None:
   """Records the run's settings in `workdir/run.json`, or checks a rerun keeps them.
 
+  A run is held to its settings once it has a checkpoint; a run that stopped before its
+  first one (a missing weights file, say) may be rerun with corrected settings.
+
   Raises:
     TrainingError: the workdir holds a run with other settings.
   """
   record = workdir / "run.json"
   identity = run_identity(config)
+  trained = (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir())
   if config.get("start_fresh", False) and any(workdir.iterdir()):
     aside = workdir / f"replaced-{time.strftime('%Y%m%dT%H%M%S')}"
     aside.mkdir()
@@ -109,7 +113,7 @@ def _claim_workdir(workdir: pathlib.Path, config: Any, log: Callable[[str], None
       if entry != aside and not entry.name.startswith("replaced-"):
         shutil.move(str(entry), aside / entry.name)
     log(f"start_fresh: the earlier run in {workdir} was moved to {aside}")
-  elif record.is_file():
+  elif record.is_file() and trained:  # Before the first checkpoint, settings may change.
     try:
       before = json.loads(record.read_text())["identity"]
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -123,7 +127,7 @@ def _claim_workdir(workdir: pathlib.Path, config: Any, log: Callable[[str], None
           f"{workdir} holds a run with other settings ({'; '.join(changed)}); use another "
           "--workdir, or --config.start_fresh=True to move that run aside and start over")
     return
-  elif (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
+  elif trained and not record.is_file():
     log(f"warning: {workdir} has checkpoints but no run record (an older version's run); "
         "resuming without checking its settings")
   with files.atomic_write(record, "w") as f:

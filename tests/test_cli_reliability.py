@@ -125,14 +125,20 @@ def _read_only(monkeypatch, folder):
   monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
 
 
-def test_fuse_unusable_output_folder_exits_2_before_fusing(weights, tmp_path, capsys,
-                                                           monkeypatch):
-  ir, vis = _pairs(tmp_path / "data")
-  a_file = tmp_path / "file.png"
+def _unusable_locations(tmp_path, monkeypatch, file_name):
+  """A file where a folder is expected, and a (simulated) read-only folder."""
+  a_file = tmp_path / file_name
   a_file.write_bytes(b"x")
   read_only = tmp_path / "ro"
   read_only.mkdir()
   _read_only(monkeypatch, read_only)
+  return a_file, read_only
+
+
+def test_fuse_unusable_output_folder_exits_2_before_fusing(weights, tmp_path, capsys,
+                                                           monkeypatch):
+  ir, vis = _pairs(tmp_path / "data")
+  a_file, read_only = _unusable_locations(tmp_path, monkeypatch, "file.png")
   try:
     cases = [(a_file, "is a file, not a folder"),
              (a_file / "sub", "cannot create the folder (not a folder)"),
@@ -161,11 +167,7 @@ def test_fuse_a_folder_in_place_of_one_output_costs_only_that_pair(weights, tmp_
 
 def test_evaluate_unusable_save_fused(weights, tmp_path, capsys, monkeypatch):
   ir, vis = _pairs(tmp_path / "data", stems=("a", "b"))
-  a_file = tmp_path / "file"
-  a_file.write_bytes(b"x")
-  read_only = tmp_path / "ro"
-  read_only.mkdir()
-  _read_only(monkeypatch, read_only)
+  a_file, read_only = _unusable_locations(tmp_path, monkeypatch, "file")
   try:
     for folder in (a_file, read_only):
       code, _, err = _evaluate(capsys, "--ir", ir, "--vis", vis, "--weights", weights,

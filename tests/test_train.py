@@ -492,3 +492,17 @@ def test_config_mistakes_are_one_line(tmp_path):
   assert proc.returncode == 2 and proc.stderr.strip() == (
       "error: --config=configs/nope.py: no such config file")
   assert not list(tmp_path.iterdir())  # Nothing was started.
+
+
+def test_settings_may_be_corrected_before_the_first_checkpoint(straight_run, tmp_path,
+                                                              teacher_file):
+  config = tiny_config(teacher_file)
+  config.vgg_weights = str(tmp_path / "missing_vgg.npz")
+  with pytest.raises(trainer.TrainingError, match="missing_vgg.npz"):
+    trainer.train_model(config, tmp_path / "run", log=lambda *_: None)
+  config.vgg_weights = ""  # Corrected: no checkpoint was written, so the run may start.
+  result = trainer.train_model(config, tmp_path / "run", log=lambda *_: None, stop_at_step=1)
+  assert result.step == 1
+  config.seed = 1  # Once a checkpoint exists the settings are held.
+  with pytest.raises(trainer.TrainingError, match="seed: 0 -> 1"):
+    trainer.train_model(config, tmp_path / "run", log=lambda *_: None)
