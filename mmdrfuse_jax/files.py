@@ -83,6 +83,18 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> It
     raise
 
 
+def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> None:
+  """Removes what `atomic_write` left in `folder` for `names` when its process was killed.
+
+  A process killed inside `atomic_write` (SIGKILL, power loss) leaves its temporary file
+  (`.NAME.XXXX.tmp`) beside the untouched destination. Call this only where no other process
+  writes the same files, for example when a training run takes over its workdir.
+  """
+  for name in names:
+    for tmp in pathlib.Path(folder).glob(f".{name}.*.tmp"):
+      tmp.unlink(missing_ok=True)
+
+
 class OutputError(ValueError):
   """An output location cannot be used (or would replace an input); the message says why."""
 

@@ -318,6 +318,9 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
 
   workdir.mkdir(parents=True, exist_ok=True)
   _claim_workdir(workdir, config, log)
+  # A run killed while writing one of these (kill -9) left a temporary file beside it.
+  files.remove_stale_temporaries(workdir, ("run.json", "config.json", "metrics.jsonl",
+                                           f"{config.model}.npz"))
   dataset = load_dataset(config)
   vgg_params = load_vgg(config, log)
   teacher = load_teacher(config) if config.model == "student" else None

@@ -282,25 +282,6 @@ def test_eight_devices_match_one():
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
-def test_quickstart_smoke(tmp_path):
-  tiny = ["--config.data.synthetic_pairs=1", "--config.data.synthetic_height=32",
-          "--config.data.synthetic_width=64", "--config.data.patch_size=32",
-          "--config.data.patch_stride=32", "--config.batch_size=2", "--config.num_epochs=2",
-          "--config.progress_bar=False"]
-  # The teacher stage trains on the run's data; its own batch size and epochs.
-  tiny += [flag.replace("--config.", "--config.teacher_stage.") for flag in tiny
-           if ".data." not in flag]
-  tiny = [f for f in tiny if "teacher_stage.num_epochs" not in f] + [
-      "--config.teacher_stage.num_epochs=1"]
-  proc = _run(["bin/train.py", "--config=configs/quickstart.py", f"--workdir={tmp_path}", *tiny])
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-  out = proc.stdout + proc.stderr
-  assert "RANDOM VGG-19" in out
-  assert checkpoints.load_params(tmp_path / "teacher" / "teacher.npz", "teacher")
-  student = checkpoints.load_params(tmp_path / "student" / "student.npz", "student")
-  assert models.count_params(student) == 113
-
-
 def test_teacher_cache_matches_teacher_in_step(teacher_file):
   config = tiny_config(teacher_file)
   cfg = train.StepConfig.from_config(config, steps_per_epoch=2)
