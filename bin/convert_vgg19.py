@@ -6,12 +6,15 @@
 SRC is torchvision's ImageNet `vgg19` state dict (the file torchvision caches as
 `vgg19-dcbb9e9d.pth`, from https://download.pytorch.org/models/vgg19-dcbb9e9d.pth); DST is
 written atomically as one `.npz` of the feature stack's float32 arrays (HWIO kernels).
+
+Exit codes: 0 written; 1 SRC unusable or DST not writable; 130/143 stopped by SIGINT/SIGTERM
+(DST is then not written, and no temporary file is left).
 """
 
 import argparse
 import sys
 
-from mmdrfuse_jax import torch_reader, vgg
+from mmdrfuse_jax import interrupts, torch_reader, vgg
 
 
 def main(argv=None) -> int:
@@ -21,7 +24,12 @@ def main(argv=None) -> int:
   parser.add_argument("dst", help="output .npz")
   args = parser.parse_args(argv)
   try:
-    vgg.convert_torchvision_file(args.src, args.dst)
+    with interrupts.raise_on_signals():
+      vgg.convert_torchvision_file(args.src, args.dst)
+  except interrupts.Interrupted as e:
+    print(f"stopped by {interrupts.signal_name(e.signum)}: {args.dst} not written",
+          file=sys.stderr)
+    return interrupts.exit_code(e.signum)
   except torch_reader.WeightsError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -11,7 +11,7 @@ build is kept until the new one is complete).
 
 Exit codes: 0 built or reused; 2 a path or the folder's pairs cannot be used (nothing is
 written); 1 the build failed midway (disk full, permissions; nothing half-written is kept);
-130 interrupted (nothing half-written is kept).
+130/143 stopped by SIGINT/SIGTERM (nothing half-written is kept).
 """
 
 import argparse
@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 
+from mmdrfuse_jax import interrupts
 from mmdrfuse_jax.data import builders
 
 
@@ -66,19 +67,21 @@ def main(argv=None) -> int:
   tfds.disable_progress_bar()
   absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS warns about its own temporary folders.
   try:
-    built = builders.prepare(
-        args.dataset, os.path.expanduser(args.manual_dir), os.path.expanduser(args.data_dir),
-        skip_bad=args.skip_bad, resize_visible=args.resize_visible, ir_folder=args.ir_folder,
-        vis_folder=args.vis_folder, report=print)
+    with interrupts.raise_on_signals():
+      built = builders.prepare(
+          args.dataset, os.path.expanduser(args.manual_dir), os.path.expanduser(args.data_dir),
+          skip_bad=args.skip_bad, resize_visible=args.resize_visible, ir_folder=args.ir_folder,
+          vis_folder=args.vis_folder, report=print)
   except builders.BuildError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   except builders.DataError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
-    print("error: interrupted; nothing half-written was kept", file=sys.stderr)
-    return 130
+  except interrupts.Interrupted as e:
+    print(f"stopped by {interrupts.signal_name(e.signum)}; nothing half-written was kept",
+          file=sys.stderr)
+    return interrupts.exit_code(e.signum)
   print(f"{built.status}: {built.data_dir}")
   if built.skipped:
     print(builders.format_report(built.skipped, skipped=True))

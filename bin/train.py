@@ -7,6 +7,7 @@
 Rerunning with the same --workdir resumes from its latest checkpoint.
 """
 
+import os
 import pathlib
 import re
 import sys
@@ -66,7 +67,12 @@ def main(argv) -> int:
     result = stages.run(config, _WORKDIR.value)
   except trainer.TrainingError as e:
     print(f"error: {e}", file=sys.stderr)
-    return 1
+    # After a failed write (a full disk), the writer threads of orbax, tensorstore and
+    # tensorboardX would print tracebacks while the interpreter shuts down, retrying writes
+    # that cannot succeed. Everything that could be saved is saved: leave without them.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
   if result.interrupted_by is not None:
     return interrupts.exit_code(result.interrupted_by)
   return 0

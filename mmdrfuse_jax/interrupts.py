@@ -1,15 +1,20 @@
-"""Stopping long jobs cleanly on SIGTERM/SIGINT.
+"""Stopping jobs cleanly on SIGTERM/SIGINT.
 
-A job checks `StopRequest.signum` between units of work (a training step, an image) and
+A job of many units (training steps, images) checks `StopRequest.signum` between units and
 finishes what it must (a checkpoint, the current file) before it returns; a second signal
-stops at once (KeyboardInterrupt). Command-line tools then exit with the shell's code for
-the signal, `128 + signum` (130 for SIGINT, 143 for SIGTERM).
+stops at once (KeyboardInterrupt). A job that is one indivisible unit (converting a weights
+file, building a dataset) runs inside `raise_on_signals()`, which turns either signal into an
+`Interrupted` exception, so its temporary files are removed as the exception unwinds.
+Command-line tools then exit with the shell's code for the signal, `128 + signum` (130 for
+SIGINT, 143 for SIGTERM).
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from typing import Iterator
 
 SIGINT_EXIT_CODE = 128 + signal.SIGINT  # 130: also the exit code after a KeyboardInterrupt.
 
@@ -52,4 +57,32 @@ class StopRequest:
 
   def __exit__(self, *exc):
     for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
+class Interrupted(BaseException):
+  """SIGTERM or SIGINT arrived inside `raise_on_signals()` (a BaseException, like KeyboardInterrupt,
+  so that `except Exception` clean-up code does not swallow it)."""
+
+  def __init__(self, signum: int):
+    super().__init__(signal_name(signum))
+    self.signum = signum
+
+
+@contextlib.contextmanager
+def raise_on_signals() -> Iterator[None]:
+  """Within the block, SIGTERM and SIGINT raise `Interrupted` (main thread only)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handle(signum, frame):
+    del frame
+    raise Interrupted(signum)
+
+  old = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  finally:
+    for sig, handler in old.items():
       signal.signal(sig, handler)

@@ -39,6 +39,7 @@ class MetricWriter:
       purge_step = purge_after_step + 1
       _drop_rows_after(jsonl, purge_after_step)
     self._events = tensorboardX.SummaryWriter(logdir=str(logdir), purge_step=purge_step)
+    self._jsonl_path = jsonl
     self._jsonl = open(jsonl, "a", encoding="utf-8")
 
   def config(self, config_json: str) -> None:
@@ -54,13 +55,28 @@ class MetricWriter:
     self._jsonl.write(json.dumps({"step": int(step), **values}, sort_keys=True) + "\n")
 
   def flush(self) -> None:
+    """Writes what was logged to disk.
+
+    Raises:
+      OSError: naming `metrics.jsonl` or the event file (a full disk, for example).
+    """
     self._events.flush()
-    self._jsonl.flush()
+    try:
+      self._jsonl.flush()
+    except OSError as e:  # The buffered file's error names no file.
+      raise OSError(e.errno, e.strerror, str(self._jsonl_path)) from None
 
   def close(self) -> None:
-    self.flush()
-    self._events.close()
-    self._jsonl.close()
+    """Closes both outputs, even when the first fails; then raises the first error."""
+    errors = []
+    for part in (self._events, self._jsonl):
+      try:
+        part.close()
+      except OSError as e:
+        errors.append(e)
+    if errors:
+      first = errors[0]
+      raise OSError(first.errno, first.strerror, first.filename or str(self._jsonl_path))
 
 
 def _drop_rows_after(jsonl: pathlib.Path, step: int) -> None:

@@ -4,15 +4,28 @@ Reference material lives outside the repository (`$MMDRFUSE_SHARED`, default `..
 from the repo root); tests that need it skip, saying why, where it is absent.
 """
 
+import atexit
 import importlib.util
 import os
 import pathlib
+import shutil
+import tempfile
 
-import jax
-import pytest
-from PIL import Image
+# One persistent XLA compilation cache for the test session, shared with the subprocesses
+# that tests start (they inherit the environment): a program compiled once, in this process
+# or in a subprocess, is read back instead of compiled again. Set before jax is imported.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="mmdrfuse-test-xla-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-from mmdrfuse_jax import checkpoints, models
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from mmdrfuse_jax import checkpoints, models  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -413,3 +413,26 @@ def test_os_error_messages():
   wrapped.__cause__ = OSError(errno.EROFS, os.strerror(errno.EROFS))
   assert builders._as_os_error(wrapped).errno == errno.EROFS
   assert builders._as_os_error(ValueError("no")) is None
+
+
+def test_sigterm_during_a_build_keeps_nothing_half_written(cli, capsys, tmp_path, monkeypatch):
+  src, out = tmp_path / "src", tmp_path / "out"
+  synthetic.write_pairs(src, 3, 64, 64, seed=0)
+  real_png, calls = builders._png, []
+
+  def png(image):
+    calls.append(1)
+    if len(calls) == 6:  # The second pair is being encoded.
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real_png(image)
+
+  monkeypatch.setattr(builders, "_png", png)
+  handler = signal.getsignal(signal.SIGTERM)
+  code, stdout, err = _run(cli, capsys, src, out)
+  assert code == 143
+  assert err == "stopped by SIGTERM; nothing half-written was kept\n"
+  assert not _is_built(out) and _leftovers(out) == []
+  assert signal.getsignal(signal.SIGTERM) is handler
+  monkeypatch.setattr(builders, "_png", real_png)
+  code, stdout, _ = _run(cli, capsys, src, out)  # A rerun builds it.
+  assert code == 0 and _is_built(out)

@@ -9,8 +9,8 @@ student weights must equal, bit for bit, those of a run that was never interrupt
 
 A kill point is injected by a small driver that wraps a library function or `os.rename` /
 `os.replace` and sends SIGKILL to its own process on the n-th hit; nothing in the library
-knows about it. All runs share a persistent XLA compilation cache, so only the first one
-compiles.
+knows about it. All runs share the test session's persistent XLA compilation cache, so only
+the first one compiles.
 """
 
 import os
@@ -103,10 +103,9 @@ _KILLS = [
 ]
 
 
-def _train(workdir, cache_dir, fault=None):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+def _train(workdir, fault=None):
+  # The runs share the test session's persistent compilation cache (see conftest.py).
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
   env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
   args = ["bin/train.py", "--config=configs/quickstart.py", f"--workdir={workdir}", *_TINY]
   if fault is not None:
@@ -122,14 +121,9 @@ def _weights(path):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("xla_cache")
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, cache_dir):
+def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  proc = _train(workdir, cache_dir)
+  proc = _train(workdir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc.stdout + proc.stderr
 
@@ -143,15 +137,14 @@ def test_quickstart_trains_teacher_then_student(uninterrupted):
   assert models.count_params(student) == 113
 
 
-def test_sigkill_at_five_points_then_rerun_gives_identical_weights(uninterrupted, cache_dir,
-                                                                   tmp_path):
+def test_sigkill_at_five_points_then_rerun_gives_identical_weights(uninterrupted, tmp_path):
   workdir = tmp_path / "run"
   for point in _KILLS:
-    proc = _train(workdir, cache_dir, fault=point)
+    proc = _train(workdir, fault=point)
     assert proc.returncode == -signal.SIGKILL, (point, proc.returncode, proc.stderr[-3000:])
   # What the kills left: an uncommitted checkpoint folder, a temporary weights file.
   assert not (workdir / "student" / "student.npz").exists()
-  proc = _train(workdir, cache_dir)
+  proc = _train(workdir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for model in ("teacher", "student"):
     expected = _weights(uninterrupted[0] / model / f"{model}.npz")

@@ -487,3 +487,41 @@ def test_settings_may_be_corrected_before_the_first_checkpoint(straight_run, tmp
   config.seed = 1  # Once a checkpoint exists the settings are held.
   with pytest.raises(trainer.TrainingError, match="seed: 0 -> 1"):
     trainer.train_model(config, tmp_path / "run", log=lambda *_: None)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 400 KB file system (tmpfs) at tmp_path/disk; skips where mounting is not allowed."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)],
+                        capture_output=True, text=True)
+  if proc.returncode != 0:
+    pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {proc.stderr.strip()}")
+  try:
+    yield mount
+  finally:
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_is_one_line_and_a_rerun_resumes(small_disk, teacher_file):
+  # tiny_config's settings (its compiled step is reused), a checkpoint (~100 KB) every step.
+  flags = ["--config.data.synthetic_pairs=2", "--config.data.synthetic_height=32",
+           "--config.data.synthetic_width=64", "--config.data.patch_size=32",
+           "--config.data.patch_stride=32", "--config.batch_size=2", "--config.num_epochs=3",
+           "--config.allow_random_vgg=True", f"--config.teacher_weights={teacher_file}",
+           "--config.optim.lr=1e-3", "--config.checkpoint_every_steps=1",
+           "--config.keep_checkpoints=100", "--config.progress_bar=False"]
+  args = ["bin/train.py", "--config=configs/student.py", f"--workdir={small_disk}/run", *flags]
+  proc = _run(args)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert proc.stderr.strip().count("\n") == 0, proc.stderr[-3000:]  # No tracebacks.
+  assert "no space left on device" in proc.stderr and str(small_disk) in proc.stderr
+  kept = sorted(int(p.name) for p in (small_disk / "run" / "checkpoints").iterdir()
+                if p.name.isdigit())
+  assert kept and kept[-1] < 6, kept  # It stopped early, keeping the checkpoints it wrote.
+  subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
+  proc = _run(args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"resumed from {small_disk}/run/checkpoints at step {kept[-1]}" in proc.stdout
+  assert checkpoints.load_params(small_disk / "run" / "student.npz", "student")

@@ -1,6 +1,8 @@
 """VGG-19 feature stack: golden taps, single pass, weight conversion and files."""
 
 import functools
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import load_script
 
-from mmdrfuse_jax import torch_reader, vgg
+from mmdrfuse_jax import files, torch_reader, vgg
 
 
 def _rel_err(got, ref) -> float:
@@ -183,3 +185,23 @@ def test_convert_script_errors(tmp_path, capsys):
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "features.0.weight has shape" in err
   assert not dst.exists()
+
+
+def test_convert_script_stopped_by_sigterm_writes_nothing(tmp_path, torch_state, capsys,
+                                                          monkeypatch):
+  src, dst = tmp_path / "vgg19-dcbb9e9d.pth", tmp_path / "vgg19.npz"
+  torch_reader.save_state_dict(src, torch_state)
+  real_savez = files.np.savez
+
+  def savez_then_sigterm(f, **arrays):  # The signal arrives with the file half-written.
+    f.write(b"PK\x03\x04 partial")
+    os.kill(os.getpid(), signal.SIGTERM)
+    real_savez(f, **arrays)
+
+  monkeypatch.setattr(files.np, "savez", savez_then_sigterm)
+  handler = signal.getsignal(signal.SIGTERM)
+  assert _convert_main()([str(src), str(dst)]) == 143
+  err = capsys.readouterr().err
+  assert err == f"stopped by SIGTERM: {dst} not written\n"
+  assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]  # No temporary file left.
+  assert signal.getsignal(signal.SIGTERM) is handler  # Restored.
