@@ -53,6 +53,12 @@ def get_config(model: str = "student") -> ml_collections.ConfigDict:
   config.refresh.memory_dtype = "bfloat16"  # "bfloat16", "float32" or "uint8".
   config.refresh.weight_scale = 10.0
 
+  # How VGG-19 and the teacher compute (mmdrfuse_jax/precision.py): "exact" (float32,
+  # highest precision: the published numbers), "default" (the backend's default: TF32 on
+  # recent NVIDIA GPUs) or "bfloat16" (their activations in bfloat16; losses and optimiser in
+  # float32). It may change between reruns of a run.
+  config.precision = "exact"
+
   # Frozen networks. `vgg_weights`: the .npz written by bin/convert_vgg19.py.
   config.vgg_weights = ""
   config.allow_random_vgg = False  # Quickstart only: a seeded random VGG when none is given.

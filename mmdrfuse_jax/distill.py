@@ -30,22 +30,22 @@ def init_student_from_teacher(student_params: Any, teacher_params: Any) -> Any:
   return params
 
 
-def teacher_targets(teacher_params: Any, x: jax.Array) -> jax.Array:
+def teacher_targets(teacher_params: Any, x: jax.Array, precision: str = "exact") -> jax.Array:
   """What distillation needs of the frozen teacher: (B, H, W, 2) = [sum_c t_feat, t_out].
 
   The distillation loss only sees the teacher's features summed over channels, so one map
-  stands for the four channels exactly.
+  stands for the four channels exactly. `precision`: the teacher's (see `precision.py`).
   """
-  t = models.Teacher().apply({"params": teacher_params}, x)
+  t = models.Teacher(precision=precision).apply({"params": teacher_params}, x)
   return jnp.concatenate([jnp.sum(t["feat"], axis=-1, keepdims=True), t["out"]], axis=-1)
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_teacher_targets(mesh: Mesh):
-  """`teacher_targets` jitted for `mesh` (cached: every cache on a mesh shares one compilation)."""
+def _jitted_teacher_targets(mesh: Mesh, precision: str):
+  """`teacher_targets` jitted for `mesh` (cached: caches on one mesh share a compilation)."""
   batch = NamedSharding(mesh, P("data"))
-  return jax.jit(teacher_targets, in_shardings=(NamedSharding(mesh, P()), batch),
-                 out_shardings=batch)
+  return jax.jit(functools.partial(teacher_targets, precision=precision),
+                 in_shardings=(NamedSharding(mesh, P()), batch), out_shardings=batch)
 
 
 class TeacherCache:
@@ -57,11 +57,11 @@ class TeacherCache:
   of host RAM per patch. Not checkpointed: after a restart it fills again.
   """
 
-  def __init__(self, num_patches: int, patch_size: int, mesh: Mesh):
+  def __init__(self, num_patches: int, patch_size: int, mesh: Mesh, precision: str = "exact"):
     self.values = np.zeros((num_patches, patch_size, patch_size, 2), np.float32)
     self.known = np.zeros(num_patches, bool)
     self._sharding = NamedSharding(mesh, P("data"))
-    self._compute = _jitted_teacher_targets(mesh)
+    self._compute = _jitted_teacher_targets(mesh, precision)
 
   def add_to(self, batch: dict[str, jax.Array], teacher_params: Any) -> dict[str, jax.Array]:
     """`batch` with its `teacher` targets (computed now for patches not seen before)."""

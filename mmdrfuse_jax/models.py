@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmdrfuse_jax import precision as precision_lib
+
 STUDENT_LAYERS = ("conv1", "conv2")
 TEACHER_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "conv6", "conv66", "conv55",
                   "conv44", "conv33", "conv22", "conv11", "conv00")
@@ -61,14 +63,16 @@ class TapMatmulConv(nn.Module):
   """
 
   features: int
+  precision: jax.lax.Precision = jax.lax.Precision.HIGHEST
+  dtype: Any = jnp.float32  # Of the computation; parameters stay float32.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     channels = x.shape[-1]
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, channels, self.features))
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,)).astype(self.dtype)
     taps = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(channels, 9 * self.features)
-    products = jnp.dot(x, taps, precision=jax.lax.Precision.HIGHEST)
+    products = jnp.dot(x.astype(self.dtype), taps.astype(self.dtype), precision=self.precision)
     products = products.reshape(x.shape[:3] + (9, self.features))
     height, width = x.shape[1] - 2, x.shape[2] - 2
     out = bias
@@ -78,10 +82,11 @@ class TapMatmulConv(nn.Module):
     return out
 
 
-def _conv(features: int, name: str, strides: int = 1) -> nn.Conv:
+def _conv(features: int, name: str, strides: int = 1, mode: str = "exact") -> nn.Conv:
   # Parameters sit directly under the layer's published name ({"conv1": {"kernel", "bias"}}).
   return nn.Conv(features, (3, 3), strides=(strides, strides), padding="VALID",
-                 precision=jax.lax.Precision.HIGHEST, name=name)
+                 precision=precision_lib.lax_precision(mode),
+                 dtype=precision_lib.compute_dtype(mode), name=name)
 
 
 class PlanarConv3x3(nn.Module):
@@ -151,7 +156,7 @@ class Student(nn.Module):
             "out": jnp.tanh(out_pre)[..., None]}
 
 
-def upsample2x_bicubic(x: jax.Array) -> jax.Array:
+def upsample2x_bicubic(x: jax.Array, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
   """PyTorch's `interpolate(scale_factor=2, mode="bicubic", align_corners=False)`.
 
   PyTorch uses the cubic coefficient -0.75 and no antialiasing; plain
@@ -159,7 +164,7 @@ def upsample2x_bicubic(x: jax.Array) -> jax.Array:
   """
   b, h, w, c = x.shape
   return jax.image.resize(x, (b, 2 * h, 2 * w, c), method="bicubic-pytorch", antialias=False,
-                          precision=jax.lax.Precision.HIGHEST)
+                          precision=precision)
 
 
 class Teacher(nn.Module):
@@ -172,12 +177,16 @@ class Teacher(nn.Module):
   the input size (half-resolution encoder taps keep the padded size's half). With
   `any_size=False` an odd size raises, as the published code would fail.
 
+  `precision` ("exact", "default" or "bfloat16", see `precision.py`) sets how its
+  convolutions compute; the outputs are float32 in every mode.
+
   Returns:
     A dict with `encoder` (G1..G6), `feat_pre` (conv11 output), `feat` (its ReLU),
     `out_pre` (conv00 output) and `out` (tanh(out_pre)).
   """
 
   any_size: bool = True
+  precision: str = "exact"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> dict[str, Any]:
@@ -188,9 +197,13 @@ class Teacher(nn.Module):
         raise ValueError(f"the published teacher needs even sizes, got {height}x{width}")
       x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
 
+    mode = self.precision
+    dtype = precision_lib.compute_dtype(mode)
+    x = x.astype(dtype)
+
     def conv_relu(features, name, *inputs, strides=1):
       y = jnp.concatenate(inputs, axis=-1) if len(inputs) > 1 else inputs[0]
-      return nn.relu(_conv(features, name, strides)(reflect_pad(y)))
+      return nn.relu(_conv(features, name, strides, mode)(reflect_pad(y)))
 
     g1 = conv_relu(32, "conv1", x)
     g2 = conv_relu(32, "conv2", g1)
@@ -202,13 +215,15 @@ class Teacher(nn.Module):
     d5 = conv_relu(64, "conv55", g5, d6)
     d4 = conv_relu(64, "conv44", g4, d5)
     d3 = conv_relu(64, "conv33", g3, d4)
-    d2 = conv_relu(32, "conv22", g2, upsample2x_bicubic(d3))
-    feat_pre = TapMatmulConv(4, name="conv11")(reflect_pad(jnp.concatenate([g1, d2], axis=-1)))
+    d2 = conv_relu(32, "conv22", g2, upsample2x_bicubic(d3, precision_lib.lax_precision(mode)))
+    feat_pre = TapMatmulConv(4, precision_lib.lax_precision(mode), dtype, name="conv11")(
+        reflect_pad(jnp.concatenate([g1, d2], axis=-1)))
     feat = nn.relu(feat_pre)
-    out_pre = _conv(1, "conv00")(reflect_pad(feat))
+    out_pre = _conv(1, "conv00", mode=mode)(reflect_pad(feat)).astype(jnp.float32)
     outputs = {"feat_pre": feat_pre, "feat": feat, "out_pre": out_pre, "out": jnp.tanh(out_pre)}
-    outputs = {k: v[:, :height, :width] for k, v in outputs.items()}
-    outputs["encoder"] = (g1[:, :height, :width], g2[:, :height, :width], g3, g4, g5, g6)
+    outputs = {k: v[:, :height, :width].astype(jnp.float32) for k, v in outputs.items()}
+    outputs["encoder"] = tuple(g.astype(jnp.float32) for g in (
+        g1[:, :height, :width], g2[:, :height, :width], g3, g4, g5, g6))
     return outputs
 
 
@@ -223,10 +238,14 @@ def check_model_name(name: str) -> None:
     raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
 
 
-def get_model(name: str) -> nn.Module:
-  """The network called `name` ("student" or "teacher")."""
+def get_model(name: str, precision: str = "exact") -> nn.Module:
+  """The network called `name` ("student" or "teacher").
+
+  `precision` (see `precision.py`) applies to the teacher; the student is float32 always.
+  """
   check_model_name(name)
-  return MODELS[name]()
+  precision_lib.check(precision)
+  return Teacher(precision=precision) if name == "teacher" else MODELS[name]()
 
 
 def layer_names(name: str) -> tuple[str, ...]:

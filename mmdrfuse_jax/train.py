@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mmdrfuse_jax import distill, losses, models, refresh, vgg
+from mmdrfuse_jax import precision as precision_lib
 
 
 class TrainState(train_state.TrainState):
@@ -70,6 +71,8 @@ class StepConfig:
     gradient_form: "code" (published code) or "paper" (Eq. 3), see `losses.gradient_mse`.
     distill_normalize: "batch" (published code) or "sample" (Eq. 1).
     steps_per_epoch: batches per epoch (advances `TrainState.epoch`).
+    precision: how VGG-19 and the teacher compute: "exact", "default" or "bfloat16" (see
+      `precision.py`).
   """
 
   model: str
@@ -78,6 +81,10 @@ class StepConfig:
   gradient_form: str = "code"
   distill_normalize: str = "batch"
   steps_per_epoch: int = 1
+  precision: str = "exact"
+
+  def __post_init__(self):
+    precision_lib.check(self.precision)
 
   @classmethod
   def from_config(cls, config: Any, steps_per_epoch: int) -> "StepConfig":
@@ -87,7 +94,7 @@ class StepConfig:
         refresh=refresh.RefreshConfig.from_config(config.refresh),
         gradient_form=str(config.loss.gradient_form),
         distill_normalize=str(config.loss.distill_normalize),
-        steps_per_epoch=int(steps_per_epoch))
+        steps_per_epoch=int(steps_per_epoch), precision=str(config.get("precision", "exact")))
 
   @property
   def uses_teacher(self) -> bool:
@@ -123,14 +130,15 @@ def _adam(lr: float, b1: float, b2: float, eps: float) -> optax.GradientTransfor
 
 
 @functools.lru_cache(maxsize=None)
-def _network(model: str):
+def _network(model: str, precision: str):
   # One module per network: its `apply` is static in the `TrainState`, like the optimiser.
-  return models.get_model(model)
+  return models.get_model(model, precision)
 
 
 def create_train_state(model: str, tx: optax.GradientTransformation, rng: jax.Array,
                        num_patches: int, patch_size: int, refresh_cfg: refresh.RefreshConfig,
-                       teacher_params: Any = None, params: Any = None) -> TrainState:
+                       teacher_params: Any = None, params: Any = None,
+                       precision: str = "exact") -> TrainState:
   """A fresh train state.
 
   Args:
@@ -142,11 +150,12 @@ def create_train_state(model: str, tx: optax.GradientTransformation, rng: jax.Ar
     refresh_cfg: the refresh settings (which memories, their dtype).
     teacher_params: for a student, the frozen teacher (its conv00 initialises conv2).
     params: initial parameters to use instead of a fresh initialisation.
+    precision: how the teacher computes when it is the model trained (`precision.py`).
   """
   if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.key_data(rng)  # Raw uint32 keys checkpoint as plain arrays.
   init_rng, state_rng = jax.random.split(rng)
-  net = _network(model)
+  net = _network(model, precision)
   if params is None:
     params = net.init(init_rng, jnp.zeros((1, patch_size, patch_size, 2), jnp.float32))["params"]
     if model == "student" and teacher_params is not None:
@@ -158,14 +167,19 @@ def create_train_state(model: str, tx: optax.GradientTransformation, rng: jax.Ar
       position=jnp.zeros((), jnp.int32))
 
 
-def _vgg_if(pred: jax.Array, params: Any, x: jax.Array, num_taps: int):
+def vgg_taps(params: Any, x: jax.Array, num_taps: int, precision: str):
+  """`vgg.vgg19_taps` computing as `precision` says (float32 taps in every mode)."""
+  return vgg.vgg19_taps(params, x, num_taps=num_taps,
+                        precision=precision_lib.lax_precision(precision),
+                        dtype=precision_lib.compute_dtype(precision))
+
+
+def _vgg_if(pred: jax.Array, params: Any, x: jax.Array, num_taps: int, precision: str):
   """VGG taps of `x` when `pred`, zeros otherwise, without running VGG in the false case."""
-  shapes = jax.eval_shape(functools.partial(vgg.vgg19_taps, num_taps=num_taps), params, x)
+  taps = functools.partial(vgg_taps, num_taps=num_taps, precision=precision)
+  shapes = jax.eval_shape(taps, params, x)
   return jax.lax.cond(
-      pred,
-      lambda p, y: vgg.vgg19_taps(p, y, num_taps=num_taps),
-      lambda p, y: tuple(jnp.zeros(s.shape, s.dtype) for s in shapes),
-      params, x)
+      pred, taps, lambda p, y: tuple(jnp.zeros(s.shape, s.dtype) for s in shapes), params, x)
 
 
 def _nonfinite(tree) -> jax.Array:
@@ -194,13 +208,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Frozen, *
   weights, rcfg = cfg.weights, cfg.refresh
   # Constants w.r.t. the parameters are computed outside the differentiated function.
   if weights.w_percep != 0:
-    taps_sources = vgg.vgg19_taps(frozen.vgg, jnp.concatenate([ir, vi], 0))
+    taps_sources = vgg_taps(frozen.vgg, jnp.concatenate([ir, vi], 0), vgg.NUM_TAPS,
+                             cfg.precision)
     b = ir.shape[0]
     taps_ir, taps_vi = tuple(t[:b] for t in taps_sources), tuple(t[b:] for t in taps_sources)
   if cfg.uses_teacher:
     # The teacher's targets, from the host-side cache when the loop supplies them.
     targets = batch["teacher"] if "teacher" in batch else distill.teacher_targets(
-        frozen.teacher, x)
+        frozen.teacher, x, cfg.precision)
     targets = jax.lax.stop_gradient(targets)
   # Each memory's images for this batch and their scores (constants too).
   recalled = {}
@@ -211,7 +226,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Frozen, *
   def loss_fn(params):
     o = state.apply_fn({"params": params}, x)
     out = o["out"]
-    taps_out = vgg.vgg19_taps(frozen.vgg, out, num_taps=cfg.output_taps) if cfg.output_taps else ()
+    taps_out = (vgg_taps(frozen.vgg, out, cfg.output_taps, cfg.precision) if cfg.output_taps
+                else ())
     terms = {}
     if weights.w_int != 0:
       terms["l_int"] = losses.intensity_loss(out, ir, vi)
@@ -233,7 +249,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Frozen, *
       decisions[kind.name] = decision
       if cfg.refresh_loss_on:
         # VGG on the memory images only when some sample needs the loss (never in epoch 1).
-        taps_mem = _vgg_if(jnp.any(decision["weight"] > 0), frozen.vgg, images, kind.num_taps)
+        taps_mem = _vgg_if(jnp.any(decision["weight"] > 0), frozen.vgg, images, kind.num_taps,
+                           cfg.precision)
         per_sample_loss = kind.loss(taps_mem, taps_out[:kind.num_taps], images, out)
         terms[f"l_refresh_{kind.name}"] = jnp.mean(decision["weight"] * per_sample_loss)
     if cfg.refresh_loss_on:

@@ -22,16 +22,17 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mmdrfuse_jax import (
-    checkpoints,
-    distill,
-    files,
-    interrupts,
-    models,
-    refresh,
-    summary,
-    train,
-    vgg,
+  checkpoints,
+  distill,
+  files,
+  interrupts,
+  models,
+  refresh,
+  summary,
+  train,
+  vgg,
 )
+from mmdrfuse_jax import precision as precision_lib
 
 
 class TrainingError(RuntimeError):
@@ -82,6 +83,9 @@ def check_config(config: Any) -> None:
     value = flat[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise TrainingError(f"config.{key} must be a positive integer, got {value!r}")
+  if config.get("precision", "exact") not in precision_lib.MODES:
+    raise TrainingError(f"config.precision must be one of {', '.join(precision_lib.MODES)}, "
+                        f"got {config.precision!r}")
   if int(config.data.synthetic_pairs) > 0 and config.data.dataset:
     raise TrainingError(
         f"config.data names both a dataset ({config.data.dataset!r}) and procedural pairs "
@@ -335,13 +339,14 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
   memory_bytes = refresh.bytes_per_sample(cfg.refresh, dataset.patch_size, dataset.patch_size)
   log(f"{config.model}: {dataset.num_patches} patches, {steps_per_epoch} steps/epoch x "
       f"{config.num_epochs} epochs, batch {batch_size} over {mesh.devices.size} device(s); "
-      f"refresh memories {cfg.refresh.memory_dtype}, {memory_bytes:,} bytes/sample")
+      f"refresh memories {cfg.refresh.memory_dtype}, {memory_bytes:,} bytes/sample; "
+      f"precision {cfg.precision}")
 
   o = config.optim
   state = train.create_train_state(
       config.model, train.make_optimizer(float(o.lr), float(o.b1), float(o.b2), float(o.eps)),
       jax.random.PRNGKey(int(config.seed)), dataset.num_patches, dataset.patch_size,
-      cfg.refresh, teacher_params=teacher)
+      cfg.refresh, teacher_params=teacher, precision=cfg.precision)
   state = train.replicate(state, mesh)
   frozen = train.replicate(train.Frozen(vgg=vgg_params, teacher=teacher), mesh)
 
@@ -360,7 +365,7 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
 
   cache = None
   if cfg.uses_teacher and config.teacher_cache:
-    cache = distill.TeacherCache(dataset.num_patches, dataset.patch_size, mesh)
+    cache = distill.TeacherCache(dataset.num_patches, dataset.patch_size, mesh, cfg.precision)
   step = int(state.step)
   train_step = train.make_train_step(cfg, mesh)
   # Rows logged after the checkpoint we resume from are dropped (they will be logged again).

@@ -64,9 +64,9 @@ def param_shapes() -> dict[str, dict[str, tuple[int, ...]]]:
 
 def _conv_relu(x: jax.Array, layer: Mapping[str, jax.Array], precision) -> jax.Array:
   y = jax.lax.conv_general_dilated(
-      x, layer["kernel"], window_strides=(1, 1), padding=((1, 1), (1, 1)),
+      x, layer["kernel"].astype(x.dtype), window_strides=(1, 1), padding=((1, 1), (1, 1)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
-  return jax.nn.relu(y + layer["bias"])
+  return jax.nn.relu(y + layer["bias"].astype(x.dtype))
 
 
 def _max_pool(x: jax.Array) -> jax.Array:
@@ -75,7 +75,8 @@ def _max_pool(x: jax.Array) -> jax.Array:
 
 
 def vgg19_taps(params: Mapping[str, Mapping[str, jax.Array]], x: jax.Array,
-               num_taps: int = NUM_TAPS, precision=None) -> tuple[jax.Array, ...]:
+               num_taps: int = NUM_TAPS, precision=None, dtype=jnp.float32
+               ) -> tuple[jax.Array, ...]:
   """The first `num_taps` VGG-19 taps of `x`, computed in one pass.
 
   Args:
@@ -84,16 +85,18 @@ def vgg19_taps(params: Mapping[str, Mapping[str, jax.Array]], x: jax.Array,
       (B, H, W, 3). Values are used as they are (no ImageNet normalisation).
     num_taps: how many taps to return (1..5); the stack stops after the last one needed.
     precision: passed to the convolutions (None: the backend's default).
+    dtype: what the stack computes in (the float32 parameters are cast to it); the taps
+      are returned as float32 either way (see `precision.py`).
 
   Returns:
-    Tuple of `num_taps` NHWC arrays: relu1_2 (H), relu2_2 (H/2), relu3_4 (H/4),
+    Tuple of `num_taps` float32 NHWC arrays: relu1_2 (H), relu2_2 (H/2), relu3_4 (H/4),
     relu4_4 (H/8), relu5_4 (H/16), with torchvision's floor-mode pooling.
   """
   if not 1 <= num_taps <= NUM_TAPS:
     raise ValueError(f"num_taps must be in 1..{NUM_TAPS}, got {num_taps}")
   if x.ndim != 4 or x.shape[-1] not in (1, 3):
     raise ValueError(f"expected (B, H, W, 1) or (B, H, W, 3) images, got shape {x.shape}")
-  x = jnp.asarray(x, jnp.float32)
+  x = jnp.asarray(x, dtype)
   if x.shape[-1] == 1:
     x = jnp.broadcast_to(x, x.shape[:-1] + (3,))
   taps = []
@@ -102,7 +105,7 @@ def vgg19_taps(params: Mapping[str, Mapping[str, jax.Array]], x: jax.Array,
       x = _max_pool(x)
     for i in range(1, len(block) + 1):
       x = _conv_relu(x, params[f"conv{b}_{i}"], precision)
-    taps.append(x)
+    taps.append(x.astype(jnp.float32))
     if len(taps) == num_taps:
       break
   return tuple(taps)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmdrfuse_jax import distill, losses, models, refresh, train, vgg
+from mmdrfuse_jax import distill, losses, models, precision, refresh, train, vgg
 from mmdrfuse_jax.benchmarks import common
 
 
@@ -35,6 +35,8 @@ def add_parser(subparsers) -> None:
   parser.add_argument("--first_epoch", action="store_true",
                       help="a first-epoch step: empty memories (no refresh losses, no VGG pass on "
                       "them) and, for the student, the teacher inside the step")
+  parser.add_argument("--precision", choices=precision.MODES, default="exact",
+                      help="how VGG-19 and the teacher compute (mmdrfuse_jax/precision.py)")
   parser.add_argument("--repeats", type=int, default=3)
   parser.set_defaults(run=run)
 
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> dict:
   weights = losses.PUBLISHED_WEIGHTS[args.model]
   if args.w_percep is not None:
     weights = dataclasses.replace(weights, w_percep=args.w_percep)
-  cfg = train.StepConfig(args.model, weights, refresh=rcfg, steps_per_epoch=10**6)
+  cfg = train.StepConfig(args.model, weights, refresh=rcfg, steps_per_epoch=10**6,
+                         precision=args.precision)
   rng = np.random.default_rng(0)
   ir = rng.random((b, s, s, 1), dtype=np.float32)
   vi = rng.random((b, s, s, 1), dtype=np.float32)
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> dict:
   # First-epoch steps see new patches every time: one set of slots per step.
   num_slots = b * (args.repeats + 1) if args.first_epoch else b
   state = train.create_train_state(args.model, train.make_optimizer(), jax.random.key(0),
-                                   num_slots, s, rcfg, teacher_params=teacher)
+                                   num_slots, s, rcfg, teacher_params=teacher,
+                                   precision=args.precision)
   if not args.first_epoch:
     good = jnp.asarray(np.maximum(ir, vi))
     state = state.replace(memory={
@@ -79,7 +83,7 @@ def run(args: argparse.Namespace) -> dict:
   batch = {"ir": ir, "vis": vi, "patch_id": ids}
   teacher_in_step = args.teacher_in_step or args.first_epoch
   if cfg.uses_teacher and not teacher_in_step:
-    batch = distill.TeacherCache(b, s, mesh).add_to(batch, frozen.teacher)
+    batch = distill.TeacherCache(b, s, mesh, args.precision).add_to(batch, frozen.teacher)
   box = {"state": state, "metrics": None, "calls": 0}
 
   def one_step():
@@ -93,6 +97,7 @@ def run(args: argparse.Namespace) -> dict:
   return {
     "benchmark": "train-step",
     "model": args.model,
+    "precision": args.precision,
     "batch": b,
     "size": s,
     "memory_dtype": args.memory_dtype,
