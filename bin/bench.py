@@ -4,10 +4,18 @@
 import argparse
 import sys
 
-from mmdrfuse_jax.benchmarks import common, infer, metrics, pipeline, train_step
+from mmdrfuse_jax import backend
+from mmdrfuse_jax.benchmarks import (
+    common,
+    infer,
+    metrics,
+    pipeline,
+    precision_error,
+    train_step,
+)
 
 # Each module has add_parser(subparsers) that registers its subcommand with a `run` default.
-BENCHMARKS = [infer, pipeline, metrics, train_step]
+BENCHMARKS = [infer, pipeline, metrics, train_step, precision_error]
 
 
 def main(argv=None) -> int:
@@ -16,6 +24,7 @@ def main(argv=None) -> int:
   for module in BENCHMARKS:
     module.add_parser(subparsers)
   args = parser.parse_args(argv)
+  backend.report(backend.stderr_log)  # stderr: the last line of stdout stays the JSON
   common.print_result(args.run(args))
   return 0
 

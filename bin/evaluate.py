@@ -22,7 +22,7 @@ import argparse
 import pathlib
 import sys
 
-from mmdrfuse_jax import evaluation, files, interrupts
+from mmdrfuse_jax import backend, evaluation, files, interrupts
 
 
 def main(argv=None) -> int:
@@ -111,6 +111,8 @@ def _run(args: argparse.Namespace, stop: interrupts.StopRequest) -> int:
   except (ValueError, OSError) as e:  # bad folder, weights file, metric name or output path
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if triples:  # what jax runs on, once the run will score
+    backend.report(backend.stderr_log)
   try:
     return _score(args, stop, names, triples, problems, fuse_fn)
   finally:

@@ -14,7 +14,7 @@ with exit code 130/143.
 import argparse
 import sys
 
-from mmdrfuse_jax import batch_fuse, checkpoints, files, fusion, imageio, interrupts
+from mmdrfuse_jax import backend, batch_fuse, checkpoints, files, fusion, imageio, interrupts
 
 
 def main(argv=None) -> int:
@@ -60,6 +60,8 @@ def _run(args: argparse.Namespace, stop: interrupts.StopRequest) -> int:
   except (checkpoints.WeightsError, imageio.ImageError, files.OutputError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if pairing.pairs:  # what jax runs on, once the run will fuse
+    backend.report(backend.stderr_log)
   try:
     for problem in pairing.problems:
       print(f"skipped: {problem}", file=sys.stderr)

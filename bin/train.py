@@ -50,7 +50,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from mmdrfuse_jax import interrupts, stages, trainer  # pylint: disable=g-import-not-at-top
+  from mmdrfuse_jax import backend, interrupts, stages, trainer  # imported once flags parse
 
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs every save at INFO, and a failed save (a full disk) as dozens of ERROR
@@ -63,6 +63,7 @@ def main(argv) -> int:
   except Exception as e:  # The config file failed to load (absl parsed the flags lazily).
     print(f"error: {_config_error(e)}", file=sys.stderr)
     return 2
+  backend.report()  # what jax runs on (a warning where an accelerator sits unused), in the log
   try:
     result = stages.run(config, _WORKDIR.value)
   except trainer.TrainingError as e:
