@@ -65,9 +65,12 @@ def get_config(model: str = "student") -> ml_collections.ConfigDict:
   config.random_vgg_seed = 20241127
   # Student runs: the teacher (the project's own weights or the published teacher.model).
   config.teacher_weights = ""
-  # Keep the frozen teacher's targets per patch in host RAM after their first computation
-  # (2 x H x W float32 per patch) instead of running the teacher in every step.
-  config.teacher_cache = True
+  # Where a student run gets the frozen teacher's targets: "host" keeps them per patch in host
+  # RAM after their first computation (2 x H x W float32 per patch) instead of running the
+  # teacher in every step; "off" runs the teacher in every step; "auto" is "host" on a CPU
+  # (where the teacher's forward pass is a large part of a step) and "off" on accelerators
+  # (where the cache would add a device-to-host read and a host-to-device copy per step).
+  config.teacher_cache = "auto"
 
   # Rerunning in the same --workdir resumes; a run with other settings (see
   # `trainer.IDENTITY_KEYS`) is refused unless `start_fresh`, which moves the earlier run

@@ -86,11 +86,24 @@ def check_config(config: Any) -> None:
   if config.get("precision", "exact") not in precision_lib.MODES:
     raise TrainingError(f"config.precision must be one of {', '.join(precision_lib.MODES)}, "
                         f"got {config.precision!r}")
+  if config.get("teacher_cache", "auto") not in TEACHER_CACHE_CHOICES:
+    raise TrainingError(f"config.teacher_cache must be one of {', '.join(TEACHER_CACHE_CHOICES)}"
+                        f", got {config.teacher_cache!r}")
   if int(config.data.synthetic_pairs) > 0 and config.data.dataset:
     raise TrainingError(
         f"config.data names both a dataset ({config.data.dataset!r}) and procedural pairs "
         f"(synthetic_pairs={config.data.synthetic_pairs}); to train on the dataset add "
         "--config.data.synthetic_pairs=0")
+
+
+TEACHER_CACHE_CHOICES = ("auto", "host", "off")
+
+
+def uses_teacher_cache(setting: str, backend: str | None = None) -> bool:
+  """Whether a student run keeps its teacher's targets in host RAM (`config.teacher_cache`)."""
+  if setting == "auto":
+    return (backend or jax.default_backend()) == "cpu"
+  return setting == "host"
 
 
 def run_identity(config: Any) -> dict[str, Any]:
@@ -364,7 +377,7 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
     f.write(config_json + "\n")
 
   cache = None
-  if cfg.uses_teacher and config.teacher_cache:
+  if cfg.uses_teacher and uses_teacher_cache(config.teacher_cache):
     cache = distill.TeacherCache(dataset.num_patches, dataset.patch_size, mesh, cfg.precision)
   step = int(state.step)
   train_step = train.make_train_step(cfg, mesh)

@@ -159,3 +159,28 @@ def test_student_values_and_gradients_match_xla_convolution():
   g_ref = jax.grad(loss)(params, _reference_student)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
                          g_ours, g_ref)
+
+
+def test_xla_and_planar_convolutions_agree():
+  """`conv_impl` picks how the narrow convolutions run, never what they compute."""
+  rng = np.random.default_rng(5)
+  student = models.init_params("student", jax.random.key(5))
+  x = rng.random((2, 19, 23, 2), dtype=np.float32)
+  canvas = np.zeros((2, 32, 32, 2), np.float32)
+  canvas[:, :19, :23] = x
+  sizes = np.array([[19, 23], [17, 20]])
+  for kwargs, args in (({}, (x,)), ({"sizes": sizes}, (canvas,))):
+    planar, xla = (jax.jit(models.Student(conv_impl=impl).apply)({"params": student}, *args,
+                                                                 **kwargs)
+                   for impl in ("planar", "xla"))
+    for key in ("feat", "out"):
+      np.testing.assert_allclose(xla[key], planar[key], atol=1e-6)
+  # The teacher's conv11 (64 -> 4): the tap matmul or XLA's convolution on the same params.
+  y = jax.numpy.asarray(rng.random((1, 10, 12, 64), dtype=np.float32))
+  conv11 = models.TapMatmulConv(4).init(jax.random.key(6), y)["params"]
+  planar = models.TapMatmulConv(4).apply({"params": conv11}, y)
+  xla = models._conv(4, "conv11").apply({"params": conv11}, y)  # pylint: disable=protected-access
+  np.testing.assert_allclose(xla, planar, rtol=1e-5, atol=1e-6)
+  assert models.resolve_conv_impl("auto") == "planar"  # This CPU.
+  with pytest.raises(ValueError, match="conv_impl must be one of"):
+    models.resolve_conv_impl("winograd")

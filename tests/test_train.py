@@ -282,6 +282,15 @@ def test_eight_devices_match_one():
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
+def test_teacher_cache_setting():
+  assert trainer.uses_teacher_cache("auto", "cpu") and trainer.uses_teacher_cache("host", "gpu")
+  assert not trainer.uses_teacher_cache("auto", "gpu") and not trainer.uses_teacher_cache("off")
+  config = default.get_config("student")
+  config.teacher_cache = "yes"
+  with pytest.raises(trainer.TrainingError, match="config.teacher_cache must be one of"):
+    trainer.check_config(config)
+
+
 def test_teacher_cache_matches_teacher_in_step(teacher_file):
   config = tiny_config(teacher_file)
   cfg = train.StepConfig.from_config(config, steps_per_epoch=2)
@@ -328,7 +337,7 @@ def test_run_logs_its_config(straight_run):
   accumulator = event_accumulator.EventAccumulator(events)
   accumulator.Reload()
   (text,) = accumulator.Tensors("config/text_summary")
-  assert '"teacher_cache": true' in text.tensor_proto.string_val[0].decode()
+  assert '"teacher_cache": "auto"' in text.tensor_proto.string_val[0].decode()
 
 
 def test_terms_that_are_off_run_no_vgg(straight_run, teacher_file):
