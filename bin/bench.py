@@ -11,11 +11,12 @@ from mmdrfuse_jax.benchmarks import (
     metrics,
     pipeline,
     precision_error,
+    suite,
     train_step,
 )
 
 # Each module has add_parser(subparsers) that registers its subcommand with a `run` default.
-BENCHMARKS = [infer, pipeline, metrics, train_step, precision_error]
+BENCHMARKS = [infer, pipeline, metrics, train_step, precision_error, suite]
 
 
 def main(argv=None) -> int:

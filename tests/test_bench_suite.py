@@ -1,0 +1,40 @@
+"""`bench.py suite`: the prepared benchmark run writes bench.json (schema below) and bench.md."""
+
+import json
+
+from conftest import load_script
+
+from mmdrfuse_jax.benchmarks import suite
+
+
+def test_suite_items_cover_the_issue():
+  names = [name for name, _ in suite.items(reduced=False)]
+  for model in ("student", "teacher"):
+    for size in ("640x480", "1280x1024"):
+      for batch in ("b1", "b32"):
+        assert f"infer-{model}-{size}-{batch}" in names
+    for mode in ("exact", "default", "bfloat16"):
+      assert f"train-step-{model}-{mode}" in names
+  assert "metrics" in names and "pipeline" in names
+  # The reduced suite: the same items at tiny sizes.
+  reduced = [name.replace("64x48", "640x480").replace("128x96", "1280x1024").replace("b4", "b32")
+             for name, _ in suite.items(reduced=True)]
+  assert reduced == names
+
+
+def test_suite_writes_json_and_markdown(tmp_path, capsys):
+  bench = load_script("bench")
+  assert bench.main(["suite", "--reduced", "--out", str(tmp_path),
+                     "--only", "infer-student-64x48-b1,nothing-matches-this"]) == 0
+  report = json.loads((tmp_path / "bench.json").read_text())
+  assert report["schema"] == suite.SCHEMA_VERSION and report["reduced"] is True
+  assert report["device"].startswith("cpu") and report["jax"] and report["date"]
+  (item,) = report["items"]
+  assert item["name"] == "infer-student-64x48-b1" and item["argv"][0] == "infer"
+  assert item["result"]["benchmark"] == "infer" and item["result"]["ms_per_image"] > 0
+  assert item["seconds"] > 0
+  table = (tmp_path / "bench.md").read_text()
+  assert report["device"] in table and "| infer-student-64x48-b1 | " in table
+  last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert last == {"benchmark": "suite", "device": report["device"], "failed": [], "items": 1,
+                  "out": str(tmp_path)}
