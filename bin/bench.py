@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Benchmarks: `python bin/bench.py SUBCOMMAND --help`. The last line printed is JSON."""
+"""Benchmarks: `python bin/bench.py SUBCOMMAND --help`. The last line printed is JSON.
+
+SIGINT/SIGTERM stop a benchmark at once with one line (exit 130/143); `suite` keeps the
+results it had written.
+"""
 
 import argparse
 import sys
 
-from mmdrfuse_jax import backend
+from mmdrfuse_jax import backend, interrupts
 from mmdrfuse_jax.benchmarks import (
     common,
     infer,
@@ -26,7 +30,14 @@ def main(argv=None) -> int:
     module.add_parser(subparsers)
   args = parser.parse_args(argv)
   backend.report(backend.stderr_log)  # stderr: the last line of stdout stays the JSON
-  common.print_result(args.run(args))
+  try:
+    with interrupts.raise_on_signals():
+      result = args.run(args)
+  except interrupts.Interrupted as e:
+    print(f"stopped by {interrupts.signal_name(e.signum)}: {args.command} not finished",
+          file=sys.stderr)
+    return interrupts.exit_code(e.signum)
+  common.print_result(result)
   return 0
 
 

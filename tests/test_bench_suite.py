@@ -1,6 +1,8 @@
 """`bench.py suite`: the prepared benchmark run writes bench.json (schema below) and bench.md."""
 
 import json
+import os
+import signal
 
 from conftest import load_script
 
@@ -38,3 +40,17 @@ def test_suite_writes_json_and_markdown(tmp_path, capsys):
   last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert last == {"benchmark": "suite", "device": report["device"], "failed": [], "items": 1,
                   "out": str(tmp_path)}
+
+
+def test_sigterm_stops_a_benchmark_in_one_line(tmp_path, capsys, monkeypatch):
+  bench = load_script("bench")
+
+  def interrupted(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    raise AssertionError("the signal should have stopped the benchmark")
+
+  monkeypatch.setattr(bench.infer.common, "time_call", interrupted)
+  code = bench.main(["infer", "--height", "48", "--width", "64", "--repeats", "1"])
+  assert code == 143
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1] == "stopped by SIGTERM: infer not finished"
