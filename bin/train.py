@@ -47,6 +47,26 @@ def _parse_flags(argv: list[str]) -> list[str]:
   sys.exit(2)
 
 
+def _ignore_closed_event_loop_reports() -> None:
+  """Drops the "Event loop is closed" reports of tensorstore's threads after a failed write.
+
+  When a checkpoint write fails (a full disk), tensorstore's I/O threads may still call back
+  into orbax's already closed asyncio loop; Python reports each through
+  `sys.unraisablehook`, which prints a traceback from those threads, even before the run's
+  own one-line error. They are not the cause (the run names it) and not a bug of ours; every
+  other report is kept.
+  """
+  previous = sys.unraisablehook
+
+  def unraisablehook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = unraisablehook
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -56,6 +76,7 @@ def main(argv) -> int:
     # Orbax logs every save at INFO, and a failed save (a full disk) as dozens of ERROR
     # lines from its writer threads; the run reports such failures itself, in one line.
     logging.set_verbosity(logging.FATAL)
+    _ignore_closed_event_loop_reports()
 
   try:
     config = _CONFIG.value
