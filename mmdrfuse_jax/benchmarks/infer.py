@@ -1,4 +1,9 @@
-"""`bench.py infer`: time the jitted `fuse` on random images of a given size."""
+"""`bench.py infer`: time the jitted `fuse` on random images of a given size.
+
+`--engine stablehlo|onnxruntime` times the exported file instead (`mmdrfuse_jax.export`):
+the StableHLO file through `jax.export.deserialize(...).call` (jitted), the ONNX file through
+an onnxruntime CPU session; the result then also gives the file's size.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ import numpy as np
 from mmdrfuse_jax import fusion, models
 from mmdrfuse_jax.benchmarks import common
 
+ENGINES = ("jax", "stablehlo", "onnxruntime")
+
 
 def add_parser(subparsers) -> None:
   parser = subparsers.add_parser("infer", help="fusion time per image")
@@ -18,11 +25,13 @@ def add_parser(subparsers) -> None:
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--model", choices=sorted(models.MODELS), default="student")
   parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--engine", choices=ENGINES, default="jax",
+                      help="jax: fusion.fuse; stablehlo/onnxruntime: the exported file")
   parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> dict:
-  """Median time of `fuse` (device work finished) per image, after compilation.
+  """Median time of `fuse` or an exported file (work finished) per image, after warm-up.
 
   Random weights and images: the cost does not depend on their values.
   """
@@ -31,9 +40,31 @@ def run(args: argparse.Namespace) -> dict:
   shape = (args.batch, args.height, args.width, 1)
   ir = jax.device_put(rng.random(shape, dtype=np.float32))
   vis = jax.device_put(rng.random(shape, dtype=np.float32))
-  timing = common.time_call(lambda: fusion.fuse(params, ir, vis), repeats=args.repeats)
+  engine = getattr(args, "engine", "jax")
+  extra = {}
+  if engine == "jax":
+    fn = lambda: fusion.fuse(params, ir, vis)  # noqa: E731
+  else:
+    from mmdrfuse_jax import export  # pylint: disable=g-import-not-at-top
+
+    fmt = "stablehlo" if engine == "stablehlo" else "onnx"
+    data = export.export_bytes(params, fmt)
+    extra["file_bytes"] = len(data)
+    if engine == "stablehlo":
+      call = jax.jit(jax.export.deserialize(bytearray(data)).call)
+      fn = lambda: call(ir, vis)  # noqa: E731
+    else:
+      import onnxruntime  # pylint: disable=g-import-not-at-top
+
+      runner = export.load_runner(fmt, data)
+      ir_host, vis_host = np.asarray(ir), np.asarray(vis)
+      fn = lambda: runner(ir_host, vis_host)  # noqa: E731
+      extra["device"] = (f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider, "
+                         f"{common.device_description()}")
+  timing = common.time_call(fn, repeats=args.repeats)
   return {
       "benchmark": "infer",
+      "engine": engine,
       "model": args.model,
       "height": args.height,
       "width": args.width,
@@ -41,4 +72,5 @@ def run(args: argparse.Namespace) -> dict:
       "ms_per_image": 1e3 * timing["median_s"] / args.batch,
       "ms_per_image_min": 1e3 * timing["min_s"] / args.batch,
       "runs": timing["runs"],
+      **extra,
   }
