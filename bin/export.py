@@ -20,7 +20,7 @@ import argparse
 import pathlib
 import sys
 
-from mmdrfuse_jax import checkpoints, export, files, imageio
+from mmdrfuse_jax import checkpoints, export, files, imageio, interrupts
 
 
 def main(argv=None) -> int:
@@ -64,8 +64,12 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   try:
-    data = export.export_bytes(params, args.format, args.model, args.output)
-    export.write_file(out, data)
+    with interrupts.raise_on_signals():
+      data = export.export_bytes(params, args.format, args.model, args.output)
+      export.write_file(out, data)
+  except interrupts.Interrupted as e:  # The file is written atomically: nothing is left.
+    print(f"stopped by {interrupts.signal_name(e.signum)}: {out} not written", file=sys.stderr)
+    return interrupts.exit_code(e.signum)
   except OSError as e:
     print(f"error: cannot write {files.os_error_message(e, out)}", file=sys.stderr)
     return 1
@@ -91,6 +95,7 @@ def _check(args: argparse.Namespace, params, data: bytes, pairing) -> int:
         f"{result.max_abs:.3g} (pair {result.worst or '-'}), max {result.max_levels} 8-bit gray "
         f"level(s); {'within' if result.passed() else 'BEYOND'} tolerance ({tolerance})")
   return 0 if result.passed() and not problems and result.pairs else 1
+
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -7,6 +7,7 @@ rule (the odd height is padded, the even width is not), and in ONNX at 3x5, its 
 """
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -325,3 +326,17 @@ def test_bench_infer_engines(engine, params, monkeypatch):
                                                     model="student", repeats=1, engine=engine))
   assert result["engine"] == engine and result["ms_per_image"] > 0 and result["file_bytes"] > 0
   assert ("onnxruntime" in result.get("device", "")) == (engine == "onnxruntime")
+
+
+def test_cli_stopped_by_sigterm_writes_nothing(tmp_path, capsys, weights, monkeypatch):
+  cli = load_script("export")
+
+  def interrupted(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    raise AssertionError("the signal should have stopped the export")
+
+  monkeypatch.setattr(cli.export, "export_bytes", interrupted)
+  out = tmp_path / "student.stablehlo"
+  assert cli.main(["--weights", str(weights), "--format", "stablehlo", "--out", str(out)]) == 143
+  assert capsys.readouterr().err == f"stopped by SIGTERM: {out} not written\n"
+  assert list(tmp_path.iterdir()) == []
