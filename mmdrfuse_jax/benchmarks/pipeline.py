@@ -47,6 +47,8 @@ def run(args) -> dict:
   load_s = time.perf_counter() - start
   sharding = jax.make_mesh((len(jax.devices()),), ("data",)) if args.device else None
   steps = ds.steps_per_epoch(args.batch)
+  if steps == 0:
+    raise SystemExit(f"error: {ds.num_patches} patches do not make one batch of {args.batch}")
   epochs = -(-args.min_batches // steps)
   # Warm-up: thread start-up and (with --device) the first transfers.
   for _ in zip(range(3), ds.iterate(args.batch, seed=0, num_epochs=1, sharding=sharding)):

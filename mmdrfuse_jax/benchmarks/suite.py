@@ -41,7 +41,7 @@ def items(reduced: bool) -> list[tuple[str, list[str]]]:
   if reduced:
     sizes, batches, repeats = [(48, 64), (96, 128)], [1, 4], "3"
     step = ["--batch", "2", "--size", "32", "--repeats", "2"]
-    pipe = ["--num_pairs", "4", "--size", "128", "--min_batches", "20"]
+    pipe = ["--num_pairs", "8", "--size", "256", "--batch", "4", "--min_batches", "20"]
     metric = ["--height", "48", "--width", "64", "--repeats", "3"]
   else:
     sizes, batches, repeats = [(480, 640), (1024, 1280)], [1, 32], "10"
@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> dict:
     try:
       sub = parser.parse_args(argv)
       item["result"] = sub.run(sub)
-    except Exception as e:  # One failing item (out of memory, say) must not lose the others.
+    # One failing item (out of memory, a benchmark's own error exit) must not lose the others.
+    except (Exception, SystemExit) as e:
       item["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
     item["seconds"] = time.perf_counter() - start
     report["items"].append(item)
