@@ -5,10 +5,12 @@ from the repo root); tests that need it skip, saying why, where it is absent.
 """
 
 import atexit
+import contextlib
 import importlib.util
 import os
 import pathlib
 import shutil
+import subprocess
 import tempfile
 
 # One persistent XLA compilation cache for the test session, shared with the subprocesses
@@ -63,3 +65,19 @@ def save_image(path, array):
   """Writes an image array to `path` (creating its folder)."""
   path.parent.mkdir(parents=True, exist_ok=True)
   Image.fromarray(array).save(path)
+
+
+@contextlib.contextmanager
+def tmpfs(path: pathlib.Path, size: str):
+  """A real tmpfs of `size` at `path`, to fill up (skips the test where mounting is not allowed)."""
+  path.mkdir(parents=True, exist_ok=True)
+  if os.geteuid() != 0 or not shutil.which("mount"):
+    pytest.skip("mounting a tmpfs needs root")
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                           capture_output=True, text=True)
+  if mounted.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)

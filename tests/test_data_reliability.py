@@ -20,7 +20,7 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import REPO_ROOT, load_script
+from conftest import REPO_ROOT, load_script, tmpfs
 from PIL import Image
 
 from mmdrfuse_jax import files
@@ -67,22 +67,6 @@ def _noise_pairs(folder: pathlib.Path, stems, size: int = 64) -> None:
 def _bump_mtime(path: pathlib.Path) -> None:
   st = path.stat()
   os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
-
-
-@contextlib.contextmanager
-def _tmpfs(path: pathlib.Path, size: str):
-  """A real tmpfs of `size` at `path` (skips the test where mounting is not allowed)."""
-  path.mkdir(parents=True, exist_ok=True)
-  if os.geteuid() != 0 or not shutil.which("mount"):
-    pytest.skip("mounting a tmpfs needs root")
-  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                           capture_output=True, text=True)
-  if mounted.returncode != 0:
-    pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
-  try:
-    yield path
-  finally:
-    subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def _remount_read_only(path: pathlib.Path) -> None:
@@ -228,7 +212,7 @@ def test_read_only_data_dir(cli, capsys, tmp_path):
   src = tmp_path / "src"
   synthetic.write_pairs(src, 2, 64, 64, seed=0)
   if os.geteuid() == 0:
-    with _tmpfs(tmp_path / "ro", "1m") as ro:
+    with tmpfs(tmp_path / "ro", "1m") as ro:
       _remount_read_only(ro)
       assert _run(cli, capsys, src, ro / "out") == (
           2, "", f"error: data_dir {ro / 'out'}: cannot create the folder "
@@ -236,7 +220,7 @@ def test_read_only_data_dir(cli, capsys, tmp_path):
       assert _run(cli, capsys, src, ro) == (
           2, "", f"error: data_dir {ro}: cannot write in this folder (read-only file system)\n")
     # A dataset built, then made read-only, is still reported (nothing needs writing).
-    with _tmpfs(tmp_path / "rw", "1m") as rw:
+    with tmpfs(tmp_path / "rw", "1m") as rw:
       assert _run(cli, capsys, src, rw)[0] == 0
       _remount_read_only(rw)
       code, stdout, _ = _run(cli, capsys, src, rw)
@@ -285,11 +269,11 @@ def test_concurrent_build_is_refused(cli, capsys, tmp_path):
 # C. Failures midway: exit 1, one line, nothing half-written taken as built.
 
 
-def test_disk_full_on_a_real_tmpfs(cli, capsys, tmp_path):
+def test_disk_full_on_a_realtmpfs(cli, capsys, tmp_path):
   src = tmp_path / "src"
   _noise_pairs(src, ["0000"])
   # ArrayRecord files take at least 128 KiB: one small pair fits in 256 KiB.
-  with _tmpfs(tmp_path / "small", "256k") as small:
+  with tmpfs(tmp_path / "small", "256k") as small:
     out = small / "out"
     assert _run(cli, capsys, src, out)[0] == 0
     first = pipeline.PatchDataset.from_tfds(out, DATASET, patch_size=32)

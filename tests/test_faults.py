@@ -36,7 +36,11 @@ _TINY = ["--config.data.synthetic_pairs=2", "--config.data.synthetic_height=32",
          "--config.log_every_steps=2",
          "--config.teacher_stage.batch_size=2", "--config.teacher_stage.num_epochs=1",
          "--config.teacher_stage.checkpoint_every_steps=1",
-         "--config.teacher_stage.log_every_steps=1"]
+         "--config.teacher_stage.log_every_steps=1",
+         # The teacher stage without the terms that need VGG-19 (a cheaper step to compile);
+         # the student stage keeps every term and both refresh memories.
+         "--config.teacher_stage.loss.w_percep=0", "--config.teacher_stage.refresh.ssim=False",
+         "--config.teacher_stage.refresh.gmsd=False"]
 
 # Runs bin/train.py in this process after installing the kill point named by $FAULT:
 # "<point>:<n>" kills on the n-th hit of <point>.

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tmpfs
 from tensorboard.backend.event_processing import event_accumulator
 
 from mmdrfuse_jax import (
@@ -500,17 +501,9 @@ def test_settings_may_be_corrected_before_the_first_checkpoint(straight_run, tmp
 
 @pytest.fixture
 def small_disk(tmp_path):
-  """A 400 KB file system (tmpfs) at tmp_path/disk; skips where mounting is not allowed."""
-  mount = tmp_path / "disk"
-  mount.mkdir()
-  proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)],
-                        capture_output=True, text=True)
-  if proc.returncode != 0:
-    pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {proc.stderr.strip()}")
-  try:
+  """A 400 KB file system at tmp_path/disk."""
+  with tmpfs(tmp_path / "disk", "400k") as mount:
     yield mount
-  finally:
-    subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_full_disk_is_one_line_and_a_rerun_resumes(small_disk, teacher_file):
