@@ -77,6 +77,28 @@ def get_config(model: str = "student") -> ml_collections.ConfigDict:
   # aside (to WORKDIR/replaced-<time>) and starts over. `num_epochs` may grow between reruns.
   config.start_fresh = False
 
+  # Validation during training (mmdrfuse_jax/validation.py): held-out pairs fused at full size
+  # with the current parameters, as bin/fuse.py would, and scored as bin/evaluate.py would,
+  # every `every_steps` steps (0: only at the end) and at the end; means go to TensorBoard and
+  # metrics.jsonl as val/<metric>, `num_images` pairs to TensorBoard as images. One source:
+  # two folders paired by stem (`ir_dir`, `vis_dir`), a `split` of the run's built dataset
+  # (e.g. "test"), or `synthetic_pairs` procedural pairs of the given size (not training pairs).
+  # None given: no validation. The first `max_pairs` pairs by stem (0: all) keep it short.
+  config.validation = ml_collections.ConfigDict()
+  config.validation.ir_dir = ""
+  config.validation.vis_dir = ""
+  config.validation.split = ""
+  config.validation.synthetic_pairs = 0
+  config.validation.synthetic_height = 128
+  config.validation.synthetic_width = 128
+  config.validation.every_steps = 0
+  config.validation.max_pairs = 16
+  config.validation.metrics = ""  # e.g. "VIF,Qabf,SSIM"; empty: the eleven published metrics.
+  config.validation.num_images = 3
+  # A metric (e.g. "VIF") by which the best validation's parameters are kept in
+  # WORKDIR/best_<metric>/ and WORKDIR/<model>_best_<metric>.npz; empty: not kept.
+  config.validation.best_metric = ""
+
   config.log_every_steps = 50
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3

@@ -29,6 +29,13 @@ def _small(config):
 def get_config():
   config = _small(default.get_config("student"))
   config.num_epochs = 4  # Epoch 1 fills the refresh memories; later epochs use them.
+  # Two procedural pairs held out of training, fused and scored every 8 steps and at the end;
+  # the parameters of the best VIF are kept (WORKDIR/student/student_best_VIF.npz).
+  config.validation.synthetic_pairs = 2
+  config.validation.every_steps = 8
+  config.validation.metrics = "VIF,Qabf,SSIM"
+  config.validation.num_images = 2
+  config.validation.best_metric = "VIF"
   config.optim.lr = 1e-2  # 113 parameters and 16 steps: large enough to visibly distil.
 
   # The teacher stage that runs first (into WORKDIR/teacher); the student then distils from

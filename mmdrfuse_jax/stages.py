@@ -4,7 +4,7 @@ A config with a `teacher_stage` sub-config (the quickstart) is a two-stage run: 
 trained in `WORKDIR/teacher` from that sub-config, then the student in `WORKDIR/student`
 distils from `WORKDIR/teacher/teacher.npz`. Both stages train on the run's `config.data`
 (the teacher stage has no data settings of its own), and the run's `vgg_weights` (unless the
-stage names its own), `progress_bar` and `start_fresh` apply to both. Given
+stage names its own), `validation`, `progress_bar` and `start_fresh` apply to both. Given
 `config.teacher_weights`, the teacher stage is skipped and the student distils from that
 teacher. Any other config is one stage in `WORKDIR`. Each stage resumes on its own, so
 rerunning the same command continues where it stopped.
@@ -45,6 +45,7 @@ def plan(config: Any, workdir: str | os.PathLike) -> list[Stage]:
   teacher.data = ml_collections.ConfigDict(config.data.to_dict())
   if not teacher.vgg_weights:
     teacher.vgg_weights = config.vgg_weights
+  teacher.validation = ml_collections.ConfigDict(config.validation.to_dict())
   teacher.progress_bar = config.progress_bar
   teacher.start_fresh = config.start_fresh
   teacher_dir = workdir / "teacher"

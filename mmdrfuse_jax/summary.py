@@ -12,6 +12,7 @@ import os
 import pathlib
 from typing import Mapping
 
+import numpy as np
 import tensorboardX
 
 from mmdrfuse_jax import files
@@ -53,6 +54,12 @@ class MetricWriter:
     for tag, value in values.items():
       self._events.add_scalar(tag, value, global_step=int(step))
     self._jsonl.write(json.dumps({"step": int(step), **values}, sort_keys=True) + "\n")
+
+  def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    """Logs images (tag -> uint8 (H, W) gray or (H, W, 3) RGB) at `step` (TensorBoard only)."""
+    for tag, image in images.items():
+      self._events.add_image(tag, image, global_step=int(step),
+                             dataformats="HW" if image.ndim == 2 else "HWC")
 
   def flush(self) -> None:
     """Writes what was logged to disk.

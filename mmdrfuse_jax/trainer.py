@@ -30,6 +30,7 @@ from mmdrfuse_jax import (
   refresh,
   summary,
   train,
+  validation,
   vgg,
 )
 from mmdrfuse_jax import precision as precision_lib
@@ -94,6 +95,10 @@ def check_config(config: Any) -> None:
         f"config.data names both a dataset ({config.data.dataset!r}) and procedural pairs "
         f"(synthetic_pairs={config.data.synthetic_pairs}); to train on the dataset add "
         "--config.data.synthetic_pairs=0")
+  try:
+    validation.settings(config)
+  except validation.ValidationError as e:
+    raise TrainingError(str(e)) from None
 
 
 TEACHER_CACHE_CHOICES = ("auto", "host", "off")
@@ -301,6 +306,42 @@ def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
 
 
+def _prepare_validation(config: Any, workdir: pathlib.Path, log: Callable[[str], None]
+                        ) -> tuple[validation.Validator | None, validation.BestParams | None]:
+  """The run's validator and best-parameter keeper (None when not configured)."""
+  settings = validation.settings(config)
+  if not settings.enabled:
+    return None, None
+  try:
+    triples = validation.prepare_pairs(config, workdir, log)
+    validator = validation.Validator(triples, settings)
+  except (validation.ValidationError, validation.evaluation.ImageError) as e:
+    raise TrainingError(str(e)) from None
+  when = (f"every {settings.every_steps} steps and at the end" if settings.every_steps
+          else "at the end")
+  log(f"validation: {len(triples)} pairs ({settings.source}), {', '.join(settings.names)}, "
+      f"{when}")
+  best = None
+  if settings.best_metric:
+    best = validation.BestParams(workdir, str(config.model), settings.best_metric)
+  return validator, best
+
+
+def _validate(validator: validation.Validator, best: validation.BestParams | None, step: int,
+              params: Any, writer: summary.MetricWriter, log: Callable[[str], None]) -> None:
+  """Validates `params` after `step`: logs the means and strips, keeps the best."""
+  result = validator(params)
+  for problem in result.problems:
+    log(f"warning: validation: {problem}")
+  writer.scalars(step, result.scalars())
+  writer.images(step, {f"val/images/{stem}": strip for stem, strip in result.strips.items()})
+  writer.flush()
+  line = result.describe(step, len(validator.triples))
+  if best is not None and best.offer(step, params, result.means):
+    line += f"; best {best.metric} so far, kept"
+  log(line)
+
+
 def train_model(config: Any, workdir: str | os.PathLike, *, log: Callable[[str], None] = print,
                 stop_at_step: int | None = None) -> RunResult:
   """Trains `config.model` in `workdir`, resuming from its latest checkpoint.
@@ -341,6 +382,7 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
   dataset = load_dataset(config)
   vgg_params = load_vgg(config, log)
   teacher = load_teacher(config) if config.model == "student" else None
+  validator, best = _prepare_validation(config, workdir, log)
   batch_size = int(config.batch_size)
   steps_per_epoch = dataset.steps_per_epoch(batch_size)
   if steps_per_epoch == 0:
@@ -410,6 +452,10 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
           writer.flush()
           bar.set_postfix(loss=f"{m['loss']:.4g}")
           (bar.write if config.progress_bar else log)(summary.format_metrics(step, total_steps, m))
+        # Before the checkpoint of this step: a run killed in between validates again on resume.
+        if validator is not None and validator.settings.due(step, total_steps):
+          _validate(validator, best, step, state.params, writer,
+                    bar.write if config.progress_bar else log)
         if step % int(config.checkpoint_every_steps) == 0:
           saved.save(step, state)
       interrupted = stop.signum
@@ -427,4 +473,7 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
   weights = workdir / f"{config.model}.npz"
   checkpoints.save_params(weights, jax.device_get(state.params))
   log(f"done: {total_steps} steps; weights written to {weights}")
+  if best is not None and best.export() is not None:  # Again: a kill may have come between.
+    step_best, value = best.best()
+    log(f"best validation {best.metric} {value:.4g} at step {step_best}: {best.weights}")
   return RunResult(weights, step, total_steps, None, skips)

@@ -22,6 +22,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from mmdrfuse_jax import checkpoints, models
 
@@ -40,7 +41,10 @@ _TINY = ["--config.data.synthetic_pairs=2", "--config.data.synthetic_height=32",
          # The teacher stage without the terms that need VGG-19 (a cheaper step to compile);
          # the student stage keeps every term and both refresh memories.
          "--config.teacher_stage.loss.w_percep=0", "--config.teacher_stage.refresh.ssim=False",
-         "--config.teacher_stage.refresh.gmsd=False"]
+         "--config.teacher_stage.refresh.gmsd=False",
+         # The quickstart's validation (2 procedural pairs, every 8 steps and at the end, the
+         # best VIF kept), on smaller pairs.
+         "--config.validation.synthetic_height=48", "--config.validation.synthetic_width=48"]
 
 # Runs bin/train.py in this process after installing the kill point named by $FAULT:
 # "<point>:<n>" kills on the n-th hit of <point>.
@@ -139,6 +143,22 @@ def test_quickstart_trains_teacher_then_student(uninterrupted):
   assert checkpoints.load_params(workdir / "teacher" / "teacher.npz", "teacher")
   student = checkpoints.load_params(workdir / "student" / "student.npz", "student")
   assert models.count_params(student) == 113
+
+
+def test_quickstart_logs_validation_scalars_and_images(uninterrupted):
+  workdir, output = uninterrupted
+  for stage, steps in (("teacher", [2]), ("student", [4])):  # Only at the end: 2 and 4 < 8.
+    (events,) = (workdir / stage).glob("events.out.tfevents.*")
+    accumulator = event_accumulator.EventAccumulator(str(events), size_guidance={"images": 0})
+    accumulator.Reload()
+    for name in ("VIF", "Qabf", "SSIM", "seconds"):
+      assert [e.step for e in accumulator.Scalars(f"val/{name}")] == steps, (stage, name)
+    assert len(accumulator.Tags()["images"]) == 2
+    for tag in accumulator.Tags()["images"]:
+      assert [(e.step, e.height, e.width) for e in accumulator.Images(tag)] == [
+          (steps[0], 48, 144)]
+    assert (workdir / stage / f"{stage}_best_VIF.npz").is_file()
+  assert output.count("validation at step") == 2
 
 
 def test_sigkill_at_five_points_then_rerun_gives_identical_weights(uninterrupted, tmp_path):
