@@ -380,7 +380,6 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
   files.remove_stale_temporaries(workdir, ("run.json", "config.json", "metrics.jsonl",
                                            f"{config.model}.npz"))
   dataset = load_dataset(config)
-  vgg_params = load_vgg(config, log)
   teacher = load_teacher(config) if config.model == "student" else None
   validator, best = _prepare_validation(config, workdir, log)
   batch_size = int(config.batch_size)
@@ -390,6 +389,8 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
         f"{dataset.num_patches} training patches do not make one batch of {batch_size}")
   total_steps = steps_per_epoch * int(config.num_epochs)
   cfg = train.StepConfig.from_config(config, steps_per_epoch)
+  # No VGG-19 when no term that is on reads it (perception and the refresh losses off).
+  vgg_params = load_vgg(config, log) if cfg.output_taps else None
   mesh = train.make_mesh(batch_size)
   memory_bytes = refresh.bytes_per_sample(cfg.refresh, dataset.patch_size, dataset.patch_size)
   log(f"{config.model}: {dataset.num_patches} patches, {steps_per_epoch} steps/epoch x "

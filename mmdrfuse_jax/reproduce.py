@@ -1,0 +1,316 @@
+"""The reproduction recipe: data, teacher, student, then one scored comparison.
+
+`run(recipe, workdir)` runs, in `workdir`:
+
+1. **data**: the training dataset is built by `builders.prepare` into `WORKDIR/data` (reused
+   while its source folder is unchanged);
+2. **teacher**: trained with the teacher config into `WORKDIR/teacher`, unless a teacher's
+   weights are given (the published `teacher.model`, say);
+3. **student**: distilled from that teacher with the student config into `WORKDIR/student`;
+4. **comparison**: on every test set, every method (this run's student, its teacher when
+   trained here, and each reference, e.g. the published student) fuses the pairs into
+   `WORKDIR/fused/<test>/<method>/` as `bin/fuse.py` would, and `report.compare` scores all
+   of them on the same images with the published conventions. The means go to
+   `WORKDIR/results.md` and `WORKDIR/results.json` (with the command, the steps and the wall
+   time of each stage), and each test set gets the visual report `WORKDIR/report_<test>.html`.
+
+Every stage checkpoints or is idempotent: rerunning the same command continues where it
+stopped (training resumes from its latest checkpoint; a built dataset is reused; the
+comparison is redone, it takes seconds to minutes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from typing import Any, Callable, Optional, Sequence
+
+from mmdrfuse_jax import (
+  batch_fuse,
+  checkpoints,
+  evaluation,
+  files,
+  fusion,
+  imageio,
+  interrupts,
+  report,
+  trainer,
+)
+
+
+class ReproductionError(ValueError):
+  """A user-facing problem with the recipe (one-line message)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TestSet:
+  """Pairs to score: two folders paired by file stem."""
+
+  name: str
+  ir: pathlib.Path
+  vis: pathlib.Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  """Weights to compare with (for example the published student)."""
+
+  name: str
+  weights: pathlib.Path
+
+
+@dataclasses.dataclass
+class Recipe:
+  """What to run.
+
+  Attributes:
+    student: the student's training config (configs/student.py and overrides).
+    teacher: the teacher's training config, or None when `teacher_weights` is given.
+    teacher_weights: a given teacher ("" when the recipe trains one).
+    dataset: the builder config of the training data (e.g. "roadscene").
+    manual_dir: the folder holding the training pairs.
+    tests: the test sets.
+    references: the weights to compare with.
+    metrics: the metrics of the table.
+    argv: the command, recorded in results.json.
+  """
+
+  student: Any
+  teacher: Optional[Any]
+  teacher_weights: str
+  dataset: str
+  manual_dir: str
+  tests: Sequence[TestSet]
+  references: Sequence[Reference] = ()
+  metrics: Sequence[str] = evaluation.metrics.METRIC_NAMES
+  argv: Sequence[str] = ()
+
+
+def parse_test(spec: str) -> TestSet:
+  """`NAME=IR_DIR,VIS_DIR` -> TestSet (checked: both folders exist)."""
+  name, sep, rest = spec.partition("=")
+  folders = rest.split(",")
+  if not sep or not name or len(folders) != 2 or not all(folders):
+    raise ReproductionError(f"--test {spec!r}: expected NAME=IR_DIR,VIS_DIR")
+  _check_name(name, "--test")
+  for folder in folders:
+    if not pathlib.Path(folder).expanduser().is_dir():
+      raise ReproductionError(f"--test {name}: {folder}: no such folder")
+  return TestSet(name, *(pathlib.Path(f).expanduser() for f in folders))
+
+
+def parse_reference(spec: str) -> Reference:
+  """`NAME=WEIGHTS` -> Reference (checked: the file exists)."""
+  name, sep, path = spec.partition("=")
+  if not sep or not name or not path:
+    raise ReproductionError(f"--reference {spec!r}: expected NAME=WEIGHTS")
+  _check_name(name, "--reference")
+  if not pathlib.Path(path).expanduser().exists():
+    raise ReproductionError(f"--reference {name}: {path}: no such weights file")
+  return Reference(name, pathlib.Path(path).expanduser())
+
+
+def _check_name(name: str, option: str) -> None:
+  # Names become folder and file names.
+  if not name.replace("_", "").replace("-", "").isalnum():
+    raise ReproductionError(f"{option} name {name!r}: use letters, digits, '-' and '_' only")
+
+
+def load_any_params(path: pathlib.Path) -> dict:
+  """A student's or a teacher's parameters, whichever the file holds."""
+  try:
+    return checkpoints.load_params(path, "student")
+  except checkpoints.WeightsError as as_student:
+    try:
+      return checkpoints.load_params(path, "teacher")
+    except checkpoints.WeightsError:
+      raise ReproductionError(str(as_student)) from None
+
+
+# ----------------------------------------------------------------------------------- stages
+
+
+@dataclasses.dataclass
+class Outcome:
+  """What `run` did: finished, or where it stopped."""
+
+  finished: bool
+  interrupted_by: Optional[int] = None
+  results: Optional[pathlib.Path] = None
+
+
+class _StageTimes:
+  """Wall time and steps per stage, summed over the invocations that ran it (a JSON file)."""
+
+  def __init__(self, path: pathlib.Path):
+    self.path = path
+    self.stages = json.loads(path.read_text()) if path.is_file() else {}
+
+  def add(self, stage: str, seconds: float, **info) -> None:
+    entry = self.stages.setdefault(stage, {"wall_seconds": 0.0})
+    entry["wall_seconds"] = round(entry["wall_seconds"] + seconds, 1)
+    entry.update(info)
+    with files.atomic_write(self.path, "w") as f:
+      f.write(json.dumps(self.stages, indent=2, sort_keys=True) + "\n")
+
+
+def run(recipe: Recipe, workdir: str | os.PathLike, *, log: Callable[[str], None] = print,
+        stop: Optional[interrupts.StopRequest] = None) -> Outcome:
+  """Runs (or continues) the recipe in `workdir`.
+
+  Raises:
+    ReproductionError, trainer.TrainingError: a stage cannot run (one-line message).
+  """
+  workdir = pathlib.Path(workdir).expanduser()
+  workdir.mkdir(parents=True, exist_ok=True)
+  times = _StageTimes(workdir / "stage_times.json")
+  data_dir = workdir / "data"
+  student = _with_data(recipe.student, recipe.dataset, data_dir)
+  teacher = None if recipe.teacher is None else _with_data(recipe.teacher, recipe.dataset,
+                                                           data_dir)
+  for config in (teacher, student):  # Every stage's settings before any work.
+    if config is not None:
+      trainer.check_config(config)
+
+  start = time.perf_counter()
+  log(f"== data: {recipe.dataset} from {recipe.manual_dir}")
+  from mmdrfuse_jax.data import builders  # pylint: disable=g-import-not-at-top
+
+  try:
+    built = builders.prepare(recipe.dataset, recipe.manual_dir, data_dir, report=log)
+  except (builders.DataError, builders.BuildError, ValueError) as e:
+    raise ReproductionError(f"data: {e}") from None
+  times.add("data", time.perf_counter() - start,
+            images={k: len(v) for k, v in built.images.items()})
+
+  teacher_weights = recipe.teacher_weights
+  if teacher is not None:
+    result = _train("teacher", teacher, workdir / "teacher", times, log)
+    if result.weights is None:
+      return Outcome(False, result.interrupted_by)
+    teacher_weights = str(result.weights)
+  student.teacher_weights = teacher_weights
+  result = _train("student", student, workdir / "student", times, log)
+  if result.weights is None:
+    return Outcome(False, result.interrupted_by)
+
+  methods = [Reference("student", result.weights)]
+  if teacher is not None:
+    methods.append(Reference("teacher", pathlib.Path(teacher_weights)))
+  methods += list(recipe.references)
+  start = time.perf_counter()
+  tables = {}
+  for test in recipe.tests:
+    log(f"== comparison on {test.name}: {', '.join(m.name for m in methods)}")
+    comparison = _compare(test, methods, recipe.metrics, workdir, log, stop)
+    if comparison is None:
+      return Outcome(False, stop.signum if stop is not None else None)
+    tables[test.name] = comparison
+  times.add("comparison", time.perf_counter() - start)
+  path = write_results(workdir, recipe, tables, times.stages)
+  log(f"wrote {path} and {path.with_suffix('.json')}")
+  return Outcome(True, None, path)
+
+
+def _with_data(config: Any, dataset: str, data_dir: pathlib.Path) -> Any:
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.dataset = dataset
+  config.data.data_dir = str(data_dir)
+  config.data.synthetic_pairs = 0
+  return config
+
+
+def _train(name: str, config: Any, workdir: pathlib.Path, times: _StageTimes,
+           log: Callable[[str], None]) -> trainer.RunResult:
+  log(f"== {name}: {workdir}")
+  start = time.perf_counter()
+  result = trainer.train_model(config, workdir, log=log)
+  times.add(name, time.perf_counter() - start, steps=result.step, total_steps=result.total_steps)
+  return result
+
+
+def _compare(test: TestSet, methods: Sequence[Reference], names: Sequence[str],
+             workdir: pathlib.Path, log: Callable[[str], None],
+             stop: Optional[interrupts.StopRequest]) -> Optional[report.Comparison]:
+  """Fuses the test pairs with every method, scores them, writes the visual report."""
+  pairing = imageio.pair_folders([test.ir, test.vis])
+  for problem in pairing.problems:
+    log(f"warning: {test.name}: {problem}")
+  if not pairing.pairs:
+    raise ReproductionError(f"--test {test.name}: no pairs in {test.ir} and {test.vis}")
+  folders = []
+  for method in methods:
+    out = workdir / "fused" / test.name / method.name
+    fuser = fusion.Fuser(load_any_params(method.weights))
+    done = batch_fuse.fuse_pairs(fuser, pairing.pairs, out, progress=False, report=log, stop=stop)
+    if done.not_started:
+      return None
+    folders.append(report.Method(method.name, out))
+  images, problems = report.pair_images(test.ir, test.vis, folders)
+  comparison = report.compare(images, folders, names=names, stop=stop, problems=problems)
+  if comparison.stopped_by is not None:
+    return None
+  try:
+    page = report.build_html(comparison, title=f"Reproduction: {test.name}",
+                             sources=(str(test.ir), str(test.vis)), stop=stop)
+  except report.Stopped:
+    return None
+  report.write_atomic(workdir / f"report_{test.name}.html", page)
+  return comparison
+
+
+# ---------------------------------------------------------------------------------- results
+
+
+def results_rows(tables: dict[str, report.Comparison]) -> list[dict[str, Any]]:
+  """One row per (test, method): the metric means and the number of images."""
+  rows = []
+  for test, comparison in tables.items():
+    for method in comparison.methods:
+      means = comparison.results[method.name].means()
+      rows.append({"test": test, "method": method.name, "images": len(comparison.images),
+                   **{n: means[n] for n in comparison.names}})
+  return rows
+
+
+def write_results(workdir: pathlib.Path, recipe: Recipe, tables: dict[str, report.Comparison],
+                  stages: dict[str, Any]) -> pathlib.Path:
+  """Writes results.md and results.json (atomically); returns the markdown's path."""
+  rows = results_rows(tables)
+  names = list(recipe.metrics)
+  reference = recipe.references[0].name if recipe.references else None
+  ratio_names = [n for n in ("VIF", "Qabf") if n in names] if reference else []
+  for row in rows:  # This run's models as a share of the first reference, per test set.
+    ref = next(r for r in rows if r["test"] == row["test"] and r["method"] == reference) \
+        if reference else None
+    for n in ratio_names:
+      ok = ref is not None and ref[n] and row[n] is not None
+      row[f"{n} / {reference}"] = row[n] / ref[n] if ok else None
+  columns = ["test", "method", "images", *names, *(f"{n} / {reference}" for n in ratio_names)]
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  for row in rows:
+    cells = []
+    for c in columns:
+      v = row[c]
+      cells.append(f"{v:.4f}" if isinstance(v, float) else ("n/a" if v is None else str(v)))
+    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", "Stages (wall time summed over the invocations that ran them):", ""]
+  for stage, info in stages.items():
+    extra = ", ".join(f"{k} {v}" for k, v in info.items() if k != "wall_seconds")
+    lines.append(f"- {stage}: {info['wall_seconds'] / 60:.1f} min" + (f" ({extra})" if extra
+                                                                     else ""))
+  if recipe.argv:
+    lines += ["", "Command:", "", "```", " ".join(recipe.argv), "```"]
+  md = workdir / "results.md"
+  with files.atomic_write(md, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  record = {"rows": rows, "stages": stages, "command": list(recipe.argv),
+            "metric_conventions": "bin/evaluate.py's defaults (the published tables' conventions)"}
+  with files.atomic_write(md.with_suffix(".json"), "w") as f:
+    f.write(json.dumps(record, indent=2) + "\n")
+  return md
