@@ -14,7 +14,7 @@ Exit codes: 0 written; 1 SRC unusable or DST not writable; 130/143 stopped by SI
 import argparse
 import sys
 
-from mmdrfuse_jax import interrupts, torch_reader, vgg
+from mmdrfuse_jax import files, interrupts, torch_reader, vgg
 
 
 def main(argv=None) -> int:
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   except OSError as e:
-    print(f"error: {args.dst}: cannot write ({e.strerror or e})", file=sys.stderr)
+    print(f"error: {args.dst}: cannot write ({files.os_error_cause(e)})", file=sys.stderr)
     return 1
   print(f"wrote {args.dst}")
   return 0
