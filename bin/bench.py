@@ -17,10 +17,11 @@ from mmdrfuse_jax.benchmarks import (
     precision_error,
     suite,
     train_step,
+    video,
 )
 
 # Each module has add_parser(subparsers) that registers its subcommand with a `run` default.
-BENCHMARKS = [infer, pipeline, metrics, train_step, precision_error, suite]
+BENCHMARKS = [infer, pipeline, metrics, train_step, precision_error, video, suite]
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,16 @@ with exit code 130/143.
 import argparse
 import sys
 
-from mmdrfuse_jax import backend, batch_fuse, checkpoints, files, fusion, imageio, interrupts
+from mmdrfuse_jax import (
+  backend,
+  batch_fuse,
+  checkpoints,
+  cli,
+  files,
+  fusion,
+  imageio,
+  interrupts,
+)
 
 
 def main(argv=None) -> int:
@@ -71,14 +80,7 @@ def _run(args: argparse.Namespace, stop: interrupts.StopRequest) -> int:
         report=lambda message: print(f"skipped: {message}", file=sys.stderr))
   finally:
     files.remove_created_folders(created)  # only where nothing was written
-  skipped = len(pairing.problems) + len(result.problems)
-  if stop.signum is not None and result.not_started:
-    print(f"stopped by {interrupts.signal_name(stop.signum)}: {result.written} image(s) written "
-          f"to {args.out} are complete, {result.not_started} pair(s) not fused", file=sys.stderr)
-    return interrupts.exit_code(stop.signum)
-  print(f"fused {result.written} pair(s) into {args.out}"
-        + (f"; {skipped} problem(s) reported" if skipped else ""))
-  return 1 if skipped else 0
+  return cli.finish_folder_fusion(result, len(pairing.problems), args.out, stop)
 
 
 if __name__ == "__main__":

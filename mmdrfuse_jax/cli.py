@@ -1,4 +1,5 @@
-"""What the absl-based `bin/` scripts share: one-line errors for flags and config files.
+"""What the `bin/` scripts share: one-line errors for flags and config files, the summary of
+a folder fusion.
 
 Imports nothing heavy (no jax), so a script can parse its flags before loading the library.
 """
@@ -69,3 +70,27 @@ def exit_after_error(message: str) -> NoReturn:
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(1)
+
+
+def finish_folder_fusion(result, earlier_problems: int, out_dir, stop) -> int:
+  """Prints how a folder fusion ended (`batch_fuse.fuse_pairs`' result); returns the exit code.
+
+  Args:
+    result: the `batch_fuse.BatchResult`.
+    earlier_problems: problems reported before fusing (pairs without a partner, say).
+    out_dir: the output folder.
+    stop: the run's `interrupts.StopRequest`.
+
+  Returns:
+    128 + signal when a stop left pairs unfused, 1 when any problem was reported, else 0.
+  """
+  from mmdrfuse_jax import interrupts  # pylint: disable=g-import-not-at-top
+
+  skipped = earlier_problems + len(result.problems)
+  if stop.signum is not None and result.not_started:
+    print(f"stopped by {interrupts.signal_name(stop.signum)}: {result.written} image(s) written "
+          f"to {out_dir} are complete, {result.not_started} pair(s) not fused", file=sys.stderr)
+    return interrupts.exit_code(stop.signum)
+  print(f"fused {result.written} pair(s) into {out_dir}"
+        + (f"; {skipped} problem(s) reported" if skipped else ""))
+  return 1 if skipped else 0

@@ -12,7 +12,7 @@ mixed sizes compiles once per size, not once per image.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +123,37 @@ class Fuser:
     Raises:
       ValueError: the two images differ in height or width, or are too small.
     """
+    return self.fuse_batch([ir], [vis])[0]
+
+  def fuse_batch(self, irs: Sequence[np.ndarray], viss: Sequence[np.ndarray], *,
+                 batch_size: int = 0) -> list[np.ndarray]:
+    """`fuse_images` for several pairs of one shared height and width, in one network call.
+
+    Args:
+      irs, viss: the pairs' images, as for `fuse_images`.
+      batch_size: run the network on this many images, repeating the last pair (the extra
+        results are dropped), so that a short last batch reuses the program compiled for the
+        full ones; 0 runs exactly the pairs given.
+
+    Returns:
+      One image per pair, each exactly what `fuse_images` gives for it.
+
+    Raises:
+      ValueError: a pair's images differ in size, are too small, or pairs differ in size.
+    """
+    prepared = [self._network_inputs(ir, vis) for ir, vis in zip(irs, viss, strict=True)]
+    if not prepared:
+      return []
+    if len({gray_ir.shape for gray_ir, *_ in prepared}) > 1:
+      raise ValueError("a batch holds pairs of different sizes")
+    fill = [prepared[-1]] * max(0, batch_size - len(prepared))
+    fused = self._fuse_gray(np.stack([p[0] for p in prepared + fill]),
+                            np.stack([p[1] for p in prepared + fill]))
+    return [self._output_image(f, ir, vis, chroma_source, out_max) for f, ir, vis,
+            (_, _, chroma_source, out_max) in zip(fused, irs, viss, prepared)]
+
+  def _network_inputs(self, ir: np.ndarray, vis: np.ndarray) -> tuple:
+    """(gray ir, gray vis as float (H, W) in [0, 1], chroma source or None, output full scale)."""
     if ir.shape[:2] != vis.shape[:2]:
       raise ValueError(f"pair of different sizes (infrared {ir.shape[1]}x{ir.shape[0]}, "
                        f"visible {vis.shape[1]}x{vis.shape[0]})")
@@ -139,7 +170,11 @@ class Fuser:
         gray[slot] = (ycbcr[..., 0] / imageio.max_value(image)).astype(np.float32)
       else:
         gray[slot] = imageio.to_unit_float(imageio.to_gray_published(image))
-    fused = self._fuse_gray(gray["ir"], gray["vis"])
+    return gray["ir"], gray["vis"], chroma_source, out_max
+
+  def _output_image(self, fused: np.ndarray, ir: np.ndarray, vis: np.ndarray,
+                    chroma_source: str | None, out_max: int) -> np.ndarray:
+    """The fused float (H, W) as the integer image to write (with the chroma put back)."""
     luma = quantize(fused, self.output, out_max)
     if chroma_source is None:
       return luma
@@ -151,13 +186,12 @@ class Fuser:
     return imageio.ycbcr_to_rgb(ycbcr, out_max)
 
   def _fuse_gray(self, ir: np.ndarray, vis: np.ndarray) -> np.ndarray:
-    """Fuses two (H, W) float images, on a bucketed canvas for the student."""
-    height, width = ir.shape
+    """Fuses two (B, H, W) float image stacks, on a bucketed canvas for the student."""
+    batch, height, width = ir.shape
     if self.model != "student" or not self.bucket:
-      return np.asarray(fuse(self.params, ir[None, ..., None], vis[None, ..., None]))[0, ..., 0]
+      return np.asarray(fuse(self.params, ir[..., None], vis[..., None]))[..., 0]
     canvas_h, canvas_w = bucket_shape(height, width, self.bucket)
     pad = ((0, 0), (0, canvas_h - height), (0, canvas_w - width), (0, 0))
-    sizes = np.array([[height, width]], np.int32)
-    fused = fuse_within(self.params, np.pad(ir[None, ..., None], pad),
-                        np.pad(vis[None, ..., None], pad), sizes)
-    return np.asarray(fused)[0, :height, :width, 0]
+    sizes = np.tile(np.array([[height, width]], np.int32), (batch, 1))
+    fused = fuse_within(self.params, np.pad(ir[..., None], pad), np.pad(vis[..., None], pad), sizes)
+    return np.asarray(fused)[:, :height, :width, 0]

@@ -1,11 +1,12 @@
 """`bench.py suite --out DIR`: every benchmark in one prepared run, for a short GPU rental.
 
 Runs inference (student and teacher; 640x480 and 1280x1024; batch 1 and 32), the metrics,
-the patch pipeline and the training step (student and teacher; each precision mode), one
-after another in this process, and writes `DIR/bench.json` (every result, with the device,
-the jax version and the date) and `DIR/bench.md` (one table). Each result is also written as
-soon as it is measured, so an interrupted suite keeps what it finished. `--reduced` runs the
-same items at tiny sizes (for a CPU, and for the tests); `--only` picks items by name.
+the patch pipeline, video fusion (640x480 and 1280x1024: decoded and fused, and encoded too)
+and the training step (student and teacher; each precision mode), one after another in this
+process, and writes `DIR/bench.json` (every result, with the device, the jax version and the
+date) and `DIR/bench.md` (one table). Each result is also written as soon as it is measured,
+so an interrupted suite keeps what it finished. `--reduced` runs the same items at tiny sizes
+(for a CPU, and for the tests); `--only` picks items by name.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import time
 import jax
 
 from mmdrfuse_jax import files, precision
-from mmdrfuse_jax.benchmarks import common, infer, metrics, pipeline, train_step
+from mmdrfuse_jax.benchmarks import common, infer, metrics, pipeline, train_step, video
 
 SCHEMA_VERSION = 1
-_BENCHMARKS = (infer, metrics, pipeline, train_step)
+_BENCHMARKS = (infer, metrics, pipeline, train_step, video)
 
 
 def add_parser(subparsers) -> None:
@@ -43,11 +44,13 @@ def items(reduced: bool) -> list[tuple[str, list[str]]]:
     step = ["--batch", "2", "--size", "32", "--repeats", "2"]
     pipe = ["--num_pairs", "8", "--size", "256", "--batch", "4", "--min_batches", "20"]
     metric = ["--height", "48", "--width", "64", "--repeats", "3"]
+    clip = ["--frames", "8", "--batch", "4", "--repeats", "2"]
   else:
     sizes, batches, repeats = [(480, 640), (1024, 1280)], [1, 32], "10"
     step = ["--repeats", "5"]
     pipe = []
     metric = ["--repeats", "20"]
+    clip = []
   chosen = []
   for model in ("student", "teacher"):
     for height, width in sizes:
@@ -57,6 +60,9 @@ def items(reduced: bool) -> list[tuple[str, list[str]]]:
                         "--batch", str(batch), "--repeats", repeats]))
   chosen.append(("metrics", ["metrics", *metric]))
   chosen.append(("pipeline", ["pipeline", *pipe]))
+  for height, width in sizes:  # decoded, fused, encoded (libx264): frames per second
+    chosen.append((f"video-{width}x{height}",
+                   ["video", "--height", str(height), "--width", str(width), *clip]))
   for model in ("student", "teacher"):
     for mode in precision.MODES:
       chosen.append((f"train-step-{model}-{mode}",
@@ -66,6 +72,9 @@ def items(reduced: bool) -> list[tuple[str, list[str]]]:
 
 def _figure(result: dict) -> str:
   """The headline number of a benchmark's result."""
+  if "fps_encode" in result:
+    return (f"{result['fps_fuse']:,.4g} frames/s decoded and fused, "
+            f"{result['fps_encode']:,.4g} also encoded")
   for key, unit in (("ms_per_image", "ms per image"), ("ms_per_step", "ms per step"),
                     ("patches_per_s", "patches/s")):
     if key in result:
