@@ -69,6 +69,14 @@ def _bump_mtime(path: pathlib.Path) -> None:
   os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
 
 
+def _invert_image(path: pathlib.Path) -> None:
+  """Other pixels in the same file, with a later modification time."""
+  with Image.open(path) as image:
+    inverted = Image.fromarray(255 - np.asarray(image))
+  inverted.save(path)
+  _bump_mtime(path)
+
+
 def _remount_read_only(path: pathlib.Path) -> None:
   subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True, capture_output=True)
 
@@ -151,7 +159,15 @@ def test_training_refuses_a_stale_build(tmp_path):
   synthetic.write_pairs(src, 2, 64, 64, seed=0)
   builders.prepare(DATASET, src, out)
   assert pipeline.PatchDataset.from_tfds(out, DATASET, patch_size=32).num_images == 2
-  _bump_mtime(src / "vi" / "0001.png")
+  # A copy of the folder (new modification times, same contents) is not a change.
+  for path in sorted(src.rglob("*.png")):
+    _bump_mtime(path)
+  assert pipeline.PatchDataset.from_tfds(out, DATASET, patch_size=32).num_images == 2
+  # Same size and name, other bytes: a change.
+  path = src / "vi" / "0001.png"
+  data = bytearray(path.read_bytes())
+  data[-20] ^= 0xFF
+  path.write_bytes(bytes(data))
   with pytest.raises(builders.DataError) as err:
     pipeline.PatchDataset.from_tfds(out, DATASET, patch_size=32)
   message = str(err.value)
@@ -334,7 +350,7 @@ def test_failed_rebuild_keeps_the_earlier_build(cli, capsys, tmp_path, monkeypat
   src, out = tmp_path / "src", tmp_path / "out"
   synthetic.write_pairs(src, 2, 64, 64, seed=0)
   assert _run(cli, capsys, src, out)[0] == 0
-  _bump_mtime(src / "ir" / "0000.png")
+  _invert_image(src / "ir" / "0000.png")
 
   @contextlib.contextmanager
   def atomic_write(path, mode="wb", **kwargs):

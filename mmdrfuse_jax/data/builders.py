@@ -17,8 +17,10 @@ published code reads its training images; 16-bit files are scaled to 8 bits.
 
 Each build records what it was built from in `source.json` in its version folder: the
 source folder, the build options and every image file read (relative name, size,
-modification time). `prepare` reuses a build only while these match, and
-`source_changes` tells the training pipeline when the folder has changed since.
+modification time, SHA-256 of the contents). `prepare` reuses a build only while these match,
+and `source_changes` tells the training pipeline when the folder has changed since. A file
+whose modification time alone differs (a copy, a restore from backup) is unchanged if its
+contents hash the same.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import io
 import json
 import os
@@ -368,9 +371,12 @@ def decode_problems(pairs, resize_visible: bool) -> list[str]:
 # What a build was made from.
 
 
-def scan_sources(manual_dir: str | os.PathLike,
-                 folders: Sequence[str | os.PathLike]) -> dict[str, list[int]]:
+def scan_sources(manual_dir: str | os.PathLike, folders: Sequence[str | os.PathLike], *,
+                 with_hash: bool = False) -> dict[str, list]:
   """The image files a build reads: relative name -> [size, modification time in ns].
+
+  With `with_hash`, each entry also has the SHA-256 of the file's contents (hex): the build
+  records it, so that a later check can tell a copied file from a changed one.
 
   Only the files `imageio.pair_folders` considers (visible image files, symlinks followed)
   directly inside `folders`; a folder that no longer exists contributes nothing.
@@ -392,16 +398,43 @@ def scan_sources(manual_dir: str | os.PathLike,
       except FileNotFoundError:  # A dangling symlink: not an image the build can read.
         continue
       if stat.S_ISREG(st.st_mode):
-        found[path.relative_to(root).as_posix()] = [st.st_size, st.st_mtime_ns]
+        entry = [st.st_size, st.st_mtime_ns]
+        if with_hash:
+          entry.append(file_sha256(path))
+        found[path.relative_to(root).as_posix()] = entry
   return found
 
 
-def describe_changes(recorded: dict[str, list[int]], current: dict[str, list[int]]) -> str | None:
-  """`3 files added, 1 removed, 2 modified` between two `scan_sources`, or None when equal."""
+def file_sha256(path: str | os.PathLike) -> str:
+  """The SHA-256 of a file's contents, hex."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def describe_changes(recorded: dict[str, list], current: dict[str, list],
+                     manual_dir: str | os.PathLike | None = None) -> str | None:
+  """`3 files added, 1 removed, 2 modified` between two `scan_sources`, or None when equal.
+
+  A file of the recorded size whose modification time differs counts as modified unless
+  the record has its SHA-256 and `manual_dir` is given, and its contents still hash the same.
+  """
+  def modified(name: str) -> bool:
+    before, now = list(recorded[name]), list(current[name])
+    if before[:2] == now[:2]:
+      return False
+    if before[0] != now[0] or len(before) < 3 or manual_dir is None:
+      return True
+    try:
+      return file_sha256(pathlib.Path(manual_dir) / name) != before[2]
+    except OSError:
+      return True
+
   counts = [(len(current.keys() - recorded.keys()), "added"),
             (len(recorded.keys() - current.keys()), "removed"),
-            (sum(list(recorded[k]) != list(current[k]) for k in current.keys() & recorded.keys()),
-             "modified")]
+            (sum(modified(k) for k in current.keys() & recorded.keys()), "modified")]
   parts = [(n, what) for n, what in counts if n]
   if not parts:
     return None
@@ -519,7 +552,8 @@ class FusionPairs(tfds.core.GeneratorBasedBuilder):
     self._source_record = {
         "format": _RECORD_FORMAT, "manual_dir": str(manual_dir.resolve()),
         "options": self.build_options, "folders": folders,
-        "files": scan_sources(manual_dir, [f for pair in folders.values() for f in pair])}
+        "files": scan_sources(manual_dir, [f for pair in folders.values() for f in pair],
+                              with_hash=True)}
     problems: list[str] = []
     split_pairs = {}
     for split, (ir_dir, vis_dir) in layout.items():
@@ -695,11 +729,11 @@ def _as_os_error(error: BaseException | None) -> OSError | None:
 
 
 def _rebuild_reason(record: dict | None, current: dict[str, list[int]], options: dict,
-                    built: BuiltDataset) -> str | None:
+                    built: BuiltDataset, manual_dir: pathlib.Path) -> str | None:
   """Why a build no longer matches its folder and options (None: reuse it)."""
   if record is None:
     return "no record of the files it was built from (built by an earlier version)"
-  changes = describe_changes(record.get("files", {}), current)
+  changes = describe_changes(record.get("files", {}), current, manual_dir)
   if changes:
     return f"source changed since the build ({changes})"
   old = record.get("options", {})
@@ -719,9 +753,9 @@ def prepare(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.Path
   """Builds `dataset` from `manual_dir` into `data_dir` (idempotent) and describes it.
 
   A dataset already built in `data_dir` from the same folder is reused ("already built")
-  while the folder's image files (names, sizes, modification times) and the build options
-  are those recorded with it; otherwise it is rebuilt, `report` being told why in one line.
-  The earlier build stays in place until the new one is complete, and is kept if the
+  while the folder's image files (names, sizes, modification times, or else contents) and the
+  build options are those recorded with it; otherwise it is rebuilt, `report` being told why
+  in one line. The earlier build stays in place until the new one is complete, and is kept if the
   rebuild fails. A build that fails or is killed midway leaves nothing that a later call
   takes as built (TFDS writes into an `incomplete.*` folder and renames it when done; such
   leftovers are removed by the next build).
@@ -763,7 +797,7 @@ def prepare(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.Path
           f"{built.data_dir}: already built from {built.source}, not {manual_dir.resolve()}; "
           "use another --data_dir or delete that folder")
     reason = _rebuild_reason(read_source_record(version_dir), current, builder.build_options,
-                             built)
+                             built, manual_dir)
     if reason is None:
       return built
   elif version_dir.exists():
@@ -818,7 +852,8 @@ def source_changes(built: BuiltDataset) -> str | None:
   longer exists (a build is self-contained: the folder may have been deleted or left on
   another machine).
 
-  Costs one directory listing per source folder and one `stat` per file.
+  Costs one directory listing per source folder and one `stat` per file, plus reading the
+  files whose modification time changed (to compare their contents).
   """
   record = read_source_record(built.data_dir)
   if record is None or not pathlib.Path(record.get("manual_dir", "")).is_dir():
@@ -828,7 +863,7 @@ def source_changes(built: BuiltDataset) -> str | None:
     current = scan_sources(record["manual_dir"], folders)
   except OSError as e:
     return f"unreadable now: {files.os_error_message(e)}"
-  return describe_changes(record.get("files", {}), current)
+  return describe_changes(record.get("files", {}), current, record["manual_dir"])
 def load_built(dataset: str, data_dir: str | os.PathLike) -> BuiltDataset:
   """Describes an already built dataset (raises DataError when it is not built)."""
   builder = make_builder(dataset, data_dir)
