@@ -28,6 +28,12 @@ def get_config(model: str = "student") -> ml_collections.ConfigDict:
   config.data.synthetic_pairs = 0
   config.data.synthetic_height = 256
   config.data.synthetic_width = 256
+  # A built dataset's patches: "off" decodes the split's images into host RAM before the first
+  # step; "on" reads each batch's patches from the dataset's files as it is assembled (host
+  # RAM: the patch index, not the images; every epoch decodes the images again); "auto" streams
+  # splits whose decoded images would exceed 2 GiB (LLVIP's). Same batches either way: it may
+  # change between reruns of a run.
+  config.data.streaming = "auto"
 
   config.batch_size = 25
   config.num_epochs = 10
@@ -52,6 +58,11 @@ def get_config(model: str = "student") -> ml_collections.ConfigDict:
   config.refresh.per_sample = False  # Published: one decision per batch.
   config.refresh.memory_dtype = "bfloat16"  # "bfloat16", "float32" or "uint8".
   config.refresh.weight_scale = 10.0
+  # Where the memories live (same results in each): "replicated" (every slot on every device),
+  # "sharded" (the slots split over the devices that split the batch) or "host" (split the
+  # same way, in pinned host memory: for sets whose memories exceed device memory). It may
+  # change between reruns of a run (see README, "Train").
+  config.refresh.placement = "replicated"
 
   # How VGG-19 and the teacher compute (mmdrfuse_jax/precision.py): "exact" (float32,
   # highest precision: the published numbers), "default" (the backend's default: TF32 on

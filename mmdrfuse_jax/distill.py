@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mmdrfuse_jax import models
+from mmdrfuse_jax import distributed, models
 
 
 def init_student_from_teacher(student_params: Any, teacher_params: Any) -> Any:
@@ -54,20 +54,39 @@ class TeacherCache:
   The teacher is frozen, so its targets for a patch never change: computing them once
   instead of every epoch removes the teacher's forward pass from every later step (on a CPU
   that is a large part of a student step; see the README's figures). Costs 2 x H x W float32
-  of host RAM per patch. Not checkpointed: after a restart it fills again.
+  of host RAM per patch. Not checkpointed: after a restart it fills again. In a run of
+  several processes, each one keeps the targets of the patches of its own batch rows.
   """
 
   def __init__(self, num_patches: int, patch_size: int, mesh: Mesh, precision: str = "exact"):
     self.values = np.zeros((num_patches, patch_size, patch_size, 2), np.float32)
     self.known = np.zeros(num_patches, bool)
     self._sharding = NamedSharding(mesh, P("data"))
-    self._compute = _jitted_teacher_targets(mesh, precision)
+    # With several processes, each one keeps and computes the targets of its own rows only, on
+    # its own devices: which patches a process has seen differs between processes, so a
+    # computation over the whole mesh would need them all to agree on when to run it.
+    local = Mesh(np.array([d for d in mesh.devices.flat if d.process_index == jax.process_index()]),
+                 ("data",))
+    self._local_replicated = NamedSharding(local, P())
+    self._compute = _jitted_teacher_targets(local, precision)
 
   def add_to(self, batch: dict[str, jax.Array], teacher_params: Any) -> dict[str, jax.Array]:
-    """`batch` with its `teacher` targets (computed now for patches not seen before)."""
-    ids = np.asarray(batch["patch_id"])
+    """`batch` with its `teacher` targets (computed now for the patches not seen before)."""
+    ids = distributed.local_rows(batch["patch_id"])
     if not self.known[ids].all():
-      x = jnp.concatenate([batch["ir"], batch["vis"]], axis=-1)
-      self.values[ids] = np.asarray(self._compute(teacher_params, x))
+      x = np.concatenate([distributed.local_rows(batch["ir"]),
+                          distributed.local_rows(batch["vis"])], axis=-1)
+      teacher = jax.device_put(jax.tree_util.tree_map(_process_copy, teacher_params),
+                               self._local_replicated)
+      self.values[ids] = np.asarray(self._compute(teacher, x))
       self.known[ids] = True
-    return {**batch, "teacher": jax.device_put(self.values[ids], self._sharding)}
+    shape = (batch["patch_id"].shape[0], *self.values.shape[1:])
+    return {**batch, "teacher": jax.make_array_from_process_local_data(
+        self._sharding, self.values[ids], shape)}
+
+
+def _process_copy(x: Any) -> Any:
+  """`x` as this process holds it: a replicated array spanning several processes as one copy."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return x.addressable_data(0)
+  return x

@@ -5,8 +5,15 @@ per training patch, indexed by the data pipeline's dense `patch_id`, and is desc
 `MemoryKind` entry: how an image is scored against the two sources, whether a higher score is
 better, which VGG taps its loss needs, and its loss. The train step loops over the enabled
 kinds at trace time, so the refresh rule is written once and a new kind is one entry here (and
-a `config.refresh.<name>` switch). The memories live on the device inside the train state, as
-a dict `{"best_<name>": (N, H, W, 1) array}`, so the refresh decisions never leave the device.
+a `config.refresh.<name>` switch). The memories live inside the train state, as a dict
+`{"best_<name>": (N, H, W, 1) array}`, so the refresh decisions never leave the jitted step.
+
+Placement (`placement`, see `train.memory_sharding`): "replicated" keeps every slot on every
+device; "sharded" splits the slots over the devices of the mesh's `data` axis (the batch's slots
+are gathered and scattered by XLA's SPMD partitioner); "host" keeps the split slots in pinned
+host memory, where only the batch's slots are picked (`compute_on("device_host")`) and moved to
+the device. The split placements pad the slot count to a multiple of the device count; slots past
+the N patches are never read or written.
 
 Storage (`memory_dtype`):
   * "bfloat16" (default): the tanh output as bfloat16; an unwritten slot holds NaN.
@@ -32,10 +39,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental.compute_on import compute_on
 
 from mmdrfuse_jax import losses
 
 MEMORY_DTYPES = ("bfloat16", "float32", "uint8")
+PLACEMENTS = ("replicated", "sharded", "host")
 _UINT8_LEVELS = 254  # Codes 0..254 hold values; 255 marks an unwritten slot.
 _UINT8_EMPTY = 255
 
@@ -101,17 +111,22 @@ class RefreshConfig:
     per_sample: per-sample decisions instead of the published one decision per batch.
     memory_dtype: "bfloat16", "float32" or "uint8" (see the module docstring).
     weight_scale: the factor 10 in the refresh loss weights `10 * gap`.
+    placement: where the memories live: "replicated", "sharded" or "host" (see the module
+      docstring). It changes where the slots are, never the results.
   """
 
   memories: tuple[str, ...] = tuple(kind.name for kind in MEMORY_KINDS)
   per_sample: bool = False
   memory_dtype: str = "bfloat16"
   weight_scale: float = 10.0
+  placement: str = "replicated"
 
   def __post_init__(self):
     if self.memory_dtype not in MEMORY_DTYPES:
       raise ValueError(
           f"refresh memory_dtype must be one of {MEMORY_DTYPES}, got {self.memory_dtype!r}")
+    if self.placement not in PLACEMENTS:
+      raise ValueError(f"refresh placement must be one of {PLACEMENTS}, got {self.placement!r}")
     unknown = [name for name in self.memories if name not in _KINDS_BY_NAME]
     if unknown:
       raise ValueError(f"unknown refresh memories {unknown}; known: {sorted(_KINDS_BY_NAME)}")
@@ -129,6 +144,7 @@ class RefreshConfig:
         per_sample=bool(cfg.per_sample),
         memory_dtype=str(cfg.memory_dtype),
         weight_scale=float(cfg.weight_scale),
+        placement=str(cfg.get("placement", "replicated")),
     )
 
 
@@ -146,12 +162,30 @@ def bytes_per_sample(config: RefreshConfig, height: int = 128, width: int = 128)
   return len(config.kinds) * height * width * itemsize
 
 
-def init_memory(num_patches: int, height: int, width: int, config: RefreshConfig) -> Memory:
-  """Empty memories of the enabled kinds: every slot unwritten."""
+def init_memory(num_patches: int, height: int, width: int, config: RefreshConfig,
+                sharding: jax.sharding.Sharding | None = None) -> Memory:
+  """Empty memories of the enabled kinds: every slot unwritten.
+
+  Args:
+    num_patches: the number of slots.
+    height: the patches' height.
+    width: the patches' width.
+    config: which memories, in which dtype.
+    sharding: where to create them (default: the default device). Each device fills only its
+      own part, so that a memory too large for one device is never whole on one.
+  """
   dtype = _storage_dtype(config.memory_dtype)
   fill = _UINT8_EMPTY if config.memory_dtype == "uint8" else jnp.nan
-  return {kind.key: jnp.full((num_patches, height, width, 1), fill, dtype)
-          for kind in config.kinds}
+  shape = (num_patches, height, width, 1)
+  if sharding is None:
+    return {kind.key: jnp.full(shape, fill, dtype) for kind in config.kinds}
+  if sharding.memory_kind == "pinned_host":
+    # Filled on the host, part by part: filled on a device, a part would be there first.
+    return {kind.key: jax.make_array_from_callback(
+        shape, sharding, lambda _: np.full(sharding.shard_shape(shape), fill, dtype))
+            for kind in config.kinds}
+  empty = jax.jit(lambda: jnp.full(shape, fill, dtype), out_shardings=sharding)
+  return {kind.key: empty() for kind in config.kinds}
 
 
 def encode(x: jax.Array, memory_dtype: str) -> jax.Array:
@@ -225,18 +259,42 @@ def decide(cur: jax.Array, best: jax.Array, written: jax.Array, *, higher_is_bet
   }
 
 
-def gather(memory: jax.Array, ids: jax.Array, memory_dtype: str) -> tuple[jax.Array, jax.Array]:
-  """Decoded memory images and written flags for the batch's patch ids."""
-  return decode(memory[ids], memory_dtype)
+def gather(memory: jax.Array, ids: jax.Array, memory_dtype: str, on_host: bool = False
+           ) -> tuple[jax.Array, jax.Array]:
+  """Decoded memory images and written flags for the batch's patch ids.
+
+  `on_host`: `memory` is in host memory (placement "host"); the slots are picked there and only
+  they move to the device.
+  """
+  if on_host:
+    host_ids = jax.device_put(ids, jax.memory.Space.Host)
+    with compute_on("device_host"):
+      stored = memory[host_ids]
+    stored = jax.device_put(stored, jax.memory.Space.Device)
+  else:
+    stored = memory[ids]
+  return decode(stored, memory_dtype)
+
+
+def _write(memory: jax.Array, ids: jax.Array, new: jax.Array, replace: jax.Array) -> jax.Array:
+  old = memory[ids]
+  return memory.at[ids].set(jnp.where(replace[:, None, None, None], new, old),
+                            unique_indices=True)
 
 
 def scatter(memory: jax.Array, ids: jax.Array, out: jax.Array, replace: jax.Array,
-            memory_dtype: str) -> jax.Array:
-  """Writes `out` into the slots `ids` where `replace`, leaving the other slots as they were."""
-  old = memory[ids]
-  new = jnp.where(replace[:, None, None, None], encode(jax.lax.stop_gradient(out), memory_dtype),
-                  old)
-  return memory.at[ids].set(new, unique_indices=True)
+            memory_dtype: str, on_host: bool = False) -> jax.Array:
+  """Writes `out` into the slots `ids` where `replace`, leaving the other slots as they were.
+
+  `on_host`: `memory` is in host memory (placement "host"); the batch's encoded slots move there
+  and are written in place, so the memory never comes to the device.
+  """
+  new = encode(jax.lax.stop_gradient(out), memory_dtype)
+  if on_host:
+    ids, new, replace = jax.device_put((ids, new, replace), jax.memory.Space.Host)
+    with compute_on("device_host"):
+      return _write(memory, ids, new, replace)
+  return _write(memory, ids, new, replace)
 
 
 def stats(name: str, decision: dict[str, jax.Array]) -> dict[str, jax.Array]:

@@ -86,6 +86,26 @@ class MetricWriter:
       raise OSError(first.errno, first.strerror, first.filename or str(self._jsonl_path))
 
 
+class NullWriter:
+  """A `MetricWriter` that writes nothing: for every process but process 0 of a multi-process
+  run, since process 0 alone writes the logs."""
+
+  def config(self, config_json: str) -> None:
+    del config_json
+
+  def scalars(self, step: int, values: Mapping[str, float]) -> None:
+    del step, values
+
+  def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    del step, images
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
 def _drop_rows_after(jsonl: pathlib.Path, step: int) -> None:
   """Rewrites `jsonl` (atomically) without the rows of steps after `step`."""
   if not jsonl.is_file():

@@ -5,11 +5,15 @@ image, and only for the terms that are on), the comprehensive loss, distillation
 frozen teacher, the dynamic refresh decisions and memory writes of every enabled memory kind,
 the Adam update and the non-finite guard. Nothing is pulled to the host.
 
-Layout across devices: a 1-D `Mesh` with axis `data`; the batch is split along it, everything
-in the train state (parameters, optimiser state, refresh memories) is replicated. Memories are
-replicated rather than sharded because batches draw arbitrary patch ids: a sharded memory would
-need an all-to-all per step, while a replicated one costs N x H x W per kind on each device and
-its scatter is a cheap all-gather of the batch.
+Layout across devices: a 1-D `Mesh` with axis `data`; the batch is split along it, the
+parameters and optimiser state are replicated, and the refresh memories are placed as
+`config.refresh.placement` says (`memory_sharding`): replicated (N x H x W per kind on every
+device; the batch's slots are read locally and its writes are an all-gather of the batch),
+split over the D devices of `data` ("sharded": ceil(N / D) slots per device; XLA's SPMD
+partitioner turns the batch's reads into a masked local gather plus an all-reduce of the
+batch's B slots, and its writes into an all-gather of the batch followed by local writes, so no
+device ever holds the whole memory) or split the same way in pinned host memory ("host": no
+memory slots in device memory at all). All three give the same results.
 
 The run loop that feeds this step lives in `trainer.py`; the teacher-then-student sequence in
 `stages.py`.
@@ -138,7 +142,7 @@ def _network(model: str, precision: str):
 def create_train_state(model: str, tx: optax.GradientTransformation, rng: jax.Array,
                        num_patches: int, patch_size: int, refresh_cfg: refresh.RefreshConfig,
                        teacher_params: Any = None, params: Any = None,
-                       precision: str = "exact") -> TrainState:
+                       precision: str = "exact", mesh: Mesh | None = None) -> TrainState:
   """A fresh train state.
 
   Args:
@@ -147,10 +151,14 @@ def create_train_state(model: str, tx: optax.GradientTransformation, rng: jax.Ar
     rng: PRNG key; split for the initialisation and the state's own key.
     num_patches: N, the number of training patches (refresh memory slots).
     patch_size: the patches' height and width.
-    refresh_cfg: the refresh settings (which memories, their dtype).
+    refresh_cfg: the refresh settings (which memories, their dtype and placement).
     teacher_params: for a student, the frozen teacher (its conv00 initialises conv2).
     params: initial parameters to use instead of a fresh initialisation.
     precision: how the teacher computes when it is the model trained (`precision.py`).
+    mesh: when given, the refresh memories are created where `refresh_cfg.placement` puts them
+      on this mesh (never whole on one device), with `memory_slots` slots; the rest of the
+      state still has to be placed with `place_state`. Without a mesh: N slots on the default
+      device.
   """
   if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.key_data(rng)  # Raw uint32 keys checkpoint as plain arrays.
@@ -160,11 +168,20 @@ def create_train_state(model: str, tx: optax.GradientTransformation, rng: jax.Ar
     params = net.init(init_rng, jnp.zeros((1, patch_size, patch_size, 2), jnp.float32))["params"]
     if model == "student" and teacher_params is not None:
       params = distill.init_student_from_teacher(params, teacher_params)
-  memory = refresh.init_memory(num_patches, patch_size, patch_size, refresh_cfg)
-  return TrainState.create(
+  if mesh is None:
+    memory = refresh.init_memory(num_patches, patch_size, patch_size, refresh_cfg)
+  else:
+    memory = refresh.init_memory(memory_slots(num_patches, mesh, refresh_cfg.placement),
+                                 patch_size, patch_size, refresh_cfg,
+                                 memory_sharding(mesh, refresh_cfg.placement))
+  state = TrainState.create(
       apply_fn=net.apply, params=params, tx=tx, rng=state_rng,
       memory=memory, nonfinite_skips=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32),
       position=jnp.zeros((), jnp.int32))
+  # `create` starts the step as a Python 0 (a weakly typed int32 on the device); a restored
+  # checkpoint's is a plain int32, and the step would compile again for it after a resume in
+  # the same process.
+  return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def vgg_taps(params: Any, x: jax.Array, num_taps: int, precision: str):
@@ -218,9 +235,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Frozen, *
         frozen.teacher, x, cfg.precision)
     targets = jax.lax.stop_gradient(targets)
   # Each memory's images for this batch and their scores (constants too).
+  on_host = rcfg.placement == "host"
   recalled = {}
   for kind in rcfg.kinds:
-    images, written = refresh.gather(state.memory[kind.key], ids, rcfg.memory_dtype)
+    images, written = refresh.gather(state.memory[kind.key], ids, rcfg.memory_dtype, on_host)
     recalled[kind.name] = (images, written, kind.score(images, ir, vi, rcfg.per_sample))
 
   def loss_fn(params):
@@ -275,7 +293,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Frozen, *
   for kind in rcfg.kinds:
     decision = decisions[kind.name]
     memory[kind.key] = refresh.scatter(memory[kind.key], ids, out_const,
-                                       decision["replace"] & ~skip, rcfg.memory_dtype)
+                                       decision["replace"] & ~skip, rcfg.memory_dtype, on_host)
     metrics.update(refresh.stats(kind.name, decision))
   metrics["nonfinite"] = skip.astype(jnp.float32)
 
@@ -296,19 +314,83 @@ def make_mesh(batch_size: int, devices=None) -> Mesh:
   return Mesh(np.array(devices[:n]), ("data",))
 
 
+def memory_sharding(mesh: Mesh, placement: str) -> NamedSharding:
+  """Where the refresh memories live on `mesh` (`config.refresh.placement`).
+
+  "replicated": every slot on every device. "sharded": the slot axis split over `data`.
+  "host": split the same way, in each device's pinned host memory.
+
+  Raises:
+    ValueError: an unknown placement, or "host" on a backend without pinned host memory.
+  """
+  if placement == "replicated":
+    return NamedSharding(mesh, P())
+  if placement == "sharded":
+    return NamedSharding(mesh, P("data"))
+  if placement == "host":
+    if not has_pinned_host(mesh.devices.flat[0]):
+      raise ValueError(f"refresh placement 'host' needs pinned host memory, which "
+                       f"{mesh.devices.flat[0].platform} devices do not have")
+    return NamedSharding(mesh, P("data"), memory_kind="pinned_host")
+  raise ValueError(f"refresh placement must be one of {refresh.PLACEMENTS}, got {placement!r}")
+
+
+def has_pinned_host(device: jax.Device | None = None) -> bool:
+  """Whether `device` (default: the first) has a pinned host memory (placement "host")."""
+  device = jax.devices()[0] if device is None else device
+  return any(memory.kind == "pinned_host" for memory in device.addressable_memories())
+
+
+def memory_slots(num_patches: int, mesh: Mesh, placement: str) -> int:
+  """Memory slots for N patches: N, padded up to a multiple of the `data` axis when split.
+
+  A split array needs equal parts. The padding slots are never read or written (patch ids are
+  below N), so checkpoints of any placement and device count restore into each other by padding
+  or truncating them (see `trainer.RunCheckpoints.restore_latest`).
+  """
+  if placement == "replicated":
+    return num_patches
+  parts = mesh.shape["data"]
+  return -(-num_patches // parts) * parts
+
+
+def place_state(state: TrainState, mesh: Mesh, placement: str) -> TrainState:
+  """`state` on `mesh`: the memories as `placement` says, everything else replicated."""
+  memory = jax.device_put(state.memory, memory_sharding(mesh, placement))
+  return replicate(state.replace(memory={}), mesh).replace(memory=memory)
+
+
 @functools.lru_cache(maxsize=8)
 def make_train_step(cfg: StepConfig, mesh: Mesh):
-  """`train_step` jitted for `mesh`: batch split on `data`, state replicated and donated.
+  """`train_step` jitted for `mesh`: batch split on `data`, state placed and donated.
 
-  Cached, so that runs with the same settings in one process (stages, tests) compile once.
+  The memories are placed as `cfg.refresh.placement` says and everything else in the state is
+  replicated (see `place_state`). Cached, so that runs with the same settings in one process
+  (stages, tests) compile once.
+
+  Returns:
+    `step(state, batch, frozen) -> (state, metrics)`.
   """
   replicated = NamedSharding(mesh, P())
   sharded = NamedSharding(mesh, P("data"))
-  return jax.jit(
-      functools.partial(train_step, cfg=cfg),
-      in_shardings=(replicated, sharded, replicated),
-      out_shardings=(replicated, replicated),
-      donate_argnums=(0,))
+  memory = memory_sharding(mesh, cfg.refresh.placement)
+
+  # The memories are a separate argument so that their placement can differ from the rest of
+  # the state (jit takes one sharding per argument prefix, and the state's static fields are
+  # not known here).
+  def split_step(state, memories, batch, frozen):
+    new, metrics = train_step(state.replace(memory=memories), batch, frozen, cfg=cfg)
+    return new.replace(memory={}), new.memory, metrics
+
+  jitted = jax.jit(split_step, in_shardings=(replicated, memory, sharded, replicated),
+                   out_shardings=(replicated, memory, replicated), donate_argnums=(0, 1))
+
+  def step(state: TrainState, batch: dict[str, jax.Array], frozen: Frozen):
+    new, memories, metrics = jitted(state.replace(memory={}), state.memory, batch, frozen)
+    return new.replace(memory=memories), metrics
+
+  step.jitted = jitted  # For inspecting the compiled step (tests, benchmarks).
+  return step
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

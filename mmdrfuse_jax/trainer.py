@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from mmdrfuse_jax import (
   checkpoints,
   distill,
+  distributed,
   files,
   interrupts,
   models,
@@ -59,6 +60,10 @@ class RunResult:
 # grow (the run continues); `start_fresh=True` moves the old run aside and starts over.
 IDENTITY_KEYS = ("model", "seed", "data", "batch_size", "optim", "loss", "refresh",
                  "vgg_weights", "allow_random_vgg", "random_vgg_seed", "teacher_weights")
+# Under the keys above but free to change: where the refresh memories live and whether the
+# patches are streamed change no result, and checkpoints of every placement restore into each
+# other (`RunCheckpoints.restore_latest`).
+NOT_IDENTITY = ("refresh.placement", "data.streaming")
 _POSITIVE_INTS = ("batch_size", "num_epochs", "log_every_steps", "checkpoint_every_steps",
                   "keep_checkpoints", "data.patch_size", "data.patch_stride")
 
@@ -90,6 +95,13 @@ def check_config(config: Any) -> None:
   if config.get("teacher_cache", "auto") not in TEACHER_CACHE_CHOICES:
     raise TrainingError(f"config.teacher_cache must be one of {', '.join(TEACHER_CACHE_CHOICES)}"
                         f", got {config.teacher_cache!r}")
+  placement = config.refresh.get("placement", "replicated")
+  if placement not in refresh.PLACEMENTS:
+    raise TrainingError(f"config.refresh.placement must be one of {', '.join(refresh.PLACEMENTS)}"
+                        f", got {placement!r}")
+  if placement == "host" and not train.has_pinned_host():
+    raise TrainingError(f"config.refresh.placement=host needs pinned host memory, which "
+                        f"{jax.default_backend()} devices do not have; use sharded or replicated")
   if int(config.data.synthetic_pairs) > 0 and config.data.dataset:
     raise TrainingError(
         f"config.data names both a dataset ({config.data.dataset!r}) and procedural pairs "
@@ -113,18 +125,24 @@ def uses_teacher_cache(setting: str, backend: str | None = None) -> bool:
 
 def run_identity(config: Any) -> dict[str, Any]:
   """The settings of `config` that a rerun in the same workdir must keep (dotted keys)."""
-  return {k: v for k, v in _flatten(config).items() if k.split(".")[0] in IDENTITY_KEYS}
+  return {k: v for k, v in _flatten(config).items()
+          if k.split(".")[0] in IDENTITY_KEYS and k not in NOT_IDENTITY}
 
 
-def _claim_workdir(workdir: pathlib.Path, config: Any, log: Callable[[str], None]) -> None:
+def _claim_workdir(workdir: pathlib.Path, config: Any, log: Callable[[str], None],
+                   write: bool = True) -> None:
   """Records the run's settings in `workdir/run.json`, or checks a rerun keeps them.
 
   A run is held to its settings once it has a checkpoint; a run that stopped before its
-  first one (a missing weights file, say) may be rerun with corrected settings.
+  first one (a missing weights file, say) may be rerun with corrected settings. With
+  `write=False` (every process but process 0 of a multi-process run) only the check is made:
+  process 0 records the settings and moves an earlier run aside.
 
   Raises:
     TrainingError: the workdir holds a run with other settings.
   """
+  if not write and config.get("start_fresh", False):
+    return  # Process 0 moves the earlier run aside: nothing of it is to be checked.
   record = workdir / "run.json"
   identity = run_identity(config)
   trained = (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir())
@@ -152,6 +170,8 @@ def _claim_workdir(workdir: pathlib.Path, config: Any, log: Callable[[str], None
   elif trained and not record.is_file():
     log(f"warning: {workdir} has checkpoints but no run record (an older version's run); "
         "resuming without checking its settings")
+  if not write:
+    return
   with files.atomic_write(record, "w") as f:
     f.write(json.dumps({"identity": identity}, indent=2, sort_keys=True, default=str) + "\n")
 
@@ -178,7 +198,7 @@ def load_dataset(config: Any):
 
   try:
     return pipeline.PatchDataset.from_tfds(os.path.expanduser(d.data_dir), d.dataset, d.split,
-                                           **kwargs)
+                                           streaming=d.get("streaming", "auto"), **kwargs)
   except (builders.DataError, ValueError) as e:
     raise TrainingError(str(e)) from None
 
@@ -231,7 +251,8 @@ class RunCheckpoints:
         self.directory.resolve(),
         options=self._ocp.CheckpointManagerOptions(
             max_to_keep=self._keep, create=True, enable_async_checkpointing=False,
-            cleanup_tmp_directories=True))
+            cleanup_tmp_directories=True),
+        item_handlers=self._ocp.StandardCheckpointHandler())  # Reads `item_metadata` too.
 
   def restore_latest(self, like: train.TrainState, log: Callable[[str], None]
                      ) -> tuple[train.TrainState, int | None]:
@@ -248,12 +269,16 @@ class RunCheckpoints:
     failures = []
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        restored = self._manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+        restored = self._manager.restore(step, args=self._ocp.args.StandardRestore(
+            abstract, strict=self._same_memory_slots(step, like)))
       except Exception as e:  # Orbax raises many types for a damaged checkpoint.
         reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
         failures.append(f"step {step} ({reason})")
+        # Every process fails on the same files; process 0 moves them, the others wait.
+        moved = self._quarantine(step) if distributed.is_primary() else None
+        distributed.barrier(f"mmdrfuse: checkpoint {step} moved aside")
         log(f"warning: checkpoint at step {step} in {self.directory} does not restore "
-            f"({reason}); moved to {self._quarantine(step)}, trying an older one")
+            f"({reason}); moved to {moved}, trying an older one")
         # A fresh manager: a failed restore can leave the old one's view of the steps wrong.
         self._manager = self._open()
         continue
@@ -263,6 +288,20 @@ class RunCheckpoints:
           f"{self.directory}: no checkpoint restores, all are damaged ({'; '.join(failures)}); "
           "use another --workdir, or --config.start_fresh=True to start over")
     return like, None
+
+  def _same_memory_slots(self, step: int, like: train.TrainState) -> bool:
+    """Whether checkpoint `step` has as many refresh memory slots as `like`.
+
+    The slot count depends on the placement and the device count (`train.memory_slots`), and
+    the padding slots are never read: a checkpoint with another count restores with them
+    padded or truncated (not strict). Every other shape is fixed by the run's settings.
+    """
+    saved = self._manager.item_metadata(step)
+    saved = getattr(saved, "tree", saved)
+    if not like.memory or not isinstance(saved, dict) or not saved.get("memory"):
+      return True  # Nothing to pad, or unreadable metadata: the strict restore says why.
+    return all(getattr(saved["memory"].get(key), "shape", None) == value.shape
+               for key, value in like.memory.items())
 
   def _quarantine(self, step: int) -> pathlib.Path:
     damaged = self.directory.parent / "damaged_checkpoints"
@@ -313,7 +352,12 @@ def _prepare_validation(config: Any, workdir: pathlib.Path, log: Callable[[str],
   if not settings.enabled:
     return None, None
   try:
-    triples = validation.prepare_pairs(config, workdir, log)
+    # Process 0 writes the pairs that are not files yet (a split, procedural pairs); the other
+    # processes read them once it has.
+    triples = validation.prepare_pairs(config, workdir, log) if distributed.is_primary() else None
+    distributed.barrier(f"mmdrfuse: validation pairs of {workdir}")
+    if triples is None:
+      triples = validation.prepare_pairs(config, workdir, log)
     validator = validation.Validator(triples, settings)
   except (validation.ValidationError, validation.evaluation.ImageError) as e:
     raise TrainingError(str(e)) from None
@@ -362,11 +406,19 @@ def train_model(config: Any, workdir: str | os.PathLike, *, log: Callable[[str],
   """
   workdir = pathlib.Path(workdir).expanduser()
   check_config(config)
+  if not distributed.is_primary():
+    log = _quiet  # Process 0 alone logs a multi-process run.
   try:
     return _train_model(config, workdir, log, stop_at_step)
+  except distributed.DistributedError as e:
+    raise TrainingError(str(e)) from None
   except OSError as e:  # Disk full, permissions: the cause and the path, in one line.
     raise TrainingError(f"{files.os_error_message(e, e.filename or workdir)}; the checkpoints "
                         "written so far are kept and a rerun resumes from the latest") from None
+
+
+def _quiet(line: str) -> None:
+  del line
 
 
 def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
@@ -374,11 +426,16 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
   """`train_model` after the config checks."""
   import tqdm  # pylint: disable=g-import-not-at-top
 
+  # In a multi-process run process 0 writes every file but the checkpoints (which all write
+  # together) and the others read what it wrote after a `distributed.barrier`.
+  primary = distributed.is_primary()
   workdir.mkdir(parents=True, exist_ok=True)
-  _claim_workdir(workdir, config, log)
-  # A run killed while writing one of these (kill -9) left a temporary file beside it.
-  files.remove_stale_temporaries(workdir, ("run.json", "config.json", "metrics.jsonl",
-                                           f"{config.model}.npz"))
+  _claim_workdir(workdir, config, log, write=primary)
+  if primary:
+    # A run killed while writing one of these (kill -9) left a temporary file beside it.
+    files.remove_stale_temporaries(workdir, ("run.json", "config.json", "metrics.jsonl",
+                                             f"{config.model}.npz"))
+  distributed.barrier(f"mmdrfuse: {workdir} claimed")
   dataset = load_dataset(config)
   teacher = load_teacher(config) if config.model == "student" else None
   validator, best = _prepare_validation(config, workdir, log)
@@ -392,18 +449,26 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
   # No VGG-19 when no term that is on reads it (perception and the refresh losses off).
   vgg_params = load_vgg(config, log) if cfg.output_taps else None
   mesh = train.make_mesh(batch_size)
+  processes = jax.process_count()
+  if len({d.process_index for d in mesh.devices.flat}) < processes:
+    raise TrainingError(
+        f"batch {batch_size} does not split over the {jax.device_count()} devices of the "
+        f"{processes} processes (it splits over {mesh.devices.size}, leaving some process without "
+        "a part); use a batch size that the device count divides")
   memory_bytes = refresh.bytes_per_sample(cfg.refresh, dataset.patch_size, dataset.patch_size)
   log(f"{config.model}: {dataset.num_patches} patches, {steps_per_epoch} steps/epoch x "
-      f"{config.num_epochs} epochs, batch {batch_size} over {mesh.devices.size} device(s); "
-      f"refresh memories {cfg.refresh.memory_dtype}, {memory_bytes:,} bytes/sample; "
+      f"{config.num_epochs} epochs, batch {batch_size} over {mesh.devices.size} device(s)"
+      f"{f' of {processes} processes' if processes > 1 else ''}; "
+      f"refresh memories {cfg.refresh.memory_dtype} {cfg.refresh.placement}, "
+      f"{memory_bytes:,} bytes/sample; "
       f"precision {cfg.precision}")
 
   o = config.optim
   state = train.create_train_state(
       config.model, train.make_optimizer(float(o.lr), float(o.b1), float(o.b2), float(o.eps)),
       jax.random.PRNGKey(int(config.seed)), dataset.num_patches, dataset.patch_size,
-      cfg.refresh, teacher_params=teacher, precision=cfg.precision)
-  state = train.replicate(state, mesh)
+      cfg.refresh, teacher_params=teacher, precision=cfg.precision, mesh=mesh)
+  state = train.place_state(state, mesh, cfg.refresh.placement)
   frozen = train.replicate(train.Frozen(vgg=vgg_params, teacher=teacher), mesh)
 
   saved = RunCheckpoints(workdir / "checkpoints", int(config.keep_checkpoints))
@@ -416,8 +481,9 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
     log(f"resumed from {saved.directory} at step {resumed_from} "
         f"(epoch {int(state.epoch)}, batch {int(state.position)})")
   config_json = config.to_json_best_effort(indent=2)
-  with files.atomic_write(workdir / "config.json", "w") as f:
-    f.write(config_json + "\n")
+  if primary:
+    with files.atomic_write(workdir / "config.json", "w") as f:
+      f.write(config_json + "\n")
 
   cache = None
   if cfg.uses_teacher and uses_teacher_cache(config.teacher_cache):
@@ -425,7 +491,8 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
   step = int(state.step)
   train_step = train.make_train_step(cfg, mesh)
   # Rows logged after the checkpoint we resume from are dropped (they will be logged again).
-  writer = summary.MetricWriter(workdir, purge_after_step=resumed_from)
+  writer = (summary.MetricWriter(workdir, purge_after_step=resumed_from) if primary
+            else summary.NullWriter())
   writer.config(config_json)
   interrupted = None
   history = []
@@ -434,11 +501,12 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
       batch_size, int(config.seed), {"epoch": int(state.epoch), "step": int(state.position)},
       num_epochs=int(config.num_epochs), sharding=NamedSharding(mesh, P("data")))
   bar = tqdm.tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
-                  disable=not config.progress_bar)
+                  disable=not (config.progress_bar and primary))
   try:
     with interrupts.StopRequest() as stop:
       for batch, _ in batches:
-        if step >= end or stop.signum is not None:
+        # A stop request to any process stops all of them here, before the same step.
+        if step >= end or distributed.agree_on_stop(stop.signum) is not None:
           break
         if cache is not None:
           batch = cache.add_to(batch, frozen.teacher)
@@ -459,7 +527,8 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
                     bar.write if config.progress_bar else log)
         if step % int(config.checkpoint_every_steps) == 0:
           saved.save(step, state)
-      interrupted = stop.signum
+      # Again, for every process alike: the loop may have ended with its last batch.
+      interrupted = distributed.agree_on_stop(stop.signum)
   finally:
     bar.close()
     writer.close()
@@ -472,7 +541,10 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
     log(f"stopped at step {step}/{total_steps} ({why}); checkpoint saved, rerun to resume")
     return RunResult(None, step, total_steps, interrupted, skips)
   weights = workdir / f"{config.model}.npz"
-  checkpoints.save_params(weights, jax.device_get(state.params))
+  if primary:
+    checkpoints.save_params(weights, jax.device_get(state.params))
+  # Whatever comes next (a student stage reading this teacher) reads the file on every process.
+  distributed.barrier(f"mmdrfuse: {weights} written")
   log(f"done: {total_steps} steps; weights written to {weights}")
   if best is not None and best.export() is not None:  # Again: a kill may have come between.
     step_best, value = best.best()

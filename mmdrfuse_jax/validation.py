@@ -270,10 +270,15 @@ class BestParams:
     return True
 
   def export(self) -> Optional[pathlib.Path]:
-    """Writes the best parameters kept to `self.weights` (atomically); None when none is kept."""
+    """Writes the best parameters kept to `self.weights` (atomically); None when none is kept.
+
+    In a run of several processes every one calls it (and `offer`: orbax saves together), and
+    process 0 alone writes the file.
+    """
     best = self.best()
     if best is None:
       return None
     params = self._manager.restore(best[0])
-    checkpoints.save_params(self.weights, params)
+    if jax.process_index() == 0:
+      checkpoints.save_params(self.weights, params)
     return self.weights

@@ -1,6 +1,8 @@
 """Patch pipeline: the published training patches, shuffled per epoch, resumable.
 
-Images are held decoded in memory as uint8 gray; a patch is a slice of one. Patches are
+Images are uint8 gray, held decoded in memory (`PatchDataset`) or read from a built
+dataset's ArrayRecord files as batches need them (`StreamingPatchDataset`: the same batches,
+in host RAM only the patch index); a patch is a slice of one. Patches are
 `patch_size` x `patch_size`, taken every `patch_stride` pixels from the top-left corner
 (SPEC section 5: 128/128, no overlap; an image contributes floor((H-P)/S+1) x
 floor((W-P)/S+1) patches). Patch ids are dense, 0..N-1, in (image_id, row, column) order,
@@ -16,17 +18,28 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import os
+import threading
 from typing import Any, Iterator, Mapping, Sequence
 
 import grain
 import jax
 import numpy as np
+from PIL import Image
 
 from mmdrfuse_jax import imageio
 
 DEFAULT_PATCH_SIZE = 128
 DEFAULT_PATCH_STRIDE = 128
+# `config.data.streaming`: "auto" streams a split whose decoded gray images (infrared and
+# visible) would take more than this much host RAM (LLVIP's train split: 31.5 GB; MSRS's:
+# 0.67 GB).
+STREAMING_CHOICES = ("auto", "on", "off")
+AUTO_STREAMING_BYTES = 2 << 30
+# Decoded images a `StreamingPatchDataset` keeps across batches: a fixed amount, whatever
+# the dataset's size (64 pairs of 512x512, 12 of LLVIP's 1280x1024).
+DEFAULT_CACHE_BYTES = 32 << 20
 
 Batch = dict[str, Any]
 State = dict[str, int]
@@ -56,33 +69,179 @@ class _Placement:
 
   sharding: jax.sharding.Sharding | None
   rows: np.ndarray  # global batch rows this process assembles, sorted
-  local_pos: dict[int, int]  # global start row of a shard -> its position in the local block
 
 
 def _placement(sharding, batch_size: int) -> _Placement:
   if sharding is None:
-    return _Placement(None, np.arange(batch_size), {0: 0})
+    return _Placement(None, np.arange(batch_size))
   if isinstance(sharding, jax.sharding.Mesh):
     sharding = jax.sharding.NamedSharding(sharding, jax.sharding.PartitionSpec(sharding.axis_names))
   try:
     indices = sharding.addressable_devices_indices_map((batch_size,)).values()
   except ValueError as e:  # The batch does not divide over the devices.
     raise ValueError(f"batch size {batch_size} cannot be sharded with {sharding}: {e}") from None
-  starts, rows = set(), set()
+  rows = set()
   for index in indices:
-    start, stop, _ = index[0].indices(batch_size)
-    rows.update(range(start, stop))
-    starts.add(start)
-  rows = np.array(sorted(rows))
-  pos = {int(r): i for i, r in enumerate(rows)}
-  return _Placement(sharding, rows, {s: pos[s] for s in starts})
+    rows.update(range(*index[0].indices(batch_size)))
+  return _Placement(sharding, np.array(sorted(rows)))
 
 
-class PatchDataset:
-  """All patches of a set of image pairs, with stable ids, batched per epoch.
+class _Patches:
+  """What both datasets share: the patch index, the epoch orders and the resumable iteration.
 
-  Build one with `from_tfds` (a dataset built by `bin/prepare_data.py`), `from_arrays`
-  (images in memory) or `from_synthetic` (the package's procedural pairs).
+  A subclass sets `stems`, calls `_index` with its images' sizes, and implements `_gather`.
+  """
+
+  # Grain threads assembling host batches when `iterate` is not told: slicing images held in
+  # memory is cheap, so one.
+  default_threads = 1
+
+  def _index(self, sizes: Sequence[tuple[int, int]], patch_size: int, patch_stride: int) -> None:
+    if patch_size < 1 or patch_stride < 1:
+      raise ValueError(
+          f"patch_size and patch_stride must be positive, got {patch_size}, {patch_stride}")
+    self.patch_size, self.patch_stride = int(patch_size), int(patch_stride)
+    image_index, ys, xs = [], [], []
+    for i, (height, width) in enumerate(sizes):
+      rows, cols = patch_grid(height, width, self.patch_size, self.patch_stride)
+      r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+      image_index.append(np.full(rows * cols, i, np.int32))
+      ys.append((r.ravel() * self.patch_stride).astype(np.int32))
+      xs.append((c.ravel() * self.patch_stride).astype(np.int32))
+    # Patch id p is patch_image[p] at (patch_y[p], patch_x[p]); ids run image by image,
+    # row-major inside an image.
+    self.patch_image = np.concatenate(image_index) if image_index else np.zeros(0, np.int32)
+    self.patch_y = np.concatenate(ys) if ys else np.zeros(0, np.int32)
+    self.patch_x = np.concatenate(xs) if xs else np.zeros(0, np.int32)
+
+  def _gather(self, patch_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The infrared and visible pixels of these patches, uint8 (B, P, P) each."""
+    raise NotImplementedError
+
+  # -------------------------------------------------------------------------------------
+  # Sizes.
+
+  @property
+  def num_images(self) -> int:
+    return len(self.stems)
+
+  @property
+  def num_patches(self) -> int:
+    return int(self.patch_image.shape[0])
+
+  def steps_per_epoch(self, batch_size: int) -> int:
+    """Full batches per epoch (the last incomplete batch is dropped)."""
+    return self.num_patches // int(batch_size)
+
+  # -------------------------------------------------------------------------------------
+  # Patches.
+
+  def patches(self, patch_ids: np.ndarray) -> Batch:
+    """The patches with these ids.
+
+    Returns `ir`, `vis` float32 (B, P, P, 1) in [0, 1] and `patch_id` int32 (B,).
+    """
+    patch_ids = np.asarray(patch_ids, np.int64)
+    ir, vis = self._gather(patch_ids)
+    scale = np.float32(1 / 255)
+    return {
+        "ir": (ir.astype(np.float32) * scale)[..., None],
+        "vis": (vis.astype(np.float32) * scale)[..., None],
+        "patch_id": patch_ids.astype(np.int32),
+    }
+
+  def epoch_order(self, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The patch ids of one epoch in delivery order: a function of (seed, epoch, N) only."""
+    if not shuffle:
+      return np.arange(self.num_patches)
+    rng = np.random.Generator(
+        np.random.PCG64(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch)])))
+    return rng.permutation(self.num_patches)
+
+  # -------------------------------------------------------------------------------------
+  # Iteration.
+
+  def iterate(self, batch_size: int, seed: int, start_state: Mapping[str, Any] | None = None, *,
+              num_epochs: int | None = None,
+              sharding: jax.sharding.Sharding | jax.sharding.Mesh | None = None,
+              shuffle: bool = True, prefetch: int = 2,
+              num_threads: int | None = None) -> Iterator[tuple[Batch, State]]:
+    """Yields (batch, state_after) from `start_state` on, for `num_epochs` epochs (None: forever).
+
+    Args:
+      batch_size: global batch size (over all processes and devices).
+      seed: shuffling seed; epoch e's order is `epoch_order(seed, e)`.
+      start_state: `{"epoch", "step"}` as returned with an earlier batch (None: the start).
+        Values may be Python ints or NumPy/JAX scalars (as restored from a checkpoint).
+      num_epochs: stop when this epoch number is reached (counting from 0, not from the
+        start state).
+      sharding: None yields NumPy arrays; a `jax.sharding.Sharding` (its leading axis is
+        the batch) or a `Mesh` (batch split over all its axes) yields global `jax.Array`s,
+        each process assembling only the rows its devices hold.
+      shuffle: False delivers patches in id order every epoch.
+      prefetch: batches prepared ahead (on the host, and on the devices when sharded).
+      num_threads: grain threads assembling host batches, each working on its own batch
+        (None: the dataset's `default_threads`: 1 in memory, where slicing is cheap; the
+        decoding threads of a `StreamingPatchDataset`). At least this many batches are
+        prepared ahead on the host, so that every thread has one.
+
+    Yields:
+      (batch, state_after): batch has `ir`, `vis` (B, P, P, 1) float32 in [0, 1] and
+      `patch_id` (B,) int32; state_after is the state to save to resume after this batch.
+
+    Raises:
+      ValueError: fewer patches than one batch, or a bad start state.
+    """
+    batch_size = int(batch_size)
+    num_threads = self.default_threads if num_threads is None else int(num_threads)
+    steps = self.steps_per_epoch(batch_size)
+    if batch_size < 1 or steps == 0:
+      raise ValueError(f"{self.num_patches} patches do not make one batch of {batch_size}")
+    state = dict(initial_state() if start_state is None else start_state)
+    epoch, step = int(state["epoch"]), int(state["step"])
+    if epoch < 0 or not 0 <= step <= steps:
+      raise ValueError(f"bad iteration state {state} ({steps} steps per epoch)")
+    if step == steps:  # Saved after the last batch of an epoch, before normalising.
+      epoch, step = epoch + 1, 0
+    place = _placement(sharding, batch_size)
+    ahead: collections.deque = collections.deque()
+    while num_epochs is None or epoch < num_epochs:
+      order = self.epoch_order(seed, epoch, shuffle)[:steps * batch_size].reshape(steps, batch_size)
+      local_ids = order[:, place.rows]
+
+      def host_batch(s, local_ids=local_ids, epoch=epoch):
+        nxt = {"epoch": epoch, "step": s + 1} if s + 1 < steps else {"epoch": epoch + 1, "step": 0}
+        return self.patches(local_ids[s]), nxt
+
+      # Grain keeps the batches in step order whatever the number of threads.
+      host = grain.MapDataset.range(step, steps).map(host_batch).to_iter_dataset(
+          grain.ReadOptions(num_threads=num_threads,
+                            prefetch_buffer_size=max(prefetch, num_threads, 1)))
+      for batch, nxt in host:
+        ahead.append((self._to_device(batch, place, batch_size), nxt))
+        if len(ahead) > max(prefetch - 1, 0):
+          yield ahead.popleft()
+      epoch, step = epoch + 1, 0
+    while ahead:
+      yield ahead.popleft()
+
+  @staticmethod
+  def _to_device(batch: Batch, place: _Placement, batch_size: int) -> Batch:
+    if place.sharding is None:
+      return batch
+    # The process's rows, in their global order, are the block it holds: with several
+    # processes each one passes only its own rows, and the global array spans them all.
+    return {key: jax.make_array_from_process_local_data(place.sharding, local,
+                                                        (batch_size, *local.shape[1:]))
+            for key, local in batch.items()}
+
+
+class PatchDataset(_Patches):
+  """All patches of a set of image pairs held in memory, with stable ids, batched per epoch.
+
+  Build one with `from_tfds` (a dataset built by `bin/prepare_data.py`; with `streaming` it
+  gives a `StreamingPatchDataset` instead), `from_arrays` (images in memory) or
+  `from_synthetic` (the package's procedural pairs).
   """
 
   def __init__(self, ir_images: Sequence[np.ndarray], vis_images: Sequence[np.ndarray], *,
@@ -106,7 +265,6 @@ class PatchDataset:
     if patch_size < 1 or patch_stride < 1:
       raise ValueError(
           f"patch_size and patch_stride must be positive, got {patch_size}, {patch_stride}")
-    self.patch_size, self.patch_stride = int(patch_size), int(patch_stride)
     self.ir_images = [_gray_uint8(x) for x in ir_images]
     self.vis_images = [_gray_uint8(x) for x in vis_images]
     self.stems = list(stems) if stems is not None else [str(i) for i in range(len(self.ir_images))]
@@ -114,18 +272,7 @@ class PatchDataset:
       if a.shape != b.shape:
         raise ValueError(
             f"image {self.stems[i]}: infrared {a.shape} and visible {b.shape} differ in size")
-    image_index, ys, xs = [], [], []
-    for i, img in enumerate(self.ir_images):
-      rows, cols = patch_grid(*img.shape, self.patch_size, self.patch_stride)
-      r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-      image_index.append(np.full(rows * cols, i, np.int32))
-      ys.append((r.ravel() * self.patch_stride).astype(np.int32))
-      xs.append((c.ravel() * self.patch_stride).astype(np.int32))
-    # Patch id p is patch_image[p] at (patch_y[p], patch_x[p]); ids run image by image,
-    # row-major inside an image.
-    self.patch_image = np.concatenate(image_index) if image_index else np.zeros(0, np.int32)
-    self.patch_y = np.concatenate(ys) if ys else np.zeros(0, np.int32)
-    self.patch_x = np.concatenate(xs) if xs else np.zeros(0, np.int32)
+    self._index([img.shape for img in self.ir_images], patch_size, patch_stride)
 
   # -------------------------------------------------------------------------------------
   # Constructors.
@@ -147,11 +294,17 @@ class PatchDataset:
 
   @classmethod
   def from_tfds(cls, data_dir: str | os.PathLike, dataset: str, split: str = "train", *,
-                num_threads: int = 4, check_source: bool = True, **kwargs) -> "PatchDataset":
+                streaming: bool | str = False, num_threads: int | None = None,
+                check_source: bool = True, **kwargs) -> "PatchDataset | StreamingPatchDataset":
     """Loads a split built by `bin/prepare_data.py` (`builders.prepare`) into memory.
 
-    Records are read with `tfds.data_source` and decoded in `num_threads` grain threads;
-    the colour copies are not decoded.
+    Records are read with `tfds.data_source` and decoded in `num_threads` grain threads
+    (None: 4); the colour copies are not decoded.
+
+    With `streaming` (True or "on"; "auto": when the split's decoded images would take more
+    than `AUTO_STREAMING_BYTES`), nothing is decoded here: a `StreamingPatchDataset` reads
+    the patches of each batch from the records as it is assembled, `num_threads` being its
+    decoding threads. Both give the same batches.
 
     With `check_source`, a build whose source folder still exists but whose image files
     have changed since (added, removed, or other sizes or modification times) is refused:
@@ -162,27 +315,16 @@ class PatchDataset:
     Raises:
       builders.DataError: the dataset or split is not built in `data_dir`, or (with
         `check_source`) its source folder has changed since the build.
+      ValueError: `streaming` is none of True, False, "auto", "on", "off".
     """
-    # Imported here, not at the top: TFDS is heavy, and in-memory or procedural data
-    # needs none of it.
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
+    built, images = _open_split(data_dir, dataset, split, check_source)
+    if use_streaming(streaming, [(h, w) for _, h, w in images]):
+      return StreamingPatchDataset.from_tfds(data_dir, dataset, split, num_threads=num_threads,
+                                             built=(built, images), **kwargs)
     from mmdrfuse_jax.data import builders  # pylint: disable=g-import-not-at-top
 
-    built = builders.load_built(dataset, data_dir)
-    stale = builders.source_changes(built) if check_source else None
-    if stale:
-      raise builders.DataError(
-          f"{built.data_dir}: its source {built.source} changed since the build ({stale}); "
-          "rebuild it with bin/prepare_data.py (or pass check_source=False to use it as built)")
-    if split not in built.images:
-      raise builders.DataError(
-          f"{built.data_dir}: no split {split!r} (built: {', '.join(sorted(built.images))})")
-    source = tfds.data_source(
-        f"{builders.BUILDER_NAME}/{dataset}", split=split, data_dir=os.fspath(data_dir),
-        download=False,
-        decoders={"ir_color": tfds.decode.SkipDecoding(),
-                  "vis_color": tfds.decode.SkipDecoding()})
+    source = _data_source(data_dir, dataset, split, ("ir_color", "vis_color"))
+    num_threads = 4 if num_threads is None else num_threads
 
     def take(record):
       return (int(record["image_id"]), record["stem"].decode(), record["ir"][..., 0],
@@ -197,30 +339,7 @@ class PatchDataset:
     return cls([r[2] for r in records], [r[3] for r in records], stems=[r[1] for r in records],
                **kwargs)
 
-  # -------------------------------------------------------------------------------------
-  # Sizes.
-
-  @property
-  def num_images(self) -> int:
-    return len(self.ir_images)
-
-  @property
-  def num_patches(self) -> int:
-    return int(self.patch_image.shape[0])
-
-  def steps_per_epoch(self, batch_size: int) -> int:
-    """Full batches per epoch (the last incomplete batch is dropped)."""
-    return self.num_patches // int(batch_size)
-
-  # -------------------------------------------------------------------------------------
-  # Patches.
-
-  def patches(self, patch_ids: np.ndarray) -> Batch:
-    """The patches with these ids.
-
-    Returns `ir`, `vis` float32 (B, P, P, 1) in [0, 1] and `patch_id` int32 (B,).
-    """
-    patch_ids = np.asarray(patch_ids, np.int64)
+  def _gather(self, patch_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     p = self.patch_size
     ir = np.empty((len(patch_ids), p, p), np.uint8)
     vis = np.empty((len(patch_ids), p, p), np.uint8)
@@ -228,97 +347,207 @@ class PatchDataset:
       i, y, x = self.patch_image[pid], self.patch_y[pid], self.patch_x[pid]
       ir[k] = self.ir_images[i][y:y + p, x:x + p]
       vis[k] = self.vis_images[i][y:y + p, x:x + p]
-    scale = np.float32(1 / 255)
-    return {
-        "ir": (ir.astype(np.float32) * scale)[..., None],
-        "vis": (vis.astype(np.float32) * scale)[..., None],
-        "patch_id": patch_ids.astype(np.int32),
-    }
+    return ir, vis
 
-  def epoch_order(self, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    """The patch ids of one epoch in delivery order: a function of (seed, epoch, N) only."""
-    if not shuffle:
-      return np.arange(self.num_patches)
-    rng = np.random.Generator(
-        np.random.PCG64(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch)])))
-    return rng.permutation(self.num_patches)
 
-  # -------------------------------------------------------------------------------------
-  # Iteration.
+class StreamingPatchDataset(_Patches):
+  """The patches of a built dataset, read from its records as the batches need them.
 
-  def iterate(self, batch_size: int, seed: int, start_state: Mapping[str, Any] | None = None, *,
-              num_epochs: int | None = None,
-              sharding: jax.sharding.Sharding | jax.sharding.Mesh | None = None,
-              shuffle: bool = True, prefetch: int = 2,
-              num_threads: int = 1) -> Iterator[tuple[Batch, State]]:
-    """Yields (batch, state_after) from `start_state` on, for `num_epochs` epochs (None: forever).
+  The same patch ids, epoch orders, batches (bit for bit) and iteration states as
+  `PatchDataset` on the same split, but opening decodes nothing (the index comes from the
+  image sizes the build recorded) and host RAM holds the patch index (12 bytes a patch), a
+  small cache of decoded images and the batches in flight, not the images: it does not
+  grow with the dataset beyond the index.
+
+  A shuffled batch draws its patches from about as many images as it has patches, so a
+  batch's patches are grouped by image: each image is read and decoded once per batch, and
+  let go (or kept in the `cache_bytes` LRU cache) before the next one. Batches are
+  assembled in `num_threads` grain threads (PIL decodes with the GIL released), prefetched.
+  The cost: every epoch decodes again about two images per patch (a patch's infrared and
+  visible images), where `PatchDataset` decodes each image once, up front.
+  """
+
+  def __init__(self, source: Sequence[Mapping[str, Any]], sizes: Sequence[tuple[int, int]], *,
+               patch_size: int = DEFAULT_PATCH_SIZE, patch_stride: int = DEFAULT_PATCH_STRIDE,
+               stems: Sequence[str] | None = None, num_threads: int | None = None,
+               cache_bytes: int = DEFAULT_CACHE_BYTES, where: str = "the dataset"):
+    """Indexes the patches of the images in `source` from their sizes, reading nothing.
 
     Args:
-      batch_size: global batch size (over all processes and devices).
-      seed: shuffling seed; epoch e's order is `epoch_order(seed, e)`.
-      start_state: `{"epoch", "step"}` as returned with an earlier batch (None: the start).
-        Values may be Python ints or NumPy/JAX scalars (as restored from a checkpoint).
-      num_epochs: stop when this epoch number is reached (counting from 0, not from the
-        start state).
-      sharding: None yields NumPy arrays; a `jax.sharding.Sharding` (its leading axis is
-        the batch) or a `Mesh` (batch split over all its axes) yields global `jax.Array`s,
-        each process assembling only the rows its devices hold.
-      shuffle: False delivers patches in id order every epoch.
-      prefetch: batches prepared ahead (on the host, and on the devices when sharded).
-      num_threads: grain threads assembling host batches (slicing is cheap; 1 is plenty).
-
-    Yields:
-      (batch, state_after): batch has `ir`, `vis` (B, P, P, 1) float32 in [0, 1] and
-      `patch_id` (B,) int32; state_after is the state to save to resume after this batch.
+      source: random access to the records: `source[i]` has `image_id` (= i) and `ir`,
+        `vis`, image i's gray images as encoded (PNG) bytes, as `tfds.data_source` gives
+        them with `SkipDecoding`.
+      sizes: (height, width) of image i, as recorded by the build.
+      patch_size: patch height and width.
+      patch_stride: distance between patch corners.
+      stems: names of the images (default: their ids).
+      num_threads: default grain threads of `iterate` (None: the CPU count, at most 16).
+      cache_bytes: decoded images kept across batches (least recently used dropped).
+      where: the dataset's name in error messages.
 
     Raises:
-      ValueError: fewer patches than one batch, or a bad start state.
+      ValueError: `source` and `sizes` differ in length, or bad patch settings.
     """
-    batch_size = int(batch_size)
-    steps = self.steps_per_epoch(batch_size)
-    if batch_size < 1 or steps == 0:
-      raise ValueError(f"{self.num_patches} patches do not make one batch of {batch_size}")
-    state = dict(initial_state() if start_state is None else start_state)
-    epoch, step = int(state["epoch"]), int(state["step"])
-    if epoch < 0 or not 0 <= step <= steps:
-      raise ValueError(f"bad iteration state {state} ({steps} steps per epoch)")
-    if step == steps:  # Saved after the last batch of an epoch, before normalising.
-      epoch, step = epoch + 1, 0
-    place = _placement(sharding, batch_size)
-    ahead: collections.deque = collections.deque()
-    while num_epochs is None or epoch < num_epochs:
-      order = self.epoch_order(seed, epoch, shuffle)[:steps * batch_size].reshape(steps, batch_size)
-      local_ids = order[:, place.rows]
+    if len(source) != len(sizes):
+      raise ValueError(f"{where}: {len(source)} records but {len(sizes)} image sizes")
+    self.stems = list(stems) if stems is not None else [str(i) for i in range(len(sizes))]
+    self.sizes = [(int(h), int(w)) for h, w in sizes]
+    self._index(self.sizes, patch_size, patch_stride)
+    self.default_threads = (min(16, os.cpu_count() or 1) if num_threads is None
+                            else max(int(num_threads), 1))
+    self._source, self._where = source, where
+    self._cache = _ImageCache(int(cache_bytes))
 
-      def host_batch(s, local_ids=local_ids, epoch=epoch):
-        nxt = {"epoch": epoch, "step": s + 1} if s + 1 < steps else {"epoch": epoch + 1, "step": 0}
-        return self.patches(local_ids[s]), nxt
+  @classmethod
+  def from_tfds(cls, data_dir: str | os.PathLike, dataset: str, split: str = "train", *,
+                check_source: bool = True, built=None, **kwargs) -> "StreamingPatchDataset":
+    """Opens a split built by `bin/prepare_data.py`; see `PatchDataset.from_tfds`.
 
-      host = grain.MapDataset.range(step, steps).map(host_batch).to_iter_dataset(
-          grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(prefetch, 1)))
-      for batch, nxt in host:
-        ahead.append((self._to_device(batch, place, batch_size), nxt))
-        if len(ahead) > max(prefetch - 1, 0):
-          yield ahead.popleft()
-      epoch, step = epoch + 1, 0
-    while ahead:
-      yield ahead.popleft()
+    Args:
+      data_dir: the TFDS data_dir the dataset was built in.
+      dataset: the builder config name.
+      split: the split.
+      check_source: refuse a build whose source folder has changed since.
+      built: (`builders.BuiltDataset`, its rows of `split`) already looked up.
+      **kwargs: for the constructor (patch_size, patch_stride, num_threads, cache_bytes).
 
-  @staticmethod
-  def _to_device(batch: Batch, place: _Placement, batch_size: int) -> Batch:
-    if place.sharding is None:
-      return batch
-    out = {}
-    for key, local in batch.items():
-      shape = (batch_size, *local.shape[1:])
+    Raises:
+      builders.DataError: as `PatchDataset.from_tfds`, or the records do not match the
+        build's description (a build damaged since).
+    """
+    from mmdrfuse_jax.data import builders  # pylint: disable=g-import-not-at-top
 
-      def shard(index, local=local):
-        start, stop, _ = index[0].indices(batch_size)
-        pos = place.local_pos[start]
-        return local[pos:pos + stop - start]
+    built, images = built or _open_split(data_dir, dataset, split, check_source)
+    source = _data_source(data_dir, dataset, split, ("ir", "vis", "ir_color", "vis_color"))
+    if len(source) != len(images):
+      raise builders.DataError(
+          f"{built.data_dir}: split {split!r} has {len(source)} records but its description "
+          f"lists {len(images)} images; rebuild it with bin/prepare_data.py")
+    return cls(source, [(h, w) for _, h, w in images], stems=[s for s, _, _ in images],
+               where=f"{built.data_dir} ({split})", **kwargs)
 
-      out[key] = jax.make_array_from_callback(shape, place.sharding, shard)
-    return out
+  def _gather(self, patch_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    p = self.patch_size
+    ir = np.empty((len(patch_ids), p, p), np.uint8)
+    vis = np.empty((len(patch_ids), p, p), np.uint8)
+    images = self.patch_image[patch_ids]
+    # One read and decode per image of the batch, in record order; the pair is let go
+    # before the next, so a thread holds one decoded pair at a time (plus the cache).
+    for image_id in np.unique(images):
+      a, b = self._image(int(image_id))
+      for k in np.flatnonzero(images == image_id):
+        y, x = self.patch_y[patch_ids[k]], self.patch_x[patch_ids[k]]
+        ir[k] = a[y:y + p, x:x + p]
+        vis[k] = b[y:y + p, x:x + p]
+    return ir, vis
+
+  def _image(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image `image_id`'s gray infrared and visible pixels, from the cache or the records."""
+    pair = self._cache.get(image_id)
+    if pair is not None:
+      return pair
+    record = self._source[image_id]
+    pair = (_gray_uint8(_decode(record["ir"])), _gray_uint8(_decode(record["vis"])))
+    if int(record["image_id"]) != image_id or any(x.shape != self.sizes[image_id] for x in pair):
+      from mmdrfuse_jax.data import builders  # pylint: disable=g-import-not-at-top
+
+      raise builders.DataError(
+          f"{self._where}: record {image_id} holds image {int(record['image_id'])} of sizes "
+          f"{pair[0].shape} and {pair[1].shape}, where the build's description has image "
+          f"{image_id} of {self.sizes[image_id]}; rebuild it with bin/prepare_data.py")
+    self._cache.put(image_id, pair)
+    return pair
+
+
+class _ImageCache:
+  """Decoded image pairs by image id, the least recently used dropped beyond `max_bytes`.
+
+  Shared by the threads that assemble batches. Also counts what it was asked for
+  (`hits`, `misses`), for the benchmark.
+  """
+
+  def __init__(self, max_bytes: int):
+    self.max_bytes = max(int(max_bytes), 0)
+    self.hits = self.misses = 0
+    self._pairs: collections.OrderedDict = collections.OrderedDict()
+    self._bytes = 0
+    self._lock = threading.Lock()
+
+  def get(self, key: int):
+    with self._lock:
+      pair = self._pairs.get(key)
+      if pair is None:
+        self.misses += 1
+        return None
+      self.hits += 1
+      self._pairs.move_to_end(key)
+      return pair
+
+  def put(self, key: int, pair: tuple[np.ndarray, np.ndarray]) -> None:
+    size = sum(x.nbytes for x in pair)
+    with self._lock:
+      if key in self._pairs or size > self.max_bytes:
+        return
+      self._pairs[key] = pair
+      self._bytes += size
+      while self._bytes > self.max_bytes:
+        _, old = self._pairs.popitem(last=False)
+        self._bytes -= sum(x.nbytes for x in old)
+
+
+def use_streaming(setting: bool | str, sizes: Sequence[tuple[int, int]]) -> bool:
+  """Whether a split of images of these (height, width) is streamed (`config.data.streaming`).
+
+  Args:
+    setting: True or "on", False or "off", or "auto": stream when the decoded gray
+      images (infrared and visible) would take more than `AUTO_STREAMING_BYTES`.
+    sizes: the images' sizes.
+
+  Raises:
+    ValueError: an unknown setting.
+  """
+  if isinstance(setting, (bool, np.bool_)):
+    return bool(setting)
+  if setting not in STREAMING_CHOICES:
+    raise ValueError(f"streaming must be one of {', '.join(STREAMING_CHOICES)}, got {setting!r}")
+  if setting == "auto":
+    return sum(2 * h * w for h, w in sizes) > AUTO_STREAMING_BYTES
+  return setting == "on"
+
+
+def _open_split(data_dir, dataset: str, split: str, check_source: bool):
+  """The build of `dataset` in `data_dir` and the rows (stem, height, width) of `split`."""
+  from mmdrfuse_jax.data import builders  # pylint: disable=g-import-not-at-top
+
+  built = builders.load_built(dataset, data_dir)
+  stale = builders.source_changes(built) if check_source else None
+  if stale:
+    raise builders.DataError(
+        f"{built.data_dir}: its source {built.source} changed since the build ({stale}); "
+        "rebuild it with bin/prepare_data.py (or pass check_source=False to use it as built)")
+  if split not in built.images:
+    raise builders.DataError(
+        f"{built.data_dir}: no split {split!r} (built: {', '.join(sorted(built.images))})")
+  return built, built.images[split]
+
+
+def _data_source(data_dir, dataset: str, split: str, undecoded: Sequence[str]):
+  """`tfds.data_source` of a built split, the image features in `undecoded` left as bytes."""
+  # Imported here, not at the top: TFDS is heavy, and in-memory or procedural data
+  # needs none of it.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  from mmdrfuse_jax.data import builders  # pylint: disable=g-import-not-at-top
+
+  return tfds.data_source(
+      f"{builders.BUILDER_NAME}/{dataset}", split=split, data_dir=os.fspath(data_dir),
+      download=False, decoders={key: tfds.decode.SkipDecoding() for key in undecoded})
+
+
+def _decode(png: bytes) -> np.ndarray:
+  """The pixels of an encoded image (the streaming path's only decoder)."""
+  with Image.open(io.BytesIO(png)) as image:
+    return np.asarray(image)
 
 
 def _gray_uint8(image: np.ndarray) -> np.ndarray:
