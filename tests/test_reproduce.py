@@ -67,11 +67,11 @@ def done(recipe, tmp_path_factory):
   return workdir, outcome, lines
 
 
-def test_all_stages_run_and_the_table_compares_every_model(done):
+def test_all_stages_run_and_the_table_compares_every_model(done, recipe):
   workdir, outcome, lines = done
   assert outcome.finished and outcome.results == workdir / "results.md"
   assert [line for line in lines if line.startswith("== ")] == [
-      f"== data: paired_folders from {workdir.parent}/pairs0/train",
+      f"== data: paired_folders from {recipe.manual_dir}",
       f"== student: {workdir / 'student'}",
       "== comparison on procedural: student, random",
       "== comparison on again: student, random"]

@@ -244,12 +244,14 @@ def test_cli_without_data_fails_in_one_line(tmp_path):
 
 
 _MULTI_DEVICE = textwrap.dedent("""
-  import jax, numpy as np
+  import dataclasses, jax, numpy as np
   from mmdrfuse_jax import losses, models, refresh, train, vgg
   assert len(jax.devices()) == 8, jax.devices()
   rcfg = refresh.RefreshConfig(memory_dtype="float32")
-  cfg = train.StepConfig("student", losses.PUBLISHED_WEIGHTS["student"], refresh=rcfg,
-                         steps_per_epoch=1)
+  # The terms that read VGG-19 are off (a step several times cheaper to compile twice); both
+  # memories are still scored, refreshed and written across the devices.
+  weights = dataclasses.replace(losses.PUBLISHED_WEIGHTS["student"], w_percep=0.0, w_refresh=0.0)
+  cfg = train.StepConfig("student", weights, refresh=rcfg, steps_per_epoch=1)
   teacher = models.init_params("teacher", jax.random.PRNGKey(3))
   frozen = train.Frozen(vgg=vgg.random_params(), teacher=teacher)
   rng = np.random.default_rng(0)
