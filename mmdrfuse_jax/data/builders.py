@@ -462,6 +462,17 @@ def read_source_record(version_dir: str | os.PathLike) -> dict | None:
 # The builder.
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+  """A DatasetInfo that never looks for itself on TFDS's public bucket.
+
+  TFDS asks gs://tfds-data for the precomputed info of every dataset it has not built yet and
+  leaves an empty temporary folder in /tmp each time; ours are built from local files only.
+  """
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class FusionPairs(tfds.core.GeneratorBasedBuilder):
   """Aligned image pairs for fusion, read from a manually downloaded folder."""
 
@@ -521,7 +532,7 @@ class FusionPairs(tfds.core.GeneratorBasedBuilder):
     def color():
       return tfds.features.Image(shape=(None, None, 3), dtype=np.uint8, encoding_format="png")
 
-    return tfds.core.DatasetInfo(
+    return _LocalDatasetInfo(
         builder=self,
         description=self.builder_config.description,
         features=tfds.features.FeaturesDict({
