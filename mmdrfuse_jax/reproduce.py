@@ -203,9 +203,11 @@ def run(recipe: Recipe, workdir: str | os.PathLike, *, log: Callable[[str], None
   methods += list(recipe.references)
   start = time.perf_counter()
   tables = {}
+  # One fuser per method for every test set: loaded once, and its compiled sizes reused.
+  fusers = {m.name: fusion.Fuser(load_any_params(m.weights)) for m in methods}
   for test in recipe.tests:
     log(f"== comparison on {test.name}: {', '.join(m.name for m in methods)}")
-    comparison = _compare(test, methods, recipe.metrics, workdir, log, stop)
+    comparison = _compare(test, methods, fusers, recipe.metrics, workdir, log, stop)
     if comparison is None:
       return Outcome(False, stop.signum if stop is not None else None)
     tables[test.name] = comparison
@@ -234,10 +236,11 @@ def _train(name: str, config: Any, workdir: pathlib.Path, times: _StageTimes,
   return result
 
 
-def _compare(test: TestSet, methods: Sequence[Reference], names: Sequence[str],
-             workdir: pathlib.Path, log: Callable[[str], None],
+def _compare(test: TestSet, methods: Sequence[Reference], fusers: dict[str, fusion.Fuser],
+             names: Sequence[str], workdir: pathlib.Path, log: Callable[[str], None],
              stop: Optional[interrupts.StopRequest]) -> Optional[report.Comparison]:
-  """Fuses the test pairs with every method, scores them, writes the visual report."""
+  """Fuses the test pairs with every method (`fusers` by name), scores them, writes the
+  visual report."""
   pairing = imageio.pair_folders([test.ir, test.vis])
   for problem in pairing.problems:
     log(f"warning: {test.name}: {problem}")
@@ -246,8 +249,8 @@ def _compare(test: TestSet, methods: Sequence[Reference], names: Sequence[str],
   folders = []
   for method in methods:
     out = workdir / "fused" / test.name / method.name
-    fuser = fusion.Fuser(load_any_params(method.weights))
-    done = batch_fuse.fuse_pairs(fuser, pairing.pairs, out, progress=False, report=log, stop=stop)
+    done = batch_fuse.fuse_pairs(fusers[method.name], pairing.pairs, out, progress=False,
+                                 report=log, stop=stop)
     if done.not_started:
       return None
     folders.append(report.Method(method.name, out))

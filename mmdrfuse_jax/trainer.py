@@ -354,10 +354,12 @@ def _prepare_validation(config: Any, workdir: pathlib.Path, log: Callable[[str],
   try:
     # Process 0 writes the pairs that are not files yet (a split, procedural pairs); the other
     # processes read them once it has.
-    triples = validation.prepare_pairs(config, workdir, log) if distributed.is_primary() else None
+    triples = None
+    if distributed.is_primary():
+      triples = validation.prepare_pairs(config, settings, workdir, log)
     distributed.barrier(f"mmdrfuse: validation pairs of {workdir}")
     if triples is None:
-      triples = validation.prepare_pairs(config, workdir, log)
+      triples = validation.prepare_pairs(config, settings, workdir, log)
     validator = validation.Validator(triples, settings)
   except (validation.ValidationError, validation.evaluation.ImageError) as e:
     raise TrainingError(str(e)) from None

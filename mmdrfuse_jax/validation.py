@@ -104,15 +104,20 @@ def settings(config: Any) -> Settings:
                   int(v.num_images), best)
 
 
-def prepare_pairs(config: Any, workdir: pathlib.Path, log: Callable[[str], None]
+def prepare_pairs(config: Any, s: Settings, workdir: pathlib.Path, log: Callable[[str], None]
                   ) -> list[evaluation.Triple]:
   """The validation pairs as files, sorted by stem, at most `max_pairs` of them.
+
+  Args:
+    config: the run's config.
+    s: its validation settings (`settings(config)`).
+    workdir: the run's folder (a split's or procedural pairs are written there).
+    log: where warnings go.
 
   Raises:
     ValidationError: a folder is missing or holds no pair; the split is not built.
   """
   v = config.validation
-  s = settings(config)
   limit = s.max_pairs or None
   if s.source == "folders":
     try:
@@ -159,13 +164,16 @@ def _generated_pairs(config: Any, s: Settings, limit: Optional[int]
   d, v = config.data, config.validation
   if s.source == "split":
     try:
-      data = pipeline.PatchDataset.from_tfds(os.path.expanduser(d.data_dir), d.dataset, v.split,
-                                             patch_size=4, patch_stride=4)
+      # Random access to the split's records, decoding only the pairs kept (a test split can
+      # be larger than host RAM); a patch larger than any image: no patch index either.
+      data = pipeline.StreamingPatchDataset.from_tfds(
+          os.path.expanduser(d.data_dir), d.dataset, v.split, patch_size=1 << 30,
+          patch_stride=1 << 30)
+      order = sorted(range(data.num_images), key=lambda i: data.stems[i])[:limit]
+      pairs = [data.image(i) for i in order]
     except (builders.DataError, ValueError) as e:
       raise ValidationError(f"validation split {v.split!r}: {e}") from None
-    order = sorted(range(data.num_images), key=lambda i: data.stems[i])[:limit]
-    return ([data.stems[i] for i in order], [data.ir_images[i] for i in order],
-            [data.vis_images[i] for i in order])
+    return [data.stems[i] for i in order], [p[0] for p in pairs], [p[1] for p in pairs]
   # Procedural pairs after the training pairs of the same seed (pair i depends only on the
   # seed, i and the size), so that they are never training pairs.
   first = max(int(d.synthetic_pairs), 0)

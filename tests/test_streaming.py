@@ -113,7 +113,7 @@ def test_cache_drops_least_recently_used(built, decodes):
   pair_bytes = 2 * 160 * 224
   ds = _stream(built, cache_bytes=2 * pair_bytes)
   for image_id in (0, 1, 0, 2, 1):  # 2 drops 1 (0 was used after it); 1 is read again.
-    ds._image(image_id)
+    ds.image(image_id)
   assert len(decodes) == 2 * 4 and (ds._cache.hits, ds._cache.misses) == (1, 4)
   assert list(ds._cache._pairs) == [2, 1] and ds._cache._bytes == 2 * pair_bytes
 

@@ -9,12 +9,11 @@ import json
 import pathlib
 import sys
 
-import jax
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from mmdrfuse_jax import checkpoints, evaluation, fusion, models, trainer, validation
+from mmdrfuse_jax import checkpoints, evaluation, fusion, imageio, trainer, validation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -22,13 +21,6 @@ sys.path.insert(0, str(REPO))
 from configs import default  # noqa: E402  pylint: disable=g-import-not-at-top
 
 METRICS = ("VIF", "Qabf", "SSIM")
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-  path = tmp_path_factory.mktemp("teacher") / "teacher.npz"
-  checkpoints.save_params(path, models.init_params("teacher", jax.random.PRNGKey(3)))
-  return path
 
 
 def tiny_config(teacher_file):
@@ -174,6 +166,29 @@ def test_unusable_pairs_stop_before_training(tmp_path, teacher_file):
   with pytest.raises(trainer.TrainingError, match="none that can be scored"):
     trainer.train_model(config, tmp_path / "small", log=lines.append)
   assert sum("too small to score" in line for line in lines) == 2
+
+
+def test_split_pairs_are_the_built_images(tmp_path, teacher_file):
+  # A split of the run's built dataset: only the first `max_pairs` pairs by stem, read from
+  # the records one by one, with the pixels the training pipeline reads.
+  from mmdrfuse_jax.data import builders, pipeline, synthetic
+
+  synthetic.write_pairs(tmp_path / "msrs" / "train", 1, 64, 64, seed=0)
+  synthetic.write_pairs(tmp_path / "msrs" / "test", 3, 64, 80, seed=1)
+  builders.prepare("msrs", tmp_path / "msrs", tmp_path / "tfds")
+  config = tiny_config(teacher_file)
+  config.data.synthetic_pairs = 0
+  config.data.dataset, config.data.data_dir = "msrs", str(tmp_path / "tfds")
+  v = config.validation
+  v.synthetic_pairs, v.split, v.max_pairs = 0, "test", 2
+  triples = validation.prepare_pairs(config, validation.settings(config), tmp_path / "run",
+                                     log=print)
+  assert [t.name for t in triples] == ["0000", "0001"]
+  built = pipeline.PatchDataset.from_tfds(tmp_path / "tfds", "msrs", "test")
+  for t in triples:
+    i = built.stems.index(t.name)
+    np.testing.assert_array_equal(imageio.read_image(t.ir), built.ir_images[i])
+    np.testing.assert_array_equal(imageio.read_image(t.vis), built.vis_images[i])
 
 
 def test_due_steps():

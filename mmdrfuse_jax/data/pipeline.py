@@ -434,15 +434,19 @@ class StreamingPatchDataset(_Patches):
     # One read and decode per image of the batch, in record order; the pair is let go
     # before the next, so a thread holds one decoded pair at a time (plus the cache).
     for image_id in np.unique(images):
-      a, b = self._image(int(image_id))
+      a, b = self.image(int(image_id))
       for k in np.flatnonzero(images == image_id):
         y, x = self.patch_y[patch_ids[k]], self.patch_x[patch_ids[k]]
         ir[k] = a[y:y + p, x:x + p]
         vis[k] = b[y:y + p, x:x + p]
     return ir, vis
 
-  def _image(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Image `image_id`'s gray infrared and visible pixels, from the cache or the records."""
+  def image(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image `image_id`'s gray uint8 infrared and visible pixels, from the cache or the records.
+
+    Raises:
+      builders.DataError: the record does not match the build's description.
+    """
     pair = self._cache.get(image_id)
     if pair is not None:
       return pair
