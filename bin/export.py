@@ -20,16 +20,13 @@ import argparse
 import pathlib
 import sys
 
-from mmdrfuse_jax import checkpoints, export, files, imageio, interrupts
+from mmdrfuse_jax import checkpoints, cli, export, files, imageio, interrupts
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--weights", required=True,
-                      help=("published .model/.pth, the project's .npz, or an orbax checkpoint "
-                            "folder"))
-  parser.add_argument("--model", choices=("student", "teacher"), default="student")
+  cli.add_weights_arguments(parser)
   parser.add_argument("--format", required=True, choices=export.FORMATS,
                       help="stablehlo: jax.export file (CPU and CUDA); onnx: ONNX model")
   parser.add_argument("--out", required=True, help="the file to write")

@@ -29,14 +29,11 @@ from mmdrfuse_jax import (
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--weights", required=True,
-                      help=("published .model/.pth, the project's .npz, or an orbax checkpoint "
-                            "folder"))
+  cli.add_weights_arguments(parser)
   parser.add_argument("--ir", required=True, help="infrared (or PET/SPECT/CT) image or folder")
   parser.add_argument("--vis", required=True, help="visible (or MRI) image or folder")
   parser.add_argument("--out", required=True,
                       help="output folder (created when the first image is written)")
-  parser.add_argument("--model", choices=("student", "teacher"), default="student")
   parser.add_argument("--output", choices=fusion.OUTPUT_MODES, default="minmax",
                       help="minmax: stretch each image to 0..255 (published); clip: clip to [0, 1]")
   parser.add_argument("--color", action="store_true",

@@ -40,15 +40,12 @@ from mmdrfuse_jax import (
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--weights", required=True,
-                      help=("published .model/.pth, the project's .npz, or an orbax checkpoint "
-                            "folder"))
+  cli.add_weights_arguments(parser)
   parser.add_argument("--ir", required=True,
                       help="infrared (or PET/SPECT/CT) video, or folder of frames")
   parser.add_argument("--vis", required=True, help="visible (or MRI) video, or folder of frames")
   parser.add_argument("--out", required=True,
                       help="output video (two videos) or folder (two folders of frames)")
-  parser.add_argument("--model", choices=("student", "teacher"), default="student")
   parser.add_argument("--output", choices=fusion.OUTPUT_MODES, default="minmax",
                       help="minmax: stretch each frame to 0..255 (published); clip: clip to [0, 1]")
   parser.add_argument("--color", action="store_true",

@@ -12,6 +12,14 @@ from typing import NoReturn
 
 from absl import flags
 
+WEIGHTS_HELP = "published .model/.pth, the project's .npz, or an orbax checkpoint folder"
+
+
+def add_weights_arguments(parser) -> None:
+  """`--weights FILE` (required) and `--model student|teacher`, as the fusion scripts take them."""
+  parser.add_argument("--weights", required=True, help=WEIGHTS_HELP)
+  parser.add_argument("--model", choices=("student", "teacher"), default="student")
+
 
 def config_error(e: Exception, flag: str = "config") -> str:
   """One line for a config file or `--<flag>.x` override that cannot be used."""

@@ -54,6 +54,14 @@ def load_script(name: str):
 
 
 @pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+  """A freshly initialised teacher's weights file (`teacher.npz`), for student runs."""
+  path = tmp_path_factory.mktemp("teacher") / "teacher.npz"
+  checkpoints.save_params(path, models.init_params("teacher", jax.random.PRNGKey(7)))
+  return path
+
+
+@pytest.fixture(scope="module")
 def weights(tmp_path_factory):
   """A freshly initialised student's weights file (`student.npz`)."""
   path = tmp_path_factory.mktemp("w") / "student.npz"

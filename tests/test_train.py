@@ -40,13 +40,6 @@ sys.path.insert(0, str(REPO))
 from configs import default, quickstart  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-  path = tmp_path_factory.mktemp("teacher") / "teacher.npz"
-  checkpoints.save_params(path, models.init_params("teacher", jax.random.PRNGKey(7)))
-  return path
-
-
 def tiny_config(teacher_file):
   config = default.get_config()
   config.model = "student"
