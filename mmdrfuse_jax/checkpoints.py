@@ -115,17 +115,49 @@ def _load_npz(path: pathlib.Path, model: str) -> dict:
   return _validated(str(path), flat, model)
 
 
+def _checkpoint_item(path: pathlib.Path) -> pathlib.Path:
+  """The orbax item folder that `path` names.
+
+  `path` may be the item itself (what `save_params` writes), one step of a training run's
+  `CheckpointManager` (`WORKDIR/checkpoints/900`: its `default` item), the manager's folder
+  (`WORKDIR/checkpoints`: its newest committed step) or the run's folder (`WORKDIR`).
+  """
+  def steps(folder: pathlib.Path) -> list[pathlib.Path]:
+    return sorted((p for p in folder.iterdir() if p.name.isdigit()
+                   and (p / "default").is_dir() and (p / "commit_success.txt").is_file()),
+                  key=lambda p: int(p.name)) if folder.is_dir() else []
+
+  if (path / "default").is_dir():
+    return path / "default"
+  for root in (path, path / "checkpoints"):
+    found = steps(root)
+    if found:
+      return found[-1] / "default"
+  return path
+
+
 def _load_orbax(path: pathlib.Path, model: str) -> dict:
   import orbax.checkpoint as ocp
 
+  item = _checkpoint_item(path).resolve()
   try:
-    restored = ocp.StandardCheckpointer().restore(path.resolve())
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(item)
+    tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
+    if isinstance(tree, Mapping) and isinstance(tree.get("params"), Mapping):
+      # A training state: read its parameters alone, as NumPy arrays (not the optimiser
+      # state or the refresh memories, which may be large and sharded over other devices).
+      params = tree["params"]
+      restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
+          item={"params": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), params)},
+          restore_args={"params": jax.tree.map(
+              lambda m: ocp.RestoreArgs(restore_type=np.ndarray), params)},
+          transforms={}))["params"]
+    else:
+      restored = ocp.StandardCheckpointer().restore(item)
   except Exception as e:  # orbax raises many types for a folder that is not a checkpoint.
     raise WeightsError(
         f"{path}: not a readable orbax checkpoint ({type(e).__name__}: {e})") from None
-  if (isinstance(restored, Mapping) and "params" in restored
-      and isinstance(restored["params"], Mapping)):
-    restored = restored["params"]
   if not isinstance(restored, Mapping):
     raise WeightsError(f"{path}: the orbax checkpoint does not hold a parameter tree")
   flat = {}

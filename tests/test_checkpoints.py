@@ -147,6 +147,27 @@ def test_orbax_round_trip(tmp_path, student_params):
     checkpoints.load_params(path, "teacher")
 
 
+def test_training_checkpoints_give_their_parameters(tmp_path, student_params):
+  # --weights may name a training run's folder, its checkpoints/ or one step: the newest
+  # committed step (or that step) gives its parameters alone.
+  import orbax.checkpoint as ocp
+
+  manager = ocp.CheckpointManager((tmp_path / "run" / "checkpoints").resolve(),
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  for step in (1, 2):
+    params = jax.tree_util.tree_map(lambda x, s=step: x + s, student_params)
+    state = {"params": params, "step": np.int32(step), "memories": np.zeros((4, 8, 8), np.float32)}
+    manager.save(step, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+  newest = jax.tree_util.tree_map(lambda x: x + 2, student_params)
+  for path in ("run", "run/checkpoints", "run/checkpoints/2"):
+    loaded = checkpoints.load_params(tmp_path / path, "student")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, newest)
+  loaded = checkpoints.load_params(tmp_path / "run" / "checkpoints" / "1", "student")
+  jax.tree_util.tree_map(np.testing.assert_allclose, loaded,
+                         jax.tree_util.tree_map(lambda x: x + 1, student_params))
+
+
 def test_folder_that_is_not_a_checkpoint(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(checkpoints.WeightsError, match="not a readable orbax checkpoint"):
