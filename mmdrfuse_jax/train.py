@@ -354,6 +354,42 @@ def memory_slots(num_patches: int, mesh: Mesh, placement: str) -> int:
   return -(-num_patches // parts) * parts
 
 
+def memory_bytes(num_patches: int, num_devices: int, placement: str,
+                 bytes_per_sample: int) -> dict[str, int]:
+  """What the refresh memories of N patches take on a `data` axis of D devices, computed.
+
+  The layout `memory_slots` and `memory_sharding` give, without creating anything, so that
+  sizes too large for the machine at hand can be planned (the README's scaling table).
+
+  Args:
+    num_patches: N, the training patches.
+    num_devices: D, the devices of the `data` axis.
+    placement: "replicated", "sharded" or "host".
+    bytes_per_sample: `refresh.bytes_per_sample` (all enabled memory kinds together).
+
+  Returns:
+    `slots` (padded as `memory_slots` pads them), `device_bytes` (device memory on each
+    device; the same on all of them) and `host_bytes` (pinned host memory, the parts of all
+    D devices together).
+
+  Raises:
+    ValueError: an unknown placement or a device count below 1.
+  """
+  if placement not in refresh.PLACEMENTS:
+    raise ValueError(f"refresh placement must be one of {refresh.PLACEMENTS}, got {placement!r}")
+  if num_devices < 1:
+    raise ValueError(f"num_devices must be at least 1, got {num_devices}")
+  if placement == "replicated":
+    return {"slots": num_patches, "device_bytes": num_patches * bytes_per_sample,
+            "host_bytes": 0}
+  per_device = -(-num_patches // num_devices)
+  if placement == "sharded":
+    return {"slots": per_device * num_devices, "device_bytes": per_device * bytes_per_sample,
+            "host_bytes": 0}
+  return {"slots": per_device * num_devices, "device_bytes": 0,
+          "host_bytes": per_device * num_devices * bytes_per_sample}
+
+
 def place_state(state: TrainState, mesh: Mesh, placement: str) -> TrainState:
   """`state` on `mesh`: the memories as `placement` says, everything else replicated."""
   memory = jax.device_put(state.memory, memory_sharding(mesh, placement))

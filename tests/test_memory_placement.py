@@ -223,3 +223,56 @@ def test_placement_setting(monkeypatch):
     trainer.check_config(config)
   mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
   assert train.memory_slots(20, mesh, "replicated") == 20  # Never padded.
+
+
+def test_memory_bytes_computed():
+  """The README's scaling table: 65,536 bytes a patch (2 kinds, 128x128, bfloat16), D = 8."""
+  per = refresh.bytes_per_sample(refresh.RefreshConfig(), 128, 128)
+  assert per == 65_536
+  assert train.memory_bytes(16_000, 8, "replicated", per) == {
+      "slots": 16_000, "device_bytes": 1_048_576_000, "host_bytes": 0}
+  assert train.memory_bytes(16_000, 8, "sharded", per) == {
+      "slots": 16_000, "device_bytes": 131_072_000, "host_bytes": 0}
+  assert train.memory_bytes(16_000, 8, "host", per) == {
+      "slots": 16_000, "device_bytes": 0, "host_bytes": 1_048_576_000}
+  # Padded as `memory_slots` pads (the runs above: 20 patches, 3 slots on each of 8 devices).
+  assert train.memory_bytes(N, 8, "sharded", 512) == {
+      "slots": 24, "device_bytes": 3 * 512, "host_bytes": 0}
+  assert train.memory_bytes(N, 8, "host", 512) == {
+      "slots": 24, "device_bytes": 0, "host_bytes": 24 * 512}
+  with pytest.raises(ValueError, match="placement must be one of"):
+    train.memory_bytes(N, 8, "gpu", per)
+
+
+@pytest.mark.parametrize("placement", refresh.PLACEMENTS)
+def test_memory_bytes_match_the_placed_arrays(placement):
+  """What `bench.py train-step --placement` measures from the shards is what is computed."""
+  from mmdrfuse_jax.benchmarks import train_step  # pylint: disable=g-import-not-at-top
+
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  rcfg = refresh.RefreshConfig(placement=placement)
+  memory = refresh.init_memory(train.memory_slots(N, mesh, placement), 16, 16, rcfg,
+                               train.memory_sharding(mesh, placement))
+  computed = train.memory_bytes(N, 1, placement, refresh.bytes_per_sample(rcfg, 16, 16))
+  assert train_step.measured_memory_bytes(memory) == {
+      "device_bytes": computed["device_bytes"], "host_bytes": computed["host_bytes"]}
+
+
+def test_pipeline_host_bytes_match_the_datasets():
+  """The computed pipeline bytes are the datasets' own arrays (8 patches of 2 pairs)."""
+  from mmdrfuse_jax.benchmarks import train_step  # pylint: disable=g-import-not-at-top
+  from mmdrfuse_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  def index_and_order(ds):
+    # The epoch's order and the copy of the process's rows of it that `iterate` keeps (all
+    # rows, in one process): twice the order.
+    return (ds.patch_image.nbytes + ds.patch_y.nbytes + ds.patch_x.nbytes
+            + 2 * ds.epoch_order(0, 0).nbytes)
+
+  in_memory = pipeline.PatchDataset.from_synthetic(2, 256, 256)
+  images = sum(x.nbytes for x in in_memory.ir_images + in_memory.vis_images)
+  streaming = pipeline.StreamingPatchDataset([{}, {}], [(256, 256)] * 2)
+  computed = train_step.pipeline_host_bytes(8, 128)
+  assert in_memory.num_patches == streaming.num_patches == 8
+  assert computed["in_memory"] == images + index_and_order(in_memory)
+  assert computed["streaming"] == index_and_order(streaming) + streaming._cache.max_bytes
