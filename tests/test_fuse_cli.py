@@ -2,12 +2,13 @@
 
 import os
 
+import jax
 import numpy as np
 import pytest
-from conftest import load_script, save_image
+from conftest import REPO_ROOT, load_script, save_image
 from PIL import Image
 
-from mmdrfuse_jax import files, imageio
+from mmdrfuse_jax import checkpoints, files, imageio
 
 fuse_cli = load_script("fuse")
 
@@ -143,3 +144,15 @@ def test_sixteen_bit_colour_is_written_with_eight_bits(tmp_path):
   assert imageio.read_size(tmp_path / "c.png") == (1, 1)
   with pytest.raises(imageio.ImageError, match="nope.png: no such file"):
     imageio.read_size(tmp_path / "nope.png")
+
+
+def test_the_shipped_student_fuses(folders, tmp_path):
+  # weights/student.npz is the student this project trained (README, "Results"): it loads as
+  # the 113-parameter student and bin/fuse.py fuses with it from a fresh clone.
+  shipped = REPO_ROOT / "weights" / "student.npz"
+  params = checkpoints.load_params(shipped, "student")
+  assert sum(np.asarray(x).size for x in jax.tree_util.tree_leaves(params)) == 113
+  ir, vis = folders
+  assert run("--weights", shipped, "--ir", ir, "--vis", vis, "--out", tmp_path / "out") == 0
+  fused = np.asarray(Image.open(tmp_path / "out" / "a.png"))
+  assert fused.shape == (20, 30) and fused.min() == 0 and fused.max() == 255  # min-max output
