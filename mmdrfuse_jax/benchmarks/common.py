@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -45,6 +46,15 @@ def time_call(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2,
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
   return {"median_s": statistics.median(times), "min_s": min(times), "runs": len(times)}
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak resident memory so far (`ru_maxrss`), in bytes."""
+  import resource  # pylint: disable=g-import-not-at-top
+
+  # Linux reports kibibytes, macOS bytes.
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin"
+                                                                else 1024)
 
 
 def print_result(result: dict) -> None:

@@ -112,11 +112,9 @@ def _in_fresh_process(args) -> dict:
 
 
 def _peak_rss_mb() -> float:
-  import resource  # pylint: disable=g-import-not-at-top
+  from mmdrfuse_jax.benchmarks import common  # pylint: disable=g-import-not-at-top
 
-  # Linux reports kibibytes, macOS bytes.
-  scale = 1 if sys.platform == "darwin" else 1024
-  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
+  return round(common.peak_rss_bytes() / 2**20, 1)
 
 
 def _measure(args: argparse.Namespace, report_rss: bool = False) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -111,14 +110,6 @@ def measured_memory_bytes(memory: refresh.Memory) -> dict[str, int]:
       else:
         per_device[shard.device] += shard.data.nbytes
   return {"device_bytes": max(per_device.values(), default=0), "host_bytes": host}
-
-
-def _peak_rss_bytes() -> int:
-  import resource  # pylint: disable=g-import-not-at-top
-
-  # Linux reports kibibytes, macOS bytes.
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin"
-                                                                else 1024)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -236,7 +227,7 @@ def run(args: argparse.Namespace) -> dict:
     "memory_host_bytes_computed": computed["host_bytes"],
     "pipeline_host_bytes_in_memory_computed": pipeline_bytes["in_memory"],
     "pipeline_host_bytes_streaming_computed": pipeline_bytes["streaming"],
-    "peak_rss_bytes": _peak_rss_bytes(),
+    "peak_rss_bytes": common.peak_rss_bytes(),
     "refresh_bytes_per_sample": refresh.bytes_per_sample(rcfg, s, s),
     "published_refresh_bytes_per_sample": 2 * s * s * 8,
     **{f"refresh_{kind.name}_loss_on": float(metrics[f"refresh/{kind.name}_loss_on"])
