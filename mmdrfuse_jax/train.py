@@ -348,10 +348,13 @@ def memory_slots(num_patches: int, mesh: Mesh, placement: str) -> int:
   below N), so checkpoints of any placement and device count restore into each other by padding
   or truncating them (see `trainer.RunCheckpoints.restore_latest`).
   """
+  return _padded_slots(num_patches, mesh.shape["data"], placement)
+
+
+def _padded_slots(num_patches: int, num_devices: int, placement: str) -> int:
   if placement == "replicated":
     return num_patches
-  parts = mesh.shape["data"]
-  return -(-num_patches // parts) * parts
+  return -(-num_patches // num_devices) * num_devices
 
 
 def memory_bytes(num_patches: int, num_devices: int, placement: str,
@@ -379,15 +382,10 @@ def memory_bytes(num_patches: int, num_devices: int, placement: str,
     raise ValueError(f"refresh placement must be one of {refresh.PLACEMENTS}, got {placement!r}")
   if num_devices < 1:
     raise ValueError(f"num_devices must be at least 1, got {num_devices}")
-  if placement == "replicated":
-    return {"slots": num_patches, "device_bytes": num_patches * bytes_per_sample,
-            "host_bytes": 0}
-  per_device = -(-num_patches // num_devices)
-  if placement == "sharded":
-    return {"slots": per_device * num_devices, "device_bytes": per_device * bytes_per_sample,
-            "host_bytes": 0}
-  return {"slots": per_device * num_devices, "device_bytes": 0,
-          "host_bytes": per_device * num_devices * bytes_per_sample}
+  slots = _padded_slots(num_patches, num_devices, placement)
+  per_device = {"replicated": slots, "sharded": slots // num_devices, "host": 0}[placement]
+  return {"slots": slots, "device_bytes": per_device * bytes_per_sample,
+          "host_bytes": slots * bytes_per_sample if placement == "host" else 0}
 
 
 def place_state(state: TrainState, mesh: Mesh, placement: str) -> TrainState:
