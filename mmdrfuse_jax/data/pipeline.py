@@ -89,7 +89,7 @@ def _placement(sharding, batch_size: int) -> _Placement:
 class _Patches:
   """What both datasets share: the patch index, the epoch orders and the resumable iteration.
 
-  A subclass sets `stems`, calls `_index` with its images' sizes, and implements `_gather`.
+  A subclass sets `stems`, calls `_index` with its images' sizes, and implements `image`.
   """
 
   # Grain threads assembling host batches when `iterate` is not told: slicing images held in
@@ -114,9 +114,26 @@ class _Patches:
     self.patch_y = np.concatenate(ys) if ys else np.zeros(0, np.int32)
     self.patch_x = np.concatenate(xs) if xs else np.zeros(0, np.int32)
 
+  def image(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image `image_id`'s gray uint8 infrared and visible pixels, (H, W) each."""
+    raise NotImplementedError
+
   def _gather(self, patch_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The infrared and visible pixels of these patches, uint8 (B, P, P) each."""
-    raise NotImplementedError
+    p = self.patch_size
+    ir = np.empty((len(patch_ids), p, p), np.uint8)
+    vis = np.empty((len(patch_ids), p, p), np.uint8)
+    images = self.patch_image[patch_ids]
+    # One `image` call per image of the batch, in image order: a streamed image is read and
+    # decoded once per batch and let go before the next, so a thread holds one decoded pair
+    # at a time (plus the cache).
+    for image_id in np.unique(images):
+      a, b = self.image(int(image_id))
+      for k in np.flatnonzero(images == image_id):
+        y, x = self.patch_y[patch_ids[k]], self.patch_x[patch_ids[k]]
+        ir[k] = a[y:y + p, x:x + p]
+        vis[k] = b[y:y + p, x:x + p]
+    return ir, vis
 
   # -------------------------------------------------------------------------------------
   # Sizes.
@@ -262,9 +279,6 @@ class PatchDataset(_Patches):
     """
     if len(ir_images) != len(vis_images):
       raise ValueError(f"{len(ir_images)} infrared images but {len(vis_images)} visible images")
-    if patch_size < 1 or patch_stride < 1:
-      raise ValueError(
-          f"patch_size and patch_stride must be positive, got {patch_size}, {patch_stride}")
     self.ir_images = [_gray_uint8(x) for x in ir_images]
     self.vis_images = [_gray_uint8(x) for x in vis_images]
     self.stems = list(stems) if stems is not None else [str(i) for i in range(len(self.ir_images))]
@@ -339,15 +353,8 @@ class PatchDataset(_Patches):
     return cls([r[2] for r in records], [r[3] for r in records], stems=[r[1] for r in records],
                **kwargs)
 
-  def _gather(self, patch_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    p = self.patch_size
-    ir = np.empty((len(patch_ids), p, p), np.uint8)
-    vis = np.empty((len(patch_ids), p, p), np.uint8)
-    for k, pid in enumerate(patch_ids):
-      i, y, x = self.patch_image[pid], self.patch_y[pid], self.patch_x[pid]
-      ir[k] = self.ir_images[i][y:y + p, x:x + p]
-      vis[k] = self.vis_images[i][y:y + p, x:x + p]
-    return ir, vis
+  def image(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
+    return self.ir_images[image_id], self.vis_images[image_id]
 
 
 class StreamingPatchDataset(_Patches):
@@ -425,21 +432,6 @@ class StreamingPatchDataset(_Patches):
           f"lists {len(images)} images; rebuild it with bin/prepare_data.py")
     return cls(source, [(h, w) for _, h, w in images], stems=[s for s, _, _ in images],
                where=f"{built.data_dir} ({split})", **kwargs)
-
-  def _gather(self, patch_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    p = self.patch_size
-    ir = np.empty((len(patch_ids), p, p), np.uint8)
-    vis = np.empty((len(patch_ids), p, p), np.uint8)
-    images = self.patch_image[patch_ids]
-    # One read and decode per image of the batch, in record order; the pair is let go
-    # before the next, so a thread holds one decoded pair at a time (plus the cache).
-    for image_id in np.unique(images):
-      a, b = self.image(int(image_id))
-      for k in np.flatnonzero(images == image_id):
-        y, x = self.patch_y[patch_ids[k]], self.patch_x[patch_ids[k]]
-        ir[k] = a[y:y + p, x:x + p]
-        vis[k] = b[y:y + p, x:x + p]
-    return ir, vis
 
   def image(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Image `image_id`'s gray uint8 infrared and visible pixels, from the cache or the records.
