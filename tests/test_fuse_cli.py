@@ -146,13 +146,15 @@ def test_sixteen_bit_colour_is_written_with_eight_bits(tmp_path):
     imageio.read_size(tmp_path / "nope.png")
 
 
-def test_the_shipped_student_fuses(folders, tmp_path):
-  # weights/student.npz is the student this project trained (README, "Results"): it loads as
-  # the 113-parameter student and bin/fuse.py fuses with it from a fresh clone.
-  shipped = REPO_ROOT / "weights" / "student.npz"
-  params = checkpoints.load_params(shipped, "student")
-  assert sum(np.asarray(x).size for x in jax.tree_util.tree_leaves(params)) == 113
+@pytest.mark.parametrize("model,size", [("student", 113), ("teacher", 556_489)])
+def test_the_shipped_weights_fuse(folders, tmp_path, model, size):
+  # weights/<model>.npz are the networks this project trained (README, "Results so far"):
+  # each loads as its network and bin/fuse.py fuses with it from a fresh clone.
+  shipped = REPO_ROOT / "weights" / f"{model}.npz"
+  params = checkpoints.load_params(shipped, model)
+  assert sum(np.asarray(x).size for x in jax.tree_util.tree_leaves(params)) == size
   ir, vis = folders
-  assert run("--weights", shipped, "--ir", ir, "--vis", vis, "--out", tmp_path / "out") == 0
+  assert run("--weights", shipped, "--model", model, "--ir", ir, "--vis", vis,
+             "--out", tmp_path / "out") == 0
   fused = np.asarray(Image.open(tmp_path / "out" / "a.png"))
   assert fused.shape == (20, 30) and fused.min() == 0 and fused.max() == 255  # min-max output
