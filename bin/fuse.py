@@ -39,8 +39,8 @@ def main(argv=None) -> int:
   parser.add_argument("--color", action="store_true",
                       help="fuse the luma of the colour input and keep its colours (YCbCr)")
   parser.add_argument("--bucket", type=int, default=128,
-                      help=("student canvases are multiples of this (one compile per bucket); "
-                            "0: exact sizes"))
+                      help=("canvases are multiples of this (one compile per bucket; even for "
+                            "the teacher); 0: exact sizes"))
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
   try:

@@ -5,8 +5,9 @@ in, the network's fused image (its tanh output) out. `Fuser` wraps it for images
 come from files: 8- or 16-bit, gray or RGB, the published "minmax" output stretch or plain
 clipping, and colour fusion (fuse the luma, put the colour image's chroma back).
 
-Compilation: `fuse` is jit-compiled once per distinct (batch, height, width); a folder of
-mixed sizes compiles once per size, not once per image.
+Compilation: `fuse` is jit-compiled once per distinct (batch, height, width). `Fuser` places
+images on canvases of a few bucketed shapes (`fuse_within`), so a folder of mixed sizes
+compiles once per bucket, not once per size.
 """
 
 from __future__ import annotations
@@ -44,16 +45,17 @@ def fuse(params: Mapping[str, Any], ir: jax.Array, vis: jax.Array) -> jax.Array:
 @jax.jit
 def fuse_within(params: Mapping[str, Any], ir: jax.Array, vis: jax.Array,
                 sizes: jax.Array) -> jax.Array:
-  """`fuse` for student images placed top-left on a larger canvas of one shared shape.
+  """`fuse` for images placed top-left on a larger canvas of one shared shape.
 
   Inside each image's true region (`sizes[b]` = (height, width)) the result equals `fuse`
-  on the cropped image exactly: the reflection padding is taken at the true border (see
-  `models.reflect_pad_within`). One compilation then serves every size up to the canvas.
+  on the cropped image: the reflection padding is taken at the true border (see
+  `models.reflect_pad_within`). For the student exactly; for the teacher up to float
+  rounding (about 1e-6; its canvas sides must be even, see `models.Teacher`). One
+  compilation then serves every size up to the canvas.
   """
-  if models.model_of(params) != "student":
-    raise ValueError("fuse_within supports the student only; use fuse for the teacher")
+  network = models.get_model(models.model_of(params))
   x = jnp.concatenate([ir, vis], axis=-1).astype(jnp.float32)
-  return models.Student().apply({"params": params}, x, sizes=sizes)["out"]
+  return network.apply({"params": params}, x, sizes=sizes)["out"]
 
 
 def bucket_shape(height: int, width: int, multiple: int) -> tuple[int, int]:
@@ -96,9 +98,9 @@ class Fuser:
     color: fuse the luma of the colour input and restore its chroma (visible first; the
       infrared slot's when only it is colour, as PET/SPECT are). Without it, colour inputs
       are made gray with PIL's `convert("L")`, as published.
-    bucket: the student runs on canvases whose sides are multiples of this (exactly, see
-      `fuse_within`), so a folder of many sizes compiles once per bucket; 0 compiles once
-      per exact size. The teacher always compiles per exact size.
+    bucket: the networks run on canvases whose sides are multiples of this (rounded up to
+      even for the teacher; see `fuse_within`), so a folder of many sizes compiles once per
+      bucket; 0 compiles once per exact size.
   """
 
   params: Mapping[str, Any]
@@ -186,11 +188,13 @@ class Fuser:
     return imageio.ycbcr_to_rgb(ycbcr, out_max)
 
   def _fuse_gray(self, ir: np.ndarray, vis: np.ndarray) -> np.ndarray:
-    """Fuses two (B, H, W) float image stacks, on a bucketed canvas for the student."""
+    """Fuses two (B, H, W) float image stacks, on a bucketed canvas unless bucket is 0."""
     batch, height, width = ir.shape
-    if self.model != "student" or not self.bucket:
+    if not self.bucket:
       return np.asarray(fuse(self.params, ir[..., None], vis[..., None]))[..., 0]
     canvas_h, canvas_w = bucket_shape(height, width, self.bucket)
+    if self.model == "teacher":  # Its stride-2 middle needs even canvas sides.
+      canvas_h, canvas_w = canvas_h + canvas_h % 2, canvas_w + canvas_w % 2
     pad = ((0, 0), (0, canvas_h - height), (0, canvas_w - width), (0, 0))
     sizes = np.tile(np.array([[height, width]], np.int32), (batch, 1))
     fused = fuse_within(self.params, np.pad(ir[..., None], pad), np.pad(vis[..., None], pad), sizes)

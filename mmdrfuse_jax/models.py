@@ -72,6 +72,37 @@ def reflect_pad_within(x: jax.Array, sizes: jax.Array) -> jax.Array:
   return jax.vmap(pad_one)(x, sizes)
 
 
+def _clamp_within(x: jax.Array, sizes: jax.Array) -> jax.Array:
+  """Each image's rows and columns past its true `sizes[b]` replaced by its last true ones.
+
+  Resampling reads a few pixels beyond an image's border, where PyTorch's bicubic
+  interpolation (and `upsample2x_bicubic`) repeats the edge; on a canvas this puts that edge
+  where the resampling will look.
+  """
+
+  def clamp_one(image, size):
+    rows = jnp.minimum(jnp.arange(image.shape[0]), size[0] - 1)
+    cols = jnp.minimum(jnp.arange(image.shape[1]), size[1] - 1)
+    return image[rows][:, cols]
+
+  return jax.vmap(clamp_one)(x, sizes)
+
+
+def _even_within(x: jax.Array, sizes: jax.Array) -> jax.Array:
+  """The teacher's odd-size rule on a canvas: row h (column w) := row h-2 (column w-2) where
+  the true height h (width w) is odd, i.e. one reflected row/column at the bottom/right."""
+
+  def fix_axis(image, size, axis):
+    mirror = jax.lax.dynamic_slice_in_dim(image, size - 2, 1, axis=axis)
+    fixed = jax.lax.dynamic_update_slice_in_dim(image, mirror, size, axis=axis)
+    return jnp.where(size % 2 == 1, fixed, image)
+
+  def fix_one(image, size):
+    return fix_axis(fix_axis(image, size[0], 0), size[1], 1)
+
+  return jax.vmap(fix_one)(x, sizes)
+
+
 class TapMatmulConv(nn.Module):
   """A 3x3 'valid' convolution with bias for layers with few output channels.
 
@@ -215,6 +246,14 @@ class Teacher(nn.Module):
   convolutions compute; the outputs are float32 in every mode. `conv_impl`: see
   `resolve_conv_impl`.
 
+  With `sizes`, images of different sizes share one canvas shape (and so one compilation):
+  each image sits top-left on the canvas, every reflection padding is taken at its true
+  border (at half resolution too), its odd side gets the reflected row/column above, and the
+  bicubic upsampling sees its edge repeated past that border, as at a real border. Inside
+  each true region the outputs then equal those of the cropped image up to float rounding
+  (the convolutions sum in another order on a bigger array: about 1e-6). The canvas's
+  height and width must be even; outputs are returned on the canvas (not cropped).
+
   Returns:
     A dict with `encoder` (G1..G6), `feat_pre` (conv11 output), `feat` (its ReLU),
     `out_pre` (conv00 output) and `out` (tanh(out_pre)).
@@ -225,41 +264,57 @@ class Teacher(nn.Module):
   conv_impl: str = "auto"  # Of the 64->4 `conv11`, see `resolve_conv_impl`.
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> dict[str, Any]:
+  def __call__(self, x: jax.Array, sizes: jax.Array | None = None) -> dict[str, Any]:
+    """Runs the teacher on (B, H, W, 2) stacked [ir, visible]; `sizes`: see the class."""
     height, width = x.shape[1:3]
     pad_h, pad_w = height % 2, width % 2
-    if pad_h or pad_w:
+    if sizes is not None:
+      if pad_h or pad_w:
+        raise ValueError(f"the teacher's canvas must have even sides, got {height}x{width}")
+      x = _even_within(x, sizes)
+      full = jnp.asarray(sizes) + jnp.asarray(sizes) % 2
+      pad_full = functools.partial(reflect_pad_within, sizes=full)
+      pad_half = functools.partial(reflect_pad_within, sizes=full // 2)
+    elif pad_h or pad_w:
       if not self.any_size:
         raise ValueError(f"the published teacher needs even sizes, got {height}x{width}")
       x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
+    if sizes is None:
+      pad_full = pad_half = reflect_pad
 
     mode = self.precision
     dtype = precision_lib.compute_dtype(mode)
     x = x.astype(dtype)
 
-    def conv_relu(features, name, *inputs, strides=1):
+    def conv_relu(features, name, *inputs, strides=1, pad=pad_full):
       y = jnp.concatenate(inputs, axis=-1) if len(inputs) > 1 else inputs[0]
-      return nn.relu(_conv(features, name, strides, mode)(reflect_pad(y)))
+      return nn.relu(_conv(features, name, strides, mode)(pad(y)))
 
     g1 = conv_relu(32, "conv1", x)
     g2 = conv_relu(32, "conv2", g1)
     g3 = conv_relu(64, "conv3", g1, g2, strides=2)
-    g4 = conv_relu(64, "conv4", g3)
-    g5 = conv_relu(64, "conv5", g3, g4)
-    g6 = conv_relu(64, "conv6", g3, g4, g5)
-    d6 = conv_relu(64, "conv66", g6)
-    d5 = conv_relu(64, "conv55", g5, d6)
-    d4 = conv_relu(64, "conv44", g4, d5)
-    d3 = conv_relu(64, "conv33", g3, d4)
+    g4 = conv_relu(64, "conv4", g3, pad=pad_half)
+    g5 = conv_relu(64, "conv5", g3, g4, pad=pad_half)
+    g6 = conv_relu(64, "conv6", g3, g4, g5, pad=pad_half)
+    d6 = conv_relu(64, "conv66", g6, pad=pad_half)
+    d5 = conv_relu(64, "conv55", g5, d6, pad=pad_half)
+    d4 = conv_relu(64, "conv44", g4, d5, pad=pad_half)
+    d3 = conv_relu(64, "conv33", g3, d4, pad=pad_half)
+    if sizes is not None:
+      d3 = _clamp_within(d3, full // 2)
     d2 = conv_relu(32, "conv22", g2, upsample2x_bicubic(d3, precision_lib.lax_precision(mode)))
     if resolve_conv_impl(self.conv_impl) == "planar":
       conv11 = TapMatmulConv(4, precision_lib.lax_precision(mode), dtype, name="conv11")
     else:
       conv11 = _conv(4, "conv11", mode=mode)
-    feat_pre = conv11(reflect_pad(jnp.concatenate([g1, d2], axis=-1)))
+    feat_pre = conv11(pad_full(jnp.concatenate([g1, d2], axis=-1)))
     feat = nn.relu(feat_pre)
-    out_pre = _conv(1, "conv00", mode=mode)(reflect_pad(feat)).astype(jnp.float32)
+    out_pre = _conv(1, "conv00", mode=mode)(pad_full(feat)).astype(jnp.float32)
     outputs = {"feat_pre": feat_pre, "feat": feat, "out_pre": out_pre, "out": jnp.tanh(out_pre)}
+    if sizes is not None:  # On the canvas: the caller crops each image to its true size.
+      outputs = {k: v.astype(jnp.float32) for k, v in outputs.items()}
+      outputs["encoder"] = tuple(g.astype(jnp.float32) for g in (g1, g2, g3, g4, g5, g6))
+      return outputs
     outputs = {k: v[:, :height, :width].astype(jnp.float32) for k, v in outputs.items()}
     outputs["encoder"] = tuple(g.astype(jnp.float32) for g in (
         g1[:, :height, :width], g2[:, :height, :width], g3, g4, g5, g6))

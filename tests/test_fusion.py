@@ -100,6 +100,20 @@ def test_bucketed_student_equals_exact_size(random_student):
   np.testing.assert_array_equal(a, b)
 
 
+def test_bucketed_teacher_equals_exact_size():
+  # An odd bucket (15) checks that the teacher's canvas is rounded up to even sides.
+  params = models.init_params("teacher", jax.random.key(5))
+  rng = np.random.default_rng(8)
+  ir = rng.integers(0, 256, (21, 33), dtype=np.uint8)
+  vis = rng.integers(0, 256, (21, 33), dtype=np.uint8)
+  bucketed, exact = fusion.Fuser(params, bucket=15), fusion.Fuser(params, bucket=0)
+  floats = [f._fuse_gray(*(imageio.to_unit_float(x)[None] for x in (ir, vis)))
+            for f in (bucketed, exact)]
+  np.testing.assert_allclose(floats[0], floats[1], atol=2e-6)
+  a, b = bucketed.fuse_images(ir, vis), exact.fuse_images(ir, vis)
+  assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # a rounding boundary at most
+
+
 def test_pair_of_different_sizes_is_refused(random_student):
   with pytest.raises(ValueError, match="different sizes"):
     fusion.Fuser(random_student).fuse_images(np.zeros((8, 8), np.uint8), np.zeros((8, 9), np.uint8))

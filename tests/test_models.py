@@ -93,6 +93,32 @@ def test_teacher_accepts_odd_sizes(height, width):
     models.Teacher(any_size=False).apply({"params": params}, x)
 
 
+def test_teacher_on_a_canvas_equals_the_cropped_image():
+  # Images of several sizes (odd ones too) top-left on one canvas, the rest filled with
+  # values no border should see: inside each true region every output matches the image run
+  # alone, and the half-resolution taps match on the (even) half size.
+  params = models.init_params("teacher", jax.random.key(3))
+  rng = np.random.default_rng(3)
+  sizes = [(6, 10), (7, 9), (12, 5), (4, 4), (24, 20), (23, 19)]
+  canvas = np.full((len(sizes), 24, 20, 2), 0.77, np.float32)
+  images = []
+  for i, (h, w) in enumerate(sizes):
+    images.append(rng.random((1, h, w, 2), dtype=np.float32))
+    canvas[i, :h, :w] = images[-1][0]
+  on_canvas = models.Teacher().apply({"params": params}, canvas,
+                                     sizes=np.array(sizes, np.int32))
+  for i, (h, w) in enumerate(sizes):
+    alone = models.Teacher().apply({"params": params}, images[i])
+    for name in ("out", "out_pre", "feat_pre"):
+      np.testing.assert_allclose(on_canvas[name][i, :h, :w], alone[name][0], atol=2e-6,
+                                 err_msg=f"{name} of {h}x{w}")
+    half = (h + h % 2) // 2, (w + w % 2) // 2
+    np.testing.assert_allclose(on_canvas["encoder"][5][i, :half[0], :half[1]],
+                               alone["encoder"][5][0], atol=2e-6, err_msg=f"G6 of {h}x{w}")
+  with pytest.raises(ValueError, match="even sides"):
+    models.Teacher().apply({"params": params}, canvas[:, :23], sizes=np.array(sizes, np.int32))
+
+
 def test_teacher_on_even_size_is_unchanged_by_any_size_rule():
   params = models.init_params("teacher", jax.random.key(2))
   x = np.random.default_rng(1).random((1, 16, 24, 2), dtype=np.float32)
