@@ -24,6 +24,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -51,6 +52,22 @@ def load_script(name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def random_params(model: str, seed: int) -> dict:
+  """NumPy parameters of `model` with He-scaled normal kernels and small biases.
+
+  Much cheaper than `models.init_params` for the teacher (whose initialisation runs its whole
+  forward pass: about 15 s on a 2-core CPU), for tests that need any teacher.
+  """
+  rng = np.random.default_rng(seed)
+  params = {}
+  for layer, shapes in checkpoints.expected_shapes(model).items():
+    fan_in = np.prod(shapes["kernel"][:-1])
+    params[layer] = {
+        "kernel": (rng.normal(size=shapes["kernel"]) * np.sqrt(2 / fan_in)).astype(np.float32),
+        "bias": (rng.normal(size=shapes["bias"]) * 0.01).astype(np.float32)}
+  return params
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from conftest import random_params
 from PIL import Image
 
 from mmdrfuse_jax import checkpoints, fusion, imageio, models
@@ -102,7 +103,7 @@ def test_bucketed_student_equals_exact_size(random_student):
 
 def test_bucketed_teacher_equals_exact_size():
   # An odd bucket (15) checks that the teacher's canvas is rounded up to even sides.
-  params = models.init_params("teacher", jax.random.key(5))
+  params = random_params("teacher", 5)
   rng = np.random.default_rng(8)
   ir = rng.integers(0, 256, (21, 33), dtype=np.uint8)
   vis = rng.integers(0, 256, (21, 33), dtype=np.uint8)
