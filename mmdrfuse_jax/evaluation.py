@@ -30,7 +30,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Callable, Optional, Sequence
+from typing import Callable, Collection, Optional, Sequence
 
 import jax
 import numpy as np
@@ -71,12 +71,15 @@ class EvaluationResult:
     problems: one-line messages naming the file and the problem.
     stopped_by: the signal number when a stop request ended the evaluation early (the rows
       then hold only the images scored before it), else None.
+    fused: image name -> the fused image `fuse_fn` returned, for the names asked for with
+      `evaluate(keep_fused=...)`.
   """
 
   names: tuple[str, ...]
   rows: list[tuple[str, dict[str, Optional[float]]]]
   problems: list[str]
   stopped_by: Optional[int] = None
+  fused: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def means(self) -> dict[str, Optional[float]]:
     """Mean of every metric over the images where it is defined (None where there is none)."""
@@ -139,10 +142,11 @@ def assign_buckets(sizes: Sequence[tuple[int, int]], *, multiple: int = 32,
 
 
 def _load(triple: Triple, fuse_fn: Optional[FuseFn], save_dir: Optional[pathlib.Path],
-          problems: list[str]):
+          problems: list[str], keep: Optional[dict[str, np.ndarray]] = None):
   """The triple's three float gray images; raises ImageError naming the file.
 
   A fused image that cannot be saved to `save_dir` is reported in `problems` and still scored.
+  A fused image computed here is also put in `keep` (by name) when `keep` is given.
   """
   ir_raw = imageio.read_image(triple.ir)
   vis_raw = imageio.read_image(triple.vis)
@@ -156,6 +160,8 @@ def _load(triple: Triple, fuse_fn: Optional[FuseFn], save_dir: Optional[pathlib.
       fused_raw = fuse_fn(ir_raw, vis_raw)
     except ValueError as e:
       raise ImageError(f"{triple.ir}: cannot fuse ({e})") from None
+    if keep is not None:
+      keep[triple.name] = fused_raw
     if save_dir is not None:
       path = save_dir / f"{triple.name}.png"
       try:
@@ -171,8 +177,8 @@ def evaluate(triples: Sequence[Triple], *, names: Sequence[str] = metrics.METRIC
              ssim_data_range: float = 2.0, mi_base: Optional[float] = None,
              fuse_fn: Optional[FuseFn] = None, save_fused: Optional[str | os.PathLike] = None,
              batch_size: int = 1, bucket_multiple: int = 32, max_waste: float = 3.0,
-             progress: bool = False,
-             stop: Optional[interrupts.StopRequest] = None) -> EvaluationResult:
+             progress: bool = False, stop: Optional[interrupts.StopRequest] = None,
+             keep_fused: Collection[str] = ()) -> EvaluationResult:
   """Scores image triples; files that cannot be used are reported, the rest scored.
 
   Args:
@@ -187,6 +193,8 @@ def evaluate(triples: Sequence[Triple], *, names: Sequence[str] = metrics.METRIC
     progress: show a tqdm progress bar.
     stop: checked before each batch; once its `signum` is set, the evaluation ends early
       (`EvaluationResult.stopped_by`).
+    keep_fused: names of triples whose images `fuse_fn` computes are also returned, in
+      `EvaluationResult.fused` (e.g. to show them without fusing them again).
 
   Returns:
     An EvaluationResult, rows in the order of `triples`; undefined values are None.
@@ -198,6 +206,7 @@ def evaluate(triples: Sequence[Triple], *, names: Sequence[str] = metrics.METRIC
                      f"choose from {', '.join(metrics.ALL_NAMES)}")
   save_dir = pathlib.Path(save_fused) if save_fused is not None else None
   problems: list[str] = []
+  kept: dict[str, np.ndarray] = {}
 
   # Sizes from the file headers only, so that images are decoded one batch at a time.
   sized: list[tuple[Triple, tuple[int, int]]] = []
@@ -236,7 +245,8 @@ def evaluate(triples: Sequence[Triple], *, names: Sequence[str] = metrics.METRIC
         batch, arrays = [], []
         for t in group[start:start + batch_size]:
           try:
-            images = _load(t, fuse_fn, save_dir, problems)
+            images = _load(t, fuse_fn, save_dir, problems,
+                           kept if t.name in keep_fused else None)
           except ImageError as e:
             problems.append(str(e))
           else:
@@ -270,7 +280,8 @@ def evaluate(triples: Sequence[Triple], *, names: Sequence[str] = metrics.METRIC
     if bar is not None:
       bar.close()
   rows = [(t.name, scores[t.name]) for t, _ in sized if t.name in scores]
-  return EvaluationResult(names=names, rows=rows, problems=problems, stopped_by=stopped_by)
+  return EvaluationResult(names=names, rows=rows, problems=problems, stopped_by=stopped_by,
+                          fused=kept)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -223,12 +223,12 @@ class Validator:
     start = time.perf_counter()
     fuser = fusion.Fuser(jax.device_get(params), output=OUTPUT)
     result = evaluation.evaluate(self.triples, names=self.settings.names,
-                                 fuse_fn=fuser.fuse_images)
+                                 fuse_fn=fuser.fuse_images, keep_fused=self._sources)
     strips = {}
-    for t in self.triples[:self.settings.num_images]:
-      ir, vis = self._sources[t.name]
-      fused = imageio.to_8bit(fuser.fuse_images(ir, vis))
-      strips[t.name] = np.concatenate([ir, vis, fused], axis=1)
+    for name, (ir, vis) in self._sources.items():
+      if name in result.fused:  # Else the pair could not be fused (one of `problems`).
+        fused = imageio.to_8bit(result.fused[name])
+        strips[name] = np.concatenate([ir, vis, fused], axis=1)
     means = {k: v for k, v in result.means().items() if v is not None}
     return Result(means, strips, result.problems, time.perf_counter() - start)
 

@@ -106,6 +106,25 @@ def test_tensorboard_holds_validation_scalars_and_images(run):
   assert [(e.step, e.height, e.width) for e in images] == [(2, 48, 144), (4, 48, 144)]
 
 
+def test_strips_reuse_the_fused_images_that_were_scored(run, monkeypatch):
+  # Each pair is fused once per validation: the strip shows the image that was scored.
+  workdir, _, _ = run
+  triples, _ = evaluation.pair_triples(workdir / "validation_pairs" / "ir",
+                                       workdir / "validation_pairs" / "vi")
+  s = validation.Settings("synthetic", 2, METRICS, 0, 2, "")  # Both pairs as strips.
+  calls = []
+  fuse_images = fusion.Fuser.fuse_images
+  monkeypatch.setattr(fusion.Fuser, "fuse_images",
+                      lambda self, ir, vis: calls.append(1) or fuse_images(self, ir, vis))
+  params = checkpoints.load_params(workdir / "student.npz", "student")
+  result = validation.Validator(triples, s)(params)
+  assert len(calls) == len(triples) == 2 and len(result.strips) == 2
+  for t in triples:
+    ir, vis = (imageio.read_image(p) for p in (t.ir, t.vis))
+    expected = fuse_images(fusion.Fuser(params, output=validation.OUTPUT), ir, vis)
+    np.testing.assert_array_equal(result.strips[t.name], np.concatenate([ir, vis, expected], 1))
+
+
 def test_best_parameters_are_kept(run):
   workdir, _, lines = run
   rows = _val_rows(workdir)
