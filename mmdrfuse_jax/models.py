@@ -268,19 +268,19 @@ class Teacher(nn.Module):
     """Runs the teacher on (B, H, W, 2) stacked [ir, visible]; `sizes`: see the class."""
     height, width = x.shape[1:3]
     pad_h, pad_w = height % 2, width % 2
-    if sizes is not None:
+    if sizes is None:
+      if pad_h or pad_w:
+        if not self.any_size:
+          raise ValueError(f"the published teacher needs even sizes, got {height}x{width}")
+        x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
+      pad_full = pad_half = reflect_pad
+    else:
       if pad_h or pad_w:
         raise ValueError(f"the teacher's canvas must have even sides, got {height}x{width}")
       x = _even_within(x, sizes)
-      full = jnp.asarray(sizes) + jnp.asarray(sizes) % 2
+      full = jnp.asarray(sizes) + jnp.asarray(sizes) % 2  # The even size each image runs at.
       pad_full = functools.partial(reflect_pad_within, sizes=full)
       pad_half = functools.partial(reflect_pad_within, sizes=full // 2)
-    elif pad_h or pad_w:
-      if not self.any_size:
-        raise ValueError(f"the published teacher needs even sizes, got {height}x{width}")
-      x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
-    if sizes is None:
-      pad_full = pad_half = reflect_pad
 
     mode = self.precision
     dtype = precision_lib.compute_dtype(mode)
