@@ -16,7 +16,11 @@ the device. The split placements pad the slot count to a multiple of the device 
 the N patches are never read or written.
 
 Storage (`memory_dtype`):
-  * "bfloat16" (default): the tanh output as bfloat16; an unwritten slot holds NaN.
+  * "bfloat16" (default): the tanh output rounded to bfloat16, kept as its 16 bits in a uint16
+    array; an unwritten slot holds NaN. (XLA's CPU backend scatters bfloat16 through float32,
+    converting the whole memory at every write; a uint16 scatter writes the batch's slots in
+    place. Checkpoints written before, with bfloat16 arrays, are read back bit for bit: see
+    `bfloat16_bits`.)
   * "float32": as float32; an unwritten slot holds NaN.
   * "uint8": `round((clip(x, -1, 1) + 1) / 2 * 254)`, i.e. 255 levels over tanh's range [-1, 1]
     (step 2/254, so -1, 0 and 1 are exact); the code 255 marks an unwritten slot.
@@ -48,6 +52,7 @@ MEMORY_DTYPES = ("bfloat16", "float32", "uint8")
 PLACEMENTS = ("replicated", "sharded", "host")
 _UINT8_LEVELS = 254  # Codes 0..254 hold values; 255 marks an unwritten slot.
 _UINT8_EMPTY = 255
+_BFLOAT16_NAN_BITS = 0x7FC0  # An unwritten "bfloat16" slot.
 
 
 def ssim_score(x: jax.Array, ir: jax.Array, vi: jax.Array, per_sample: bool) -> jax.Array:
@@ -152,13 +157,29 @@ class RefreshConfig:
 Memory = dict[str, jax.Array]
 
 
-def _storage_dtype(memory_dtype: str):
-  return {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "uint8": jnp.uint8}[memory_dtype]
+def storage_dtype(memory_dtype: str):
+  """The dtype of the memory arrays for a `memory_dtype` setting ("bfloat16" -> uint16)."""
+  return {"bfloat16": jnp.uint16, "float32": jnp.float32, "uint8": jnp.uint8}[memory_dtype]
+
+
+def bfloat16_bits(array: jax.Array) -> jax.Array:
+  """A bfloat16 array's bits as uint16, with the same sharding (and memory kind).
+
+  Memories were kept as bfloat16 arrays before; a checkpoint of then restores them as such
+  (orbax would convert their values, not their bits, to uint16), and this gives the array
+  the state now holds. Shard by shard on the host, so no device holds more than its part.
+  """
+  sharding = array.sharding
+  shards = [jax.device_put(np.asarray(s.data).view(np.uint16),
+                           jax.sharding.SingleDeviceSharding(s.device,
+                                                             memory_kind=sharding.memory_kind))
+            for s in array.addressable_shards]
+  return jax.make_array_from_single_device_arrays(array.shape, sharding, shards)
 
 
 def bytes_per_sample(config: RefreshConfig, height: int = 128, width: int = 128) -> int:
   """Device bytes the refresh memories take per training patch (published: 262,144)."""
-  itemsize = jnp.dtype(_storage_dtype(config.memory_dtype)).itemsize
+  itemsize = jnp.dtype(storage_dtype(config.memory_dtype)).itemsize
   return len(config.kinds) * height * width * itemsize
 
 
@@ -174,8 +195,8 @@ def init_memory(num_patches: int, height: int, width: int, config: RefreshConfig
     sharding: where to create them (default: the default device). Each device fills only its
       own part, so that a memory too large for one device is never whole on one.
   """
-  dtype = _storage_dtype(config.memory_dtype)
-  fill = _UINT8_EMPTY if config.memory_dtype == "uint8" else jnp.nan
+  dtype = storage_dtype(config.memory_dtype)
+  fill = {"uint8": _UINT8_EMPTY, "bfloat16": _BFLOAT16_NAN_BITS}.get(config.memory_dtype, jnp.nan)
   shape = (num_patches, height, width, 1)
   if sharding is None:
     return {kind.key: jnp.full(shape, fill, dtype) for kind in config.kinds}
@@ -193,7 +214,9 @@ def encode(x: jax.Array, memory_dtype: str) -> jax.Array:
   if memory_dtype == "uint8":
     q = jnp.round((jnp.clip(x, -1.0, 1.0) + 1.0) * (_UINT8_LEVELS / 2.0))
     return q.astype(jnp.uint8)
-  return x.astype(_storage_dtype(memory_dtype))
+  if memory_dtype == "bfloat16":
+    return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+  return x.astype(storage_dtype(memory_dtype))
 
 
 def decode(stored: jax.Array, memory_dtype: str) -> tuple[jax.Array, jax.Array]:
@@ -206,6 +229,8 @@ def decode(stored: jax.Array, memory_dtype: str) -> tuple[jax.Array, jax.Array]:
     written = stored[:, 0, 0, 0] != _UINT8_EMPTY
     x = stored.astype(jnp.float32) * (2.0 / _UINT8_LEVELS) - 1.0
   else:
+    if memory_dtype == "bfloat16":
+      stored = jax.lax.bitcast_convert_type(stored, jnp.bfloat16)
     x = stored.astype(jnp.float32)
     written = ~jnp.isnan(x[:, 0, 0, 0])
   x = jnp.where(written[:, None, None, None], x, 0.0)

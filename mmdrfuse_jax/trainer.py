@@ -17,6 +17,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -269,8 +270,16 @@ class RunCheckpoints:
     failures = []
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
+        legacy = self._bfloat16_memories(step, like)
+        target = abstract.replace(memory={
+            key: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16, sharding=a.sharding)
+            if key in legacy else a for key, a in abstract.memory.items()})
         restored = self._manager.restore(step, args=self._ocp.args.StandardRestore(
-            abstract, strict=self._same_memory_slots(step, like)))
+            target, strict=self._same_memory_slots(step, like)))
+        if legacy:
+          restored = restored.replace(memory={
+              key: refresh.bfloat16_bits(m) if key in legacy else m
+              for key, m in restored.memory.items()})
       except Exception as e:  # Orbax raises many types for a damaged checkpoint.
         reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
         failures.append(f"step {step} ({reason})")
@@ -289,6 +298,27 @@ class RunCheckpoints:
           "use another --workdir, or --config.start_fresh=True to start over")
     return like, None
 
+  def _saved_memory(self, step: int) -> dict:
+    """Checkpoint `step`'s refresh memory metadata by key ({} when unreadable)."""
+    try:
+      saved = self._manager.item_metadata(step)
+    except Exception:  # Damaged metadata: the restore itself says why.
+      return {}
+    saved = getattr(saved, "tree", saved)
+    memory = saved.get("memory") if isinstance(saved, dict) else None
+    return memory if isinstance(memory, dict) else {}
+
+  def _bfloat16_memories(self, step: int, like: train.TrainState) -> set[str]:
+    """Memories that checkpoint `step` holds as bfloat16 arrays where `like` holds their bits.
+
+    Checkpoints from before "bfloat16" memories were kept as uint16 bits (`refresh.py`):
+    orbax would convert their values, so they are restored as bfloat16 and reinterpreted.
+    """
+    saved = self._saved_memory(step)
+    return {key for key, value in like.memory.items()
+            if value.dtype == jnp.uint16 and key in saved
+            and str(getattr(saved[key], "dtype", "")) == "bfloat16"}
+
   def _same_memory_slots(self, step: int, like: train.TrainState) -> bool:
     """Whether checkpoint `step` has as many refresh memory slots as `like`.
 
@@ -296,11 +326,10 @@ class RunCheckpoints:
     the padding slots are never read: a checkpoint with another count restores with them
     padded or truncated (not strict). Every other shape is fixed by the run's settings.
     """
-    saved = self._manager.item_metadata(step)
-    saved = getattr(saved, "tree", saved)
-    if not like.memory or not isinstance(saved, dict) or not saved.get("memory"):
+    saved = self._saved_memory(step)
+    if not like.memory or not saved:
       return True  # Nothing to pad, or unreadable metadata: the strict restore says why.
-    return all(getattr(saved["memory"].get(key), "shape", None) == value.shape
+    return all(getattr(saved.get(key), "shape", None) == value.shape
                for key, value in like.memory.items())
 
   def _quarantine(self, step: int) -> pathlib.Path:

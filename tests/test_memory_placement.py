@@ -106,10 +106,11 @@ _SCRIPT = textwrap.dedent("""
     flat = jax.tree_util.tree_flatten_with_path(
         (state.params, state.opt_state, state.memory, state.step, state.epoch, state.position,
          state.rng))[0]
-    # bfloat16 memories as float32 (exact), which np.load reads back.
+    # The memories' bfloat16 values (kept as uint16 bits) as float32 (exact), which np.load
+    # reads back with their NaNs (unwritten slots).
     np.savez(out / f"{name}.npz", **{
-        jax.tree_util.keystr(k): np.asarray(v, np.float32 if v.dtype.name == "bfloat16" else None)
-        for k, v in flat})
+        jax.tree_util.keystr(k): v.view(jax.numpy.bfloat16).astype(np.float32)
+        if v.dtype == np.uint16 else np.asarray(v) for k, v in flat})
 
   for placement in ("replicated", "sharded", "host"):
     run(placement, placement)

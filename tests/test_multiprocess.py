@@ -34,6 +34,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -155,8 +156,10 @@ def _state(workdir, step=None):
   target = jax.tree_util.tree_map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
   state = manager.restore(step, args=ocp.args.StandardRestore(target))
-  # bfloat16 memories as float32 (exact).
-  return step, jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), jax.device_get(state))
+  # As float32 (exact); the memories' bfloat16 values are kept as uint16 bits.
+  return step, jax.tree_util.tree_map(
+      lambda x: x.view(jnp.bfloat16).astype(np.float32) if x.dtype == np.uint16
+      else np.asarray(x, np.float32), jax.device_get(state))
 
 
 def _assert_states_close(a, b):

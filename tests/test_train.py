@@ -183,6 +183,30 @@ def test_nonfinite_loss_skips_update(straight_run, teacher_file):
   assert not np.any(others)
 
 
+def test_checkpoint_with_bfloat16_memory_arrays_restores_bit_for_bit(tmp_path):
+  # "bfloat16" memories were bfloat16 arrays and are uint16 bits now. Checkpoints of then
+  # restore with the same bits; orbax alone would convert the values (NaN and 0.5 to 0).
+  like = train.create_train_state("student", train.make_optimizer(1e-3), jax.random.PRNGKey(0),
+                                  4, 8, refresh.RefreshConfig())
+  values = np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32)
+  values[0] = np.nan  # An unwritten slot.
+  before = like.replace(memory={k: jnp.asarray(values, jnp.bfloat16) for k in like.memory})
+  trainer.RunCheckpoints(tmp_path, keep=1).save(3, before)
+  restored, step = trainer.RunCheckpoints(tmp_path, keep=1).restore_latest(like, print)
+  assert step == 3
+  for key, memory in restored.memory.items():
+    assert memory.dtype == np.uint16
+    np.testing.assert_array_equal(memory, np.asarray(before.memory[key]).view(np.uint16))
+    images, written = refresh.gather(memory, jnp.arange(4), "bfloat16")
+    assert list(np.asarray(written)) == [False, True, True, True]
+    np.testing.assert_array_equal(images[1:], np.asarray(before.memory[key][1:], np.float32))
+  # A checkpoint written now restores as it was saved.
+  trainer.RunCheckpoints(tmp_path, keep=1).save(4, restored)
+  again, step = trainer.RunCheckpoints(tmp_path, keep=1).restore_latest(like, print)
+  assert step == 4
+  _assert_trees_equal(again.memory, restored.memory)
+
+
 def test_per_sample_uint8_ssim_only_run(tmp_path, teacher_file):
   config = tiny_config(teacher_file)
   config.refresh.per_sample = True
