@@ -270,12 +270,13 @@ class RunCheckpoints:
     failures = []
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        legacy = self._bfloat16_memories(step, like)
+        saved = self._saved_memory(step)  # The metadata, read once for both checks.
+        legacy = _bfloat16_memories(saved, like)
         target = abstract.replace(memory={
             key: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16, sharding=a.sharding)
             if key in legacy else a for key, a in abstract.memory.items()})
         restored = self._manager.restore(step, args=self._ocp.args.StandardRestore(
-            target, strict=self._same_memory_slots(step, like)))
+            target, strict=_same_memory_slots(saved, like)))
         if legacy:
           restored = restored.replace(memory={
               key: refresh.bfloat16_bits(m) if key in legacy else m
@@ -308,30 +309,6 @@ class RunCheckpoints:
     memory = saved.get("memory") if isinstance(saved, dict) else None
     return memory if isinstance(memory, dict) else {}
 
-  def _bfloat16_memories(self, step: int, like: train.TrainState) -> set[str]:
-    """Memories that checkpoint `step` holds as bfloat16 arrays where `like` holds their bits.
-
-    Checkpoints from before "bfloat16" memories were kept as uint16 bits (`refresh.py`):
-    orbax would convert their values, so they are restored as bfloat16 and reinterpreted.
-    """
-    saved = self._saved_memory(step)
-    return {key for key, value in like.memory.items()
-            if value.dtype == jnp.uint16 and key in saved
-            and str(getattr(saved[key], "dtype", "")) == "bfloat16"}
-
-  def _same_memory_slots(self, step: int, like: train.TrainState) -> bool:
-    """Whether checkpoint `step` has as many refresh memory slots as `like`.
-
-    The slot count depends on the placement and the device count (`train.memory_slots`), and
-    the padding slots are never read: a checkpoint with another count restores with them
-    padded or truncated (not strict). Every other shape is fixed by the run's settings.
-    """
-    saved = self._saved_memory(step)
-    if not like.memory or not saved:
-      return True  # Nothing to pad, or unreadable metadata: the strict restore says why.
-    return all(getattr(saved.get(key), "shape", None) == value.shape
-               for key, value in like.memory.items())
-
   def _quarantine(self, step: int) -> pathlib.Path:
     damaged = self.directory.parent / "damaged_checkpoints"
     damaged.mkdir(exist_ok=True)
@@ -353,6 +330,32 @@ class RunCheckpoints:
     except Exception as e:  # OSError, or orbax/tensorstore errors wrapping one.
       raise TrainingError(f"{self.directory}: cannot save the checkpoint of step {step} "
                           f"({_save_error_cause(e)}); the earlier checkpoints are kept") from None
+
+
+def _bfloat16_memories(saved: dict, like: train.TrainState) -> set[str]:
+  """Memories a checkpoint (`saved`: its memory metadata) holds as bfloat16 arrays where
+  `like` holds their bits.
+
+  Checkpoints from before "bfloat16" memories were kept as uint16 bits (`refresh.py`): orbax
+  would convert their values, so they are restored as bfloat16 and reinterpreted.
+  """
+  return {key for key, value in like.memory.items()
+          if value.dtype == jnp.uint16 and key in saved
+          and str(getattr(saved[key], "dtype", "")) == "bfloat16"}
+
+
+def _same_memory_slots(saved: dict, like: train.TrainState) -> bool:
+  """Whether a checkpoint (`saved`: its memory metadata) has as many refresh memory slots as
+  `like`.
+
+  The slot count depends on the placement and the device count (`train.memory_slots`), and
+  the padding slots are never read: a checkpoint with another count restores with them
+  padded or truncated (not strict). Every other shape is fixed by the run's settings.
+  """
+  if not like.memory or not saved:
+    return True  # Nothing to pad, or unreadable metadata: the strict restore says why.
+  return all(getattr(saved.get(key), "shape", None) == value.shape
+             for key, value in like.memory.items())
 
 
 def _save_error_cause(error: Exception) -> str:
