@@ -311,13 +311,13 @@ class Teacher(nn.Module):
     feat = nn.relu(feat_pre)
     out_pre = _conv(1, "conv00", mode=mode)(pad_full(feat)).astype(jnp.float32)
     outputs = {"feat_pre": feat_pre, "feat": feat, "out_pre": out_pre, "out": jnp.tanh(out_pre)}
-    if sizes is not None:  # On the canvas: the caller crops each image to its true size.
-      outputs = {k: v.astype(jnp.float32) for k, v in outputs.items()}
-      outputs["encoder"] = tuple(g.astype(jnp.float32) for g in (g1, g2, g3, g4, g5, g6))
-      return outputs
-    outputs = {k: v[:, :height, :width].astype(jnp.float32) for k, v in outputs.items()}
+
+    def crop(v):  # Full resolution back to the input size; on a canvas the caller crops.
+      return v if sizes is not None else v[:, :height, :width]
+
+    outputs = {k: crop(v).astype(jnp.float32) for k, v in outputs.items()}
     outputs["encoder"] = tuple(g.astype(jnp.float32) for g in (
-        g1[:, :height, :width], g2[:, :height, :width], g3, g4, g5, g6))
+        crop(g1), crop(g2), g3, g4, g5, g6))
     return outputs
 
 
