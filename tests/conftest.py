@@ -74,7 +74,7 @@ def random_params(model: str, seed: int) -> dict:
 def teacher_file(tmp_path_factory):
   """A freshly initialised teacher's weights file (`teacher.npz`), for student runs."""
   path = tmp_path_factory.mktemp("teacher") / "teacher.npz"
-  checkpoints.save_params(path, models.init_params("teacher", jax.random.PRNGKey(7)))
+  checkpoints.save_params(path, random_params("teacher", 7))
   return path
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mmdrfuse_jax import checkpoints, distributed
+from mmdrfuse_jax import distributed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 8  # 8 patches, batch 2: 4 steps per epoch, 2 epochs.
@@ -80,17 +80,6 @@ _DRIVER = textwrap.dedent("""
   sys.argv = ["bin/train.py", *sys.argv[1:]]
   runpy.run_path("bin/train.py", run_name="__main__")
 """)
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-  # A random teacher from its shapes (initialising the network eagerly compiles for long).
-  rng = np.random.default_rng(7)
-  path = tmp_path_factory.mktemp("teacher") / "teacher.npz"
-  checkpoints.save_params(path, {
-      layer: {k: rng.normal(0, 0.1, shape).astype(np.float32) for k, shape in p.items()}
-      for layer, p in checkpoints.expected_shapes("teacher").items()})
-  return path
 
 
 def _env(devices=1, fault=None):
