@@ -12,6 +12,7 @@ from mmdrfuse_jax import backend, interrupts
 from mmdrfuse_jax.benchmarks import (
     common,
     infer,
+    memory_write,
     metrics,
     pipeline,
     precision_error,
@@ -21,7 +22,7 @@ from mmdrfuse_jax.benchmarks import (
 )
 
 # Each module has add_parser(subparsers) that registers its subcommand with a `run` default.
-BENCHMARKS = [infer, pipeline, metrics, train_step, precision_error, video, suite]
+BENCHMARKS = [infer, pipeline, metrics, train_step, memory_write, precision_error, video, suite]
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 
+import pytest
 from conftest import load_script
 
 from mmdrfuse_jax.benchmarks import suite
@@ -54,3 +55,16 @@ def test_sigterm_stops_a_benchmark_in_one_line(tmp_path, capsys, monkeypatch):
   assert code == 143
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1] == "stopped by SIGTERM: infer not finished"
+
+
+def test_memory_write_times_the_storage_it_names(capsys):
+  bench = load_script("bench")
+  assert bench.main(["memory-write", "--num_patches", "64", "--batch", "4", "--size", "8",
+                     "--repeats", "2"]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["benchmark"] == "memory-write" and result["device"].startswith("cpu")
+  # "bfloat16" memories are kept as their bits: 64 slots of 8x8, 2 bytes each.
+  assert result["storage_dtype"] == "uint16" and result["memory_bytes"] == 64 * 8 * 8 * 2
+  assert result["runs"] == 2 and result["ms_per_write"] > 0
+  with pytest.raises(SystemExit, match="--batch 8 must be between 1 and --num_patches 4"):
+    bench.main(["memory-write", "--num_patches", "4", "--batch", "8"])
