@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import load_script, save_image
+from rounding import assert_equal_up_to_rounding, network_ulps
 
 from mmdrfuse_jax import checkpoints, export, fusion, imageio, models
 
@@ -25,7 +26,6 @@ SHAPES = ((2, 37, 50, 1), (2, 64, 48, 1))  # batch 2; odd and even sizes
 CASES = [(model, fmt) for model in ("student", "teacher") for fmt in export.FORMATS]
 # Each teacher shape costs compilations of seconds (fusion.fuse and the StableHLO file).
 TEACHER_SHAPES = SHAPES[:1]
-
 
 @pytest.fixture(scope="module")
 def params():
@@ -82,11 +82,11 @@ def runner(exported):
 
 
 @pytest.mark.parametrize("model,fmt", CASES)
-def test_export_equals_fuse(model, fmt, runner, images, reference):
+def test_export_equals_fuse(model, fmt, runner, images, reference, params):
   for shape in TEACHER_SHAPES if model == "teacher" else SHAPES:
     got = runner(model, fmt)(*images[shape])
     assert got.shape == shape and got.dtype == np.float32
-    np.testing.assert_allclose(got, reference(model, shape), atol=1e-5, rtol=0)
+    assert_equal_up_to_rounding(got, reference(model, shape), ulps=network_ulps(params[model]))
 
 
 # Not the teacher's StableHLO: the JAX output stage is the same function after either network
@@ -101,10 +101,11 @@ def test_minmax_within_one_gray_level(model, fmt, runner, images, reference):
 
 
 @pytest.mark.parametrize("fmt", export.FORMATS)
-def test_clip_and_constant_images(fmt, runner, images, reference):
+def test_clip_and_constant_images(fmt, runner, images, reference, params):
   shape = SHAPES[1]
   got = runner("student", fmt, "clip")(*images[shape])
-  np.testing.assert_allclose(got, np.clip(reference("student", shape), 0, 1), atol=1e-5, rtol=0)
+  assert_equal_up_to_rounding(got, np.clip(reference("student", shape), 0, 1),
+                              ulps=network_ulps(params["student"]))
   # minmax of a constant image is 0, as `fusion.quantize` makes it (no division by zero):
   # conv1 gives 1 everywhere, conv2 then 36.
   constant = {"conv1": {"kernel": np.zeros((3, 3, 2, 4), np.float32),
@@ -116,7 +117,7 @@ def test_clip_and_constant_images(fmt, runner, images, reference):
   np.testing.assert_array_equal(run(flat, flat), flat)
 
 
-def test_teacher_smallest_size_and_too_small(runner):
+def test_teacher_smallest_size_and_too_small(runner, params):
   """The teacher takes 3x5: padded to 4x6 (half size 2x3), run, cropped; 2 rows are refused."""
   ir, vis = np.random.default_rng(1).random((2, 1, 3, 5, 1), dtype=np.float32)
   run = runner("teacher", "onnx")  # equal to fusion.fuse at 37x50 (above)
@@ -124,7 +125,8 @@ def test_teacher_smallest_size_and_too_small(runner):
   def pad(x):
     return np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)), mode="reflect")
 
-  np.testing.assert_allclose(run(ir, vis), run(pad(ir), pad(vis))[:, :3, :5], atol=1e-6, rtol=0)
+  assert_equal_up_to_rounding(run(ir, vis), run(pad(ir), pad(vis))[:, :3, :5],
+                              ulps=network_ulps(params["teacher"]))
   with pytest.raises(ValueError):
     runner("teacher", "stablehlo")(ir[:, :2], vis[:, :2])
 
@@ -166,7 +168,8 @@ print("platforms", exported.platforms)
 """
 
 
-def test_stablehlo_runs_in_a_process_without_the_project(tmp_path, exported, images, reference):
+def test_stablehlo_runs_in_a_process_without_the_project(tmp_path, exported, images, reference,
+                                                          params):
   shape = SHAPES[0]
   export.write_file(tmp_path / "student.stablehlo", exported("student", "stablehlo"))
   np.savez(tmp_path / "inputs.npz", ir=images[shape][0], vis=images[shape][1])
@@ -176,8 +179,8 @@ def test_stablehlo_runs_in_a_process_without_the_project(tmp_path, exported, ima
                         timeout=300)
   assert done.returncode == 0, done.stderr
   assert "platforms ('cpu', 'cuda')" in done.stdout
-  np.testing.assert_allclose(np.load(tmp_path / "out.npy"), reference("student", shape),
-                             atol=1e-5, rtol=0)
+  assert_equal_up_to_rounding(np.load(tmp_path / "out.npy"), reference("student", shape),
+                              ulps=network_ulps(params["student"]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,10 +4,9 @@ import jax
 import numpy as np
 import pytest
 from conftest import random_params
+from rounding import assert_equal_up_to_rounding, network_ulps
 
 from mmdrfuse_jax import checkpoints, models
-
-TOL = 1e-5
 
 
 def nhwc(a):
@@ -39,7 +38,8 @@ def test_student_matches_published(shared, golden, inputs):
   out = models.Student().apply({"params": params}, inputs)
   for name, key in [("feat", "student_encoder_0"), ("feat_pre", "student_encoder_1"),
                     ("out", "student_decoder_0"), ("out_pre", "student_decoder_1")]:
-    np.testing.assert_allclose(out[name], nhwc(golden[key]), atol=TOL, rtol=0, err_msg=name)
+    assert_equal_up_to_rounding(out[name], nhwc(golden[key]), ulps=network_ulps(params),
+                                err_msg=name)
 
 
 def test_student_matches_published_on_odd_full_image(shared, golden):
@@ -47,18 +47,19 @@ def test_student_matches_published_on_odd_full_image(shared, golden):
   x = np.stack([golden["full_ir"], golden["full_vi"]], axis=-1)[None]
   assert x.shape == (1, 301, 496, 2)
   out = models.Student().apply({"params": params}, x)["out"]
-  np.testing.assert_allclose(out, nhwc(golden["full_student_out"]), atol=TOL, rtol=0)
+  assert_equal_up_to_rounding(out, nhwc(golden["full_student_out"]), ulps=network_ulps(params))
 
 
 def test_teacher_matches_published(shared, golden, inputs):
   params = checkpoints.load_params(shared / "reference" / "weights" / "teacher.model", "teacher")
   out = jax.jit(models.Teacher().apply)({"params": params}, inputs)
   for i in range(6):
-    np.testing.assert_allclose(out["encoder"][i], nhwc(golden[f"teacher_encoder_{i}"]), atol=TOL,
-                               rtol=0, err_msg=f"G{i + 1}")
+    assert_equal_up_to_rounding(out["encoder"][i], nhwc(golden[f"teacher_encoder_{i}"]),
+                                ulps=network_ulps(params), err_msg=f"G{i + 1}")
   for name, key in [("out", "teacher_decoder_0"), ("feat", "teacher_decoder_1"),
                     ("out_pre", "teacher_decoder_2"), ("feat_pre", "teacher_decoder_3")]:
-    np.testing.assert_allclose(out[name], nhwc(golden[key]), atol=TOL, rtol=0, err_msg=name)
+    assert_equal_up_to_rounding(out[name], nhwc(golden[key]), ulps=network_ulps(params),
+                                err_msg=name)
 
 
 def test_bicubic_upsampling_uses_pytorch_kernel():
@@ -107,15 +108,16 @@ def test_teacher_on_a_canvas_equals_the_cropped_image():
     images.append(rng.random((1, h, w, 2), dtype=np.float32))
     canvas[i, :h, :w] = images[-1][0]
   apply = jax.jit(models.Teacher().apply)
+  ulps = network_ulps(params)  # Rounding differs with the CPU: see tests/rounding.py.
   on_canvas = apply({"params": params}, canvas, sizes=np.array(sizes, np.int32))
   for i, (h, w) in enumerate(sizes):
     alone = apply({"params": params}, images[i])
     for name in ("out", "out_pre", "feat_pre"):
-      np.testing.assert_allclose(on_canvas[name][i, :h, :w], alone[name][0], atol=2e-6,
-                                 err_msg=f"{name} of {h}x{w}")
+      assert_equal_up_to_rounding(on_canvas[name][i, :h, :w], alone[name][0], ulps=ulps,
+                                  err_msg=f"{name} of {h}x{w}")
     half = (h + h % 2) // 2, (w + w % 2) // 2
-    np.testing.assert_allclose(on_canvas["encoder"][5][i, :half[0], :half[1]],
-                               alone["encoder"][5][0], atol=2e-6, err_msg=f"G6 of {h}x{w}")
+    assert_equal_up_to_rounding(on_canvas["encoder"][5][i, :half[0], :half[1]],
+                                alone["encoder"][5][0], ulps=ulps, err_msg=f"G6 of {h}x{w}")
   with pytest.raises(ValueError, match="even sides"):
     models.Teacher().apply({"params": params}, canvas[:, :11], sizes=np.array(sizes, np.int32))
 
@@ -181,7 +183,8 @@ def test_student_values_and_gradients_match_xla_convolution():
   def ours(p, x):
     return models.Student().apply({"params": p}, x)["out"]
 
-  np.testing.assert_allclose(ours(params, x), _reference_student(params, x), atol=1e-6)
+  assert_equal_up_to_rounding(ours(params, x), _reference_student(params, x),
+                              ulps=network_ulps(params))
   g_ours = jax.grad(loss)(params, ours)
   g_ref = jax.grad(loss)(params, _reference_student)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
@@ -201,13 +204,13 @@ def test_xla_and_planar_convolutions_agree():
                                                                  **kwargs)
                    for impl in ("planar", "xla"))
     for key in ("feat", "out"):
-      np.testing.assert_allclose(xla[key], planar[key], atol=1e-6)
+      assert_equal_up_to_rounding(xla[key], planar[key], ulps=network_ulps(student), err_msg=key)
   # The teacher's conv11 (64 -> 4): the tap matmul or XLA's convolution on the same params.
   y = jax.numpy.asarray(rng.random((1, 10, 12, 64), dtype=np.float32))
   conv11 = models.TapMatmulConv(4).init(jax.random.key(6), y)["params"]
   planar = models.TapMatmulConv(4).apply({"params": conv11}, y)
   xla = models._conv(4, "conv11").apply({"params": conv11}, y)  # pylint: disable=protected-access
-  np.testing.assert_allclose(xla, planar, rtol=1e-5, atol=1e-6)
+  assert_equal_up_to_rounding(xla, planar, ulps=network_ulps(conv11))
   assert models.resolve_conv_impl("auto") == "planar"  # This CPU.
   with pytest.raises(ValueError, match="conv_impl must be one of"):
     models.resolve_conv_impl("winograd")
