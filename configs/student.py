@@ -1,16 +1,9 @@
 """Student distillation as in the published code (SPEC sections 3-5).
 
-Adam 1e-4, batch 25, 10 epochs, 128x128 patches, loss
-L_int + 2 L_percep + L_grad + 5 L_distill + L_refresh. Needs a built dataset, the converted
-VGG-19 and a teacher:
-
-  python bin/train.py --config=configs/student.py --workdir=runs/student \
-    --config.data.dataset=llvip --config.data.data_dir=~/tfds \
-    --config.vgg_weights=vgg19.npz --config.teacher_weights=runs/teacher/teacher.npz
+The config itself is `mmdrfuse_jax.configs.student` (in the package, so that an installed wheel
+trains too); this file is the path that `--config=configs/student.py` names.
 """
 
-from configs import default
+from mmdrfuse_jax.configs.student import get_config
 
-
-def get_config():
-  return default.get_config("student")
+__all__ = ["get_config"]

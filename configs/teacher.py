@@ -1,13 +1,9 @@
 """Teacher training as in the published code (SPEC sections 3-5).
 
-Adam 1e-4, batch 25, 10 epochs, 128x128 patches, loss 2 L_int + L_percep + L_grad + L_refresh.
-
-  python bin/train.py --config=configs/teacher.py --workdir=runs/teacher \
-    --config.data.dataset=llvip --config.data.data_dir=~/tfds --config.vgg_weights=vgg19.npz
+The config itself is `mmdrfuse_jax.configs.teacher` (in the package, so that an installed wheel
+trains too); this file is the path that `--config=configs/teacher.py` names.
 """
 
-from configs import default
+from mmdrfuse_jax.configs.teacher import get_config
 
-
-def get_config():
-  return default.get_config("teacher")
+__all__ = ["get_config"]

@@ -28,20 +28,16 @@ import pathlib
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from mmdrfuse_jax import (
-  batch_fuse,
-  checkpoints,
-  evaluation,
-  files,
-  fusion,
-  imageio,
-  interrupts,
-  report,
-  trainer,
-)
+from mmdrfuse_jax.errors import MMDRFuseError
+from mmdrfuse_jax.evaluation import report, scoring
+from mmdrfuse_jax.inference import batch_fuse, fusion
+from mmdrfuse_jax.io import files, imageio
+from mmdrfuse_jax.models import weight_files
+from mmdrfuse_jax.runtime import interrupts
+from mmdrfuse_jax.train import loop
 
 
-class ReproductionError(ValueError):
+class ReproductionError(MMDRFuseError, ValueError):
   """A user-facing problem with the recipe (one-line message)."""
 
 
@@ -85,7 +81,7 @@ class Recipe:
   manual_dir: str
   tests: Sequence[TestSet]
   references: Sequence[Reference] = ()
-  metrics: Sequence[str] = evaluation.metrics.METRIC_NAMES
+  metrics: Sequence[str] = scoring.metrics.METRIC_NAMES
   argv: Sequence[str] = ()
 
 
@@ -122,11 +118,11 @@ def _check_name(name: str, option: str) -> None:
 def load_any_params(path: pathlib.Path) -> dict:
   """A student's or a teacher's parameters, whichever the file holds."""
   try:
-    return checkpoints.load_params(path, "student")
-  except checkpoints.WeightsError as as_student:
+    return weight_files.load_params(path, "student")
+  except weight_files.WeightsError as as_student:
     try:
-      return checkpoints.load_params(path, "teacher")
-    except checkpoints.WeightsError:
+      return weight_files.load_params(path, "teacher")
+    except weight_files.WeightsError:
       raise ReproductionError(str(as_student)) from None
 
 
@@ -162,7 +158,7 @@ def run(recipe: Recipe, workdir: str | os.PathLike, *, log: Callable[[str], None
   """Runs (or continues) the recipe in `workdir`.
 
   Raises:
-    ReproductionError, trainer.TrainingError: a stage cannot run (one-line message).
+    ReproductionError, loop.TrainingError: a stage cannot run (one-line message).
   """
   workdir = pathlib.Path(workdir).expanduser()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +169,7 @@ def run(recipe: Recipe, workdir: str | os.PathLike, *, log: Callable[[str], None
                                                            data_dir)
   for config in (teacher, student):  # Every stage's settings before any work.
     if config is not None:
-      trainer.check_config(config)
+      loop.check_config(config)
 
   start = time.perf_counter()
   log(f"== data: {recipe.dataset} from {recipe.manual_dir}")
@@ -228,10 +224,10 @@ def _with_data(config: Any, dataset: str, data_dir: pathlib.Path) -> Any:
 
 
 def _train(name: str, config: Any, workdir: pathlib.Path, times: _StageTimes,
-           log: Callable[[str], None]) -> trainer.RunResult:
+           log: Callable[[str], None]) -> loop.RunResult:
   log(f"== {name}: {workdir}")
   start = time.perf_counter()
-  result = trainer.train_model(config, workdir, log=log)
+  result = loop.train_model(config, workdir, log=log)
   times.add(name, time.perf_counter() - start, steps=result.step, total_steps=result.total_steps)
   return result
 
@@ -292,8 +288,10 @@ def write_results(workdir: pathlib.Path, recipe: Recipe, tables: dict[str, repor
     ref = next(r for r in rows if r["test"] == row["test"] and r["method"] == reference) \
         if reference else None
     for n in ratio_names:
-      ok = ref is not None and ref[n] and row[n] is not None
-      row[f"{n} / {reference}"] = row[n] / ref[n] if ok else None
+      if ref is not None and ref[n] and row[n] is not None:
+        row[f"{n} / {reference}"] = row[n] / ref[n]
+      else:
+        row[f"{n} / {reference}"] = None
   columns = ["test", "method", "images", *names, *(f"{n} / {reference}" for n in ratio_names)]
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   for row in rows:

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mmdrfuse_jax import checkpoints, models  # noqa: E402
+from mmdrfuse_jax.models import networks, weight_files  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -47,22 +47,22 @@ def shared() -> pathlib.Path:
 
 
 def load_script(name: str):
-  """Imports `bin/<name>.py` as a module, so tests call its `main(argv)` in-process."""
-  spec = importlib.util.spec_from_file_location(f"bin_{name}", REPO_ROOT / "bin" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """The tool that `bin/<name>.py` runs (`mmdrfuse_jax.tools.<name>`): tests call its
+  `main(argv)` in-process and patch what it imported."""
+  if not (REPO_ROOT / "bin" / f"{name}.py").exists():
+    raise FileNotFoundError(f"bin/{name}.py")
+  return importlib.import_module(f"mmdrfuse_jax.tools.{name}")
 
 
 def random_params(model: str, seed: int) -> dict:
   """NumPy parameters of `model` with He-scaled normal kernels and small biases.
 
-  Much cheaper than `models.init_params` for the teacher (whose initialisation runs its whole
+  Much cheaper than `networks.init_params` for the teacher (whose initialisation runs its whole
   forward pass: about 15 s on a 2-core CPU), for tests that need any teacher.
   """
   rng = np.random.default_rng(seed)
   params = {}
-  for layer, shapes in checkpoints.expected_shapes(model).items():
+  for layer, shapes in weight_files.expected_shapes(model).items():
     fan_in = np.prod(shapes["kernel"][:-1])
     params[layer] = {
         "kernel": (rng.normal(size=shapes["kernel"]) * np.sqrt(2 / fan_in)).astype(np.float32),
@@ -74,7 +74,7 @@ def random_params(model: str, seed: int) -> dict:
 def teacher_file(tmp_path_factory):
   """A freshly initialised teacher's weights file (`teacher.npz`), for student runs."""
   path = tmp_path_factory.mktemp("teacher") / "teacher.npz"
-  checkpoints.save_params(path, random_params("teacher", 7))
+  weight_files.save_params(path, random_params("teacher", 7))
   return path
 
 
@@ -82,7 +82,7 @@ def teacher_file(tmp_path_factory):
 def weights(tmp_path_factory):
   """A freshly initialised student's weights file (`student.npz`)."""
   path = tmp_path_factory.mktemp("w") / "student.npz"
-  checkpoints.save_params(path, models.init_params("student", jax.random.key(0)))
+  weight_files.save_params(path, networks.init_params("student", jax.random.key(0)))
   return path
 
 

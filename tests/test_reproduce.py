@@ -14,13 +14,12 @@ import sys
 import jax
 import pytest
 
-from mmdrfuse_jax import checkpoints, models, reproduce
+from mmdrfuse_jax import reproduce
+from mmdrfuse_jax.configs import default
 from mmdrfuse_jax.data import synthetic
+from mmdrfuse_jax.models import networks, weight_files
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from configs import default  # noqa: E402  pylint: disable=g-import-not-at-top
 
 METRICS = ("VIF", "Qabf", "SSIM")
 
@@ -47,9 +46,9 @@ def recipe(tmp_path_factory):
   synthetic.write_pairs(root / "train", 1, 32, 32, seed=0)
   synthetic.write_pairs(root / "test", 2, 48, 48, seed=1)
   teacher = root / "teacher.npz"  # A given teacher: the teacher stage is covered by test_faults.
-  checkpoints.save_params(teacher, models.init_params("teacher", jax.random.PRNGKey(3)))
+  weight_files.save_params(teacher, networks.init_params("teacher", jax.random.PRNGKey(3)))
   reference = root / "reference.npz"
-  checkpoints.save_params(reference, models.init_params("student", jax.random.PRNGKey(5)))
+  weight_files.save_params(reference, networks.init_params("student", jax.random.PRNGKey(5)))
   test = reproduce.parse_test(f"procedural={root / 'test' / 'ir'},{root / 'test' / 'vi'}")
   return reproduce.Recipe(
       student=_tiny_student(), teacher=None, teacher_weights=str(teacher),
@@ -108,6 +107,7 @@ def _cli(*args):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_mistakes_are_one_line(tmp_path):
   base = [f"--workdir={tmp_path / 'w'}", "--dataset=roadscene", f"--manual_dir={tmp_path}",
           "--config=configs/student.py", "--teacher_weights=t.model"]

@@ -40,7 +40,7 @@ def time_call(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2,
   """
   for _ in range(warmup):
     jax.block_until_ready(fn())
-  times = []
+  times: list[float] = []
   while len(times) < repeats or sum(times) < min_seconds:
     start = time.perf_counter()
     jax.block_until_ready(fn())

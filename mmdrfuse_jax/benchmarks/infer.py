@@ -1,6 +1,6 @@
 """`bench.py infer`: time the jitted `fuse` on random images of a given size.
 
-`--engine stablehlo|onnxruntime` times the exported file instead (`mmdrfuse_jax.export`):
+`--engine stablehlo|onnxruntime` times the exported file instead (`mmdrfuse_jax.inference.export`):
 the StableHLO file through `jax.export.deserialize(...).call` (jitted), the ONNX file through
 an onnxruntime CPU session; the result then also gives the file's size.
 """
@@ -12,8 +12,9 @@ import argparse
 import jax
 import numpy as np
 
-from mmdrfuse_jax import fusion, models
 from mmdrfuse_jax.benchmarks import common
+from mmdrfuse_jax.inference import fusion
+from mmdrfuse_jax.models import networks
 
 ENGINES = ("jax", "stablehlo", "onnxruntime")
 
@@ -23,7 +24,7 @@ def add_parser(subparsers) -> None:
   parser.add_argument("--height", type=int, default=480)
   parser.add_argument("--width", type=int, default=640)
   parser.add_argument("--batch", type=int, default=1)
-  parser.add_argument("--model", choices=sorted(models.MODELS), default="student")
+  parser.add_argument("--model", choices=sorted(networks.MODELS), default="student")
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--engine", choices=ENGINES, default="jax",
                       help="jax: fusion.fuse; stablehlo/onnxruntime: the exported file")
@@ -35,17 +36,17 @@ def run(args: argparse.Namespace) -> dict:
 
   Random weights and images: the cost does not depend on their values.
   """
-  params = jax.device_put(models.init_params(args.model, jax.random.key(0)))
+  params = jax.device_put(networks.init_params(args.model, jax.random.key(0)))
   rng = np.random.default_rng(0)
   shape = (args.batch, args.height, args.width, 1)
   ir = jax.device_put(rng.random(shape, dtype=np.float32))
   vis = jax.device_put(rng.random(shape, dtype=np.float32))
   engine = getattr(args, "engine", "jax")
-  extra = {}
+  extra: dict[str, int | str] = {}
   if engine == "jax":
     fn = lambda: fusion.fuse(params, ir, vis)  # noqa: E731
   else:
-    from mmdrfuse_jax import export  # pylint: disable=g-import-not-at-top
+    from mmdrfuse_jax.inference import export  # pylint: disable=g-import-not-at-top
 
     fmt = "stablehlo" if engine == "stablehlo" else "onnx"
     data = export.export_bytes(params, fmt)

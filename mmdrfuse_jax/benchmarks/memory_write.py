@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmdrfuse_jax import refresh
 from mmdrfuse_jax.benchmarks import common
+from mmdrfuse_jax.train import refresh
 
 
 def add_parser(subparsers) -> None:

@@ -8,8 +8,8 @@ import time
 import jax
 import numpy as np
 
-from mmdrfuse_jax import metrics
 from mmdrfuse_jax.benchmarks import common
+from mmdrfuse_jax.evaluation import metrics
 
 
 def add_parser(subparsers) -> None:

@@ -27,6 +27,7 @@ import pathlib
 import subprocess
 import sys
 import time
+from typing import Any
 
 
 def add_parser(subparsers) -> None:
@@ -129,9 +130,9 @@ def _measure(args: argparse.Namespace, report_rss: bool = False) -> dict:
     tfds.disable_progress_bar()
   base_rss = _peak_rss_mb()
   start = time.perf_counter()
-  patch = dict(patch_size=args.patch_size, patch_stride=args.patch_stride)
+  patch: dict[str, Any] = dict(patch_size=args.patch_size, patch_stride=args.patch_stride)
   if args.data_dir:
-    extra = {}
+    extra: dict[str, Any] = {}
     if args.streaming and args.cache_mb is not None:
       extra["cache_bytes"] = int(args.cache_mb * 2**20)
     ds = pipeline.PatchDataset.from_tfds(args.data_dir, args.dataset, args.split,

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmdrfuse_jax import checkpoints, distill, losses, precision, train, vgg
+from mmdrfuse_jax.models import precision, vgg, weight_files
+from mmdrfuse_jax.train import distill, losses, update
 
 
 def add_parser(subparsers) -> None:
@@ -37,12 +38,12 @@ def loss_terms(mode: str, batch: dict[str, jax.Array], vgg_params, teacher_param
                ) -> dict[str, jax.Array]:
   """The loss terms of the golden batch, VGG-19 and the teacher computing in `mode`."""
   ir, vi, out, s_feat = batch["ir"], batch["vi"], batch["out"], batch["s_feat"]
-  taps = train.vgg_taps(vgg_params, jnp.concatenate([out, ir, vi]), vgg.NUM_TAPS, mode)
+  taps = update.vgg_taps(vgg_params, jnp.concatenate([out, ir, vi]), vgg.NUM_TAPS, mode)
   taps_out, taps_ir, taps_vi = zip(*[jnp.split(t, 3) for t in taps])
   targets = distill.teacher_targets(teacher_params, jnp.concatenate([ir, vi], -1), mode)
   t_feat, t_out = targets[..., :1], targets[..., 1:]
   # The teacher's output stands in for a refresh memory, as in the parity tests.
-  taps_mem = train.vgg_taps(vgg_params, t_out, vgg.NUM_TAPS, mode)
+  taps_mem = update.vgg_taps(vgg_params, t_out, vgg.NUM_TAPS, mode)
   terms = {
       "intensity": losses.intensity_loss(out, ir, vi),
       "gradient": losses.gradient_loss(out, ir, vi),
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> dict:
     batch = {"ir": _nhwc(net["ir"]), "vi": _nhwc(net["vi"]),
              "out": _nhwc(net["student_decoder_0"]), "s_feat": _nhwc(net["student_encoder_0"])}
   vgg_params = jax.tree_util.tree_map(jnp.asarray, vgg.random_params())
-  teacher = checkpoints.load_params(teacher_file, "teacher")
+  teacher = weight_files.load_params(teacher_file, "teacher")
   compute = jax.jit(loss_terms, static_argnums=0)
   values = {mode: {k: float(v) for k, v in compute(mode, batch, vgg_params, teacher).items()}
             for mode in precision.MODES}

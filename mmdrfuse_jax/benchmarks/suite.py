@@ -17,11 +17,13 @@ import json
 import pathlib
 import platform
 import time
+from typing import Any
 
 import jax
 
-from mmdrfuse_jax import files, precision
 from mmdrfuse_jax.benchmarks import common, infer, metrics, pipeline, train_step, video
+from mmdrfuse_jax.io import files
+from mmdrfuse_jax.models import precision
 
 SCHEMA_VERSION = 1
 _BENCHMARKS = (infer, metrics, pipeline, train_step, video)
@@ -111,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
             "items": []}
   for name, argv in chosen:
     start = time.perf_counter()
-    item = {"name": name, "argv": argv}
+    item: dict[str, Any] = {"name": name, "argv": argv}  # a JSON record of the report
     try:
       sub = parser.parse_args(argv)
       item["result"] = sub.run(sub)

@@ -5,11 +5,11 @@ distillation, Adam) on random data, as in a later epoch with every refresh loss 
 runs no VGG pass at all).
 
 `--placement replicated|sharded|host --num_patches N` times the step with refresh memories of N
-patches placed as `config.refresh.placement` places them (`train.create_train_state` with the
-mesh, `train.place_state`), on a `data` mesh over all visible devices, and reports the bytes
+patches placed as `config.refresh.placement` places them (`update.create_train_state` with the
+mesh, `update.place_state`), on a `data` mesh over all visible devices, and reports the bytes
 they take on each device and on the host, measured from the arrays' shards, beside the figures
-`train.memory_bytes` computes and the data pipeline's host bytes for N patches (computed:
-`pipeline_host_bytes`). For the README's scaling table, on 8 fake CPU devices:
+`update.memory_bytes` computes and the data pipeline's host bytes for N patches (computed:
+`pipeline_host_bytes`). For the scaling table in docs/train.md, on 8 fake CPU devices:
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python bin/bench.py train-step \
       --batch 8 --placement sharded --num_patches 16000
@@ -26,14 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mmdrfuse_jax import distill, losses, models, precision, refresh, train, vgg
 from mmdrfuse_jax.benchmarks import common
 from mmdrfuse_jax.data import pipeline
+from mmdrfuse_jax.models import networks, precision, vgg
+from mmdrfuse_jax.train import distill, losses, refresh, update
 
 
 def add_parser(subparsers) -> None:
   parser = subparsers.add_parser("train-step", help="time of one training step")
-  parser.add_argument("--model", choices=sorted(models.MODELS), default="student")
+  parser.add_argument("--model", choices=sorted(networks.MODELS), default="student")
   parser.add_argument("--batch", type=int, default=25)
   parser.add_argument("--size", type=int, default=128, help="patch height and width")
   parser.add_argument("--memory_dtype", choices=refresh.MEMORY_DTYPES, default="bfloat16")
@@ -50,7 +51,7 @@ def add_parser(subparsers) -> None:
                       help="a first-epoch step: empty memories (no refresh losses, no VGG pass on "
                       "them) and, for the student, the teacher inside the step")
   parser.add_argument("--precision", choices=precision.MODES, default="exact",
-                      help="how VGG-19 and the teacher compute (mmdrfuse_jax/precision.py)")
+                      help="how VGG-19 and the teacher compute (mmdrfuse_jax/models/precision.py)")
   parser.add_argument("--placement", choices=refresh.PLACEMENTS, default=None,
                       help="place the refresh memories as config.refresh.placement does, on a "
                       "mesh of all visible devices (the batch must divide over them; default: "
@@ -100,7 +101,7 @@ def measured_memory_bytes(memory: refresh.Memory) -> dict[str, int]:
     `device_bytes`: the most any one device holds in device memory (on a CPU that memory is
     host RAM too); `host_bytes`: all shards in host memory kinds (placement "host") together.
   """
-  per_device = collections.Counter()
+  per_device: collections.Counter[jax.Device] = collections.Counter()
   host = 0
   for array in memory.values():
     on_host = array.sharding.memory_kind in ("pinned_host", "unpinned_host")
@@ -126,14 +127,14 @@ def run(args: argparse.Namespace) -> dict:
   memories = () if args.memories == "none" else tuple(args.memories.split(","))
   placement = args.placement or "replicated"
   if args.placement is None:
-    mesh = train.make_mesh(b)
+    mesh = update.make_mesh(b)
   elif b % jax.device_count():
     raise SystemExit(f"error: --batch {b} does not divide over the {jax.device_count()} "
                      "devices that --placement uses (all visible ones)")
   else:
     mesh = Mesh(np.array(jax.devices()), ("data",))
   try:
-    memory_sharding = train.memory_sharding(mesh, placement)
+    memory_sharding = update.memory_sharding(mesh, placement)
   except ValueError as e:  # "host" on a backend without pinned host memory.
     raise SystemExit(f"error: {e}") from None
   rcfg = refresh.RefreshConfig(memories=memories, memory_dtype=args.memory_dtype,
@@ -141,12 +142,12 @@ def run(args: argparse.Namespace) -> dict:
   weights = losses.PUBLISHED_WEIGHTS[args.model]
   if args.w_percep is not None:
     weights = dataclasses.replace(weights, w_percep=args.w_percep)
-  cfg = train.StepConfig(args.model, weights, refresh=rcfg, steps_per_epoch=10**6,
+  cfg = update.StepConfig(args.model, weights, refresh=rcfg, steps_per_epoch=10**6,
                          precision=args.precision)
   rng = np.random.default_rng(0)
   ir = rng.random((b, s, s, 1), dtype=np.float32)
   vi = rng.random((b, s, s, 1), dtype=np.float32)
-  teacher = models.init_params("teacher", jax.random.key(1)) if args.model == "student" else None
+  teacher = networks.init_params("teacher", jax.random.key(1)) if args.model == "student" else None
   # First-epoch steps see new patches every time: one set of slots per step; later steps
   # read and refresh the same pre-filled slots.
   id_sets = args.repeats + 1 if args.first_epoch else 1
@@ -160,10 +161,10 @@ def run(args: argparse.Namespace) -> dict:
          .astype(np.int32).reshape(id_sets, b))
   # The trainer's path: the memories are created where the placement puts them, never whole
   # on one device, and the rest of the state is replicated.
-  state = train.create_train_state(args.model, train.make_optimizer(), jax.random.key(0),
+  state = update.create_train_state(args.model, update.make_optimizer(), jax.random.key(0),
                                    num_patches, s, rcfg, teacher_params=teacher,
                                    precision=args.precision, mesh=mesh)
-  state = train.place_state(state, mesh, placement)
+  state = update.place_state(state, mesh, placement)
   if not args.first_epoch:
     replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -177,13 +178,13 @@ def run(args: argparse.Namespace) -> dict:
     state = state.replace(memory=fill(state.memory, ids[0], np.maximum(ir, vi)))
   measured = measured_memory_bytes(state.memory)
   slots = int(max((x.shape[0] for x in state.memory.values()), default=0))
-  computed = train.memory_bytes(num_patches, mesh.devices.size, placement,
+  computed = update.memory_bytes(num_patches, mesh.devices.size, placement,
                                 refresh.bytes_per_sample(rcfg, s, s))
-  frozen = train.replicate(
-      train.Frozen(vgg=jax.tree_util.tree_map(jnp.asarray, vgg.random_params()), teacher=teacher),
+  frozen = update.replicate(
+      update.Frozen(vgg=jax.tree_util.tree_map(jnp.asarray, vgg.random_params()), teacher=teacher),
       mesh)
-  step = train.make_train_step(cfg, mesh)
-  batch = {"ir": ir, "vis": vi}
+  step = update.make_train_step(cfg, mesh)
+  batch: dict[str, jax.Array | np.ndarray] = {"ir": ir, "vis": vi}
   teacher_in_step = args.teacher_in_step or args.first_epoch
   if cfg.uses_teacher and not teacher_in_step:
     # The cache's own ids: it is indexed by patch id, and N of its slots would cost

@@ -22,10 +22,11 @@ import tempfile
 import jax
 import numpy as np
 
-from mmdrfuse_jax import fusion, models
-from mmdrfuse_jax import video as video_fusion
 from mmdrfuse_jax.benchmarks import common
 from mmdrfuse_jax.data import synthetic
+from mmdrfuse_jax.inference import fusion
+from mmdrfuse_jax.inference import video as video_fusion
+from mmdrfuse_jax.models import networks
 
 STAGES = ("decode", "fuse", "encode")
 
@@ -37,7 +38,7 @@ def add_parser(subparsers) -> None:
   parser.add_argument("--frames", type=int, default=48, help="frames in the clip pair")
   parser.add_argument("--batch", type=int,
                       help="frames per network call (default: as bin/fuse_video.py)")
-  parser.add_argument("--model", choices=sorted(models.MODELS), default="student")
+  parser.add_argument("--model", choices=sorted(networks.MODELS), default="student")
   parser.add_argument("--color", action="store_true", help="colour fusion (as fuse_video.py)")
   parser.add_argument("--codec", default=video_fusion.DEFAULT_CODEC)
   parser.add_argument("--crf", type=int, default=video_fusion.DEFAULT_CRF)
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
 
   The cost does not depend on the weights' values.
   """
-  params = jax.device_put(models.init_params(args.model, jax.random.key(0)))
+  params = jax.device_put(networks.init_params(args.model, jax.random.key(0)))
   batch = args.batch or video_fusion.default_batch()
   fuser = fusion.Fuser(params, color=args.color, bucket=0)
   encoding = video_fusion.Encoding(codec=args.codec, crf=args.crf, preset=args.preset)

@@ -38,7 +38,7 @@ import pathlib
 import secrets
 import shutil
 import stat
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -46,12 +46,13 @@ from etils import epath
 from PIL import Image
 from tensorflow_datasets.core import constants as tfds_constants
 
-from mmdrfuse_jax import files, imageio
+from mmdrfuse_jax.errors import MMDRFuseError
+from mmdrfuse_jax.io import files, imageio
 
 try:
   import fcntl
 except ImportError:  # Not POSIX: builds are not locked against each other.
-  fcntl = None
+  fcntl = None  # type: ignore[assignment]  # the optional-module idiom; None is checked at use
 
 BUILDER_NAME = "fusion_pairs"
 SPLIT_NAMES = ("train", "test", "validation")
@@ -68,11 +69,11 @@ _RECORD_FORMAT = 1
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
 
-class DataError(ValueError):
+class DataError(MMDRFuseError, ValueError):
   """The user's dataset folder cannot be used; the message says why (one report)."""
 
 
-class BuildError(RuntimeError):
+class BuildError(MMDRFuseError, RuntimeError):
   """Writing a build failed midway (disk full, permissions); nothing half-written is kept."""
 
 
@@ -251,9 +252,13 @@ def _png(image: np.ndarray) -> bytes:
 _NO_COLOR = np.zeros((1, 1, 3), np.uint8)
 
 
-def check_pairs(pairs: Sequence[tuple[str, tuple[pathlib.Path, pathlib.Path]]], *,
+def check_pairs(pairs: Sequence[tuple[str, tuple[pathlib.Path, ...]]], *,
                 resize_visible: bool = False) -> tuple[list, list[str]]:
-  """Cheap checks from file headers: readable and same size. Returns (good pairs, problems)."""
+  """Cheap checks from file headers: readable and same size. Returns (good pairs, problems).
+
+  `pairs`: (stem, (infrared path, visible path)), as `imageio.pair_folders` gives for two
+  folders.
+  """
   good, problems = [], []
   for stem, (ir_path, vis_path) in pairs:
     try:
@@ -292,7 +297,7 @@ def read_pair(ir_path: pathlib.Path, vis_path: pathlib.Path, *,
     vis_raw = resize_image(vis_raw, *ir_raw.shape[:2])
   else:
     imageio.check_same_size([ir_path, vis_path], [ir_raw, vis_raw])
-  out = {"resized": resized}
+  out: dict[str, np.ndarray | bool | None] = {"resized": resized}
   for key, raw in (("ir", ir_raw), ("vis", vis_raw)):
     out[key] = imageio.to_gray_published(raw)
     out[f"{key}_color"] = raw if raw.ndim == 3 else None
@@ -340,6 +345,8 @@ def _encode_in_threads(pairs, resize_visible: bool, num_threads: int | None = No
   """
   num_threads = num_threads or min(8, os.cpu_count() or 1)
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    pending: collections.deque[tuple[str, pathlib.Path, pathlib.Path,
+                                     concurrent.futures.Future[dict | imageio.ImageError]]]
     pending = collections.deque()
     for stem, (ir_path, vis_path) in pairs:
       pending.append((stem, ir_path, vis_path,
@@ -385,7 +392,7 @@ def scan_sources(manual_dir: str | os.PathLike, folders: Sequence[str | os.PathL
     OSError: a folder or file cannot be listed or inspected.
   """
   root = pathlib.Path(manual_dir)
-  found: dict[str, list[int]] = {}
+  found: dict[str, list[int | str]] = {}
   for folder in dict.fromkeys(pathlib.Path(f) for f in folders):
     folder = folder if folder.is_absolute() else root / folder
     if not folder.is_dir():
@@ -398,7 +405,7 @@ def scan_sources(manual_dir: str | os.PathLike, folders: Sequence[str | os.PathL
       except FileNotFoundError:  # A dangling symlink: not an image the build can read.
         continue
       if stat.S_ISREG(st.st_mode):
-        entry = [st.st_size, st.st_mtime_ns]
+        entry: list[int | str] = [st.st_size, st.st_mtime_ns]
         if with_hash:
           entry.append(file_sha256(path))
         found[path.relative_to(root).as_posix()] = entry
@@ -790,8 +797,8 @@ def prepare(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.Path
   report = report or (lambda line: None)
   manual_dir, data_dir = pathlib.Path(manual_dir), pathlib.Path(data_dir)
   _check_folder_path(data_dir)
-  options = dict(skip_bad=skip_bad, resize_visible=resize_visible, ir_folder=ir_folder,
-                 vis_folder=vis_folder)
+  options: dict[str, Any] = dict(skip_bad=skip_bad, resize_visible=resize_visible,
+                                 ir_folder=ir_folder, vis_folder=vis_folder)
   builder = make_builder(dataset, data_dir, **options)
   version_dir = pathlib.Path(builder.data_path)
   built = _built_info(builder, "already built") if builder.is_prepared() else None
@@ -834,7 +841,7 @@ def prepare(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.Path
           download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir.resolve())))
     except BaseException as e:
       kept = aside is not None and aside.exists() and not version_dir.exists()
-      if kept:
+      if kept and aside is not None:  # (kept implies it; said again for the type checker)
         aside.rename(version_dir)
       note = ("the earlier build is kept" if kept else
               "nothing half-written was kept" if aside is None else "")

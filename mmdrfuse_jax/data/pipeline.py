@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from mmdrfuse_jax import imageio
+from mmdrfuse_jax.io import imageio
 
 DEFAULT_PATCH_SIZE = 128
 DEFAULT_PATCH_STRIDE = 128
@@ -80,7 +80,7 @@ def _placement(sharding, batch_size: int) -> _Placement:
     indices = sharding.addressable_devices_indices_map((batch_size,)).values()
   except ValueError as e:  # The batch does not divide over the devices.
     raise ValueError(f"batch size {batch_size} cannot be sharded with {sharding}: {e}") from None
-  rows = set()
+  rows: set[int] = set()
   for index in indices:
     rows.update(range(*index[0].indices(batch_size)))
   return _Placement(sharding, np.array(sorted(rows)))
@@ -91,6 +91,8 @@ class _Patches:
 
   A subclass sets `stems`, calls `_index` with its images' sizes, and implements `image`.
   """
+
+  stems: list[str]  # the images' names, set by the subclass
 
   # Grain threads assembling host batches when `iterate` is not told: slicing images held in
   # memory is cheap, so one.

@@ -19,7 +19,7 @@ import pathlib
 
 import numpy as np
 
-from mmdrfuse_jax import imageio
+from mmdrfuse_jax.io import imageio
 
 
 def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:

@@ -1,1 +1,0 @@
-"""Training configs (ml_collections): `bin/train.py --config=configs/NAME.py`."""

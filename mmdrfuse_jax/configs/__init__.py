@@ -1,0 +1,1 @@
+"""Training configurations (`get_config()` files): the defaults and the published recipes."""

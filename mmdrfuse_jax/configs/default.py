@@ -1,0 +1,117 @@
+"""Shared defaults of every training config (the published code's settings).
+
+Other configs start from `get_config(model)` here and override what differs. Any field can be
+overridden on the command line: `bin/train.py --config=configs/student.py --config.optim.lr=3e-4`.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from mmdrfuse_jax.train import losses
+
+
+def get_config(model: str = "student") -> ml_collections.ConfigDict:
+  """The published code's settings for `model` ("student" or "teacher")."""
+  config = ml_collections.ConfigDict()
+  config.model = model
+  config.seed = 0  # Initialisation and the data's per-epoch shuffles.
+
+  # Training patches (SPEC section 5): a dataset built by bin/prepare_data.py, or the
+  # package's procedural pairs when `synthetic_pairs` > 0.
+  config.data = ml_collections.ConfigDict()
+  config.data.dataset = ""  # A builder config name, e.g. "llvip", "msrs", "roadscene".
+  config.data.data_dir = ""  # The --data_dir given to bin/prepare_data.py.
+  config.data.split = "train"
+  config.data.patch_size = 128
+  config.data.patch_stride = 128
+  config.data.synthetic_pairs = 0
+  config.data.synthetic_height = 256
+  config.data.synthetic_width = 256
+  # A built dataset's patches: "off" decodes the split's images into host RAM before the first
+  # step; "on" reads each batch's patches from the dataset's files as it is assembled (host
+  # RAM: the patch index, not the images; every epoch decodes the images again); "auto" streams
+  # splits whose decoded images would exceed 2 GiB (LLVIP's). Same batches either way: it may
+  # change between reruns of a run.
+  config.data.streaming = "auto"
+
+  config.batch_size = 25
+  config.num_epochs = 10
+
+  # Adam with PyTorch's defaults, constant learning rate.
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 1e-4
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+
+  # The loss weights (`w_int`, `w_percep`, `w_grad`, `w_distill`, `w_refresh`) of the published
+  # code for this model (SPEC section 3). A term with weight 0 is not computed at all.
+  config.loss = ml_collections.ConfigDict(dataclasses.asdict(losses.PUBLISHED_WEIGHTS[model]))
+  config.loss.gradient_form = "code"  # "code" (published) or "paper" (Eq. 3).
+  config.loss.distill_normalize = "batch"  # "batch" (published code) or "sample" (paper Eq. 1).
+
+  # Dynamic refresh (SPEC section 4): one switch per memory kind (`refresh.MEMORY_KINDS`).
+  config.refresh = ml_collections.ConfigDict()
+  config.refresh.ssim = True
+  config.refresh.gmsd = True
+  config.refresh.per_sample = False  # Published: one decision per batch.
+  config.refresh.memory_dtype = "bfloat16"  # "bfloat16", "float32" or "uint8".
+  config.refresh.weight_scale = 10.0
+  # Where the memories live (same results in each): "replicated" (every slot on every device),
+  # "sharded" (the slots split over the devices that split the batch) or "host" (split the
+  # same way, in pinned host memory: for sets whose memories exceed device memory). It may
+  # change between reruns of a run (see docs/train.md).
+  config.refresh.placement = "replicated"
+
+  # How VGG-19 and the teacher compute (mmdrfuse_jax/models/precision.py): "exact" (float32,
+  # highest precision: the published numbers), "default" (the backend's default: TF32 on
+  # recent NVIDIA GPUs) or "bfloat16" (their activations in bfloat16; losses and optimiser in
+  # float32). It may change between reruns of a run.
+  config.precision = "exact"
+
+  # Frozen networks. `vgg_weights`: the .npz written by bin/convert_vgg19.py.
+  config.vgg_weights = ""
+  config.allow_random_vgg = False  # Quickstart only: a seeded random VGG when none is given.
+  config.random_vgg_seed = 20241127
+  # Student runs: the teacher (the project's own weights or the published teacher.model).
+  config.teacher_weights = ""
+  # Where a student run gets the frozen teacher's targets: "host" keeps them per patch in host
+  # RAM after their first computation (2 x H x W float32 per patch) instead of running the
+  # teacher in every step; "off" runs the teacher in every step; "auto" is "host" on a CPU
+  # (where the teacher's forward pass is a large part of a step) and "off" on accelerators
+  # (where the cache would add a device-to-host read and a host-to-device copy per step).
+  config.teacher_cache = "auto"
+
+  # Rerunning in the same --workdir resumes; a run with other settings (see
+  # `trainer.IDENTITY_KEYS`) is refused unless `start_fresh`, which moves the earlier run
+  # aside (to WORKDIR/replaced-<time>) and starts over. `num_epochs` may grow between reruns.
+  config.start_fresh = False
+
+  # Validation during training (mmdrfuse_jax/train/validation.py): held-out pairs fused at full size
+  # with the current parameters, as bin/fuse.py would, and scored as bin/evaluate.py would,
+  # every `every_steps` steps (0: only at the end) and at the end; means go to TensorBoard and
+  # metrics.jsonl as val/<metric>, `num_images` pairs to TensorBoard as images. One source:
+  # two folders paired by stem (`ir_dir`, `vis_dir`), a `split` of the run's built dataset
+  # (e.g. "test"), or `synthetic_pairs` procedural pairs of the given size (not training pairs).
+  # None given: no validation. The first `max_pairs` pairs by stem (0: all) keep it short.
+  config.validation = ml_collections.ConfigDict()
+  config.validation.ir_dir = ""
+  config.validation.vis_dir = ""
+  config.validation.split = ""
+  config.validation.synthetic_pairs = 0
+  config.validation.synthetic_height = 128
+  config.validation.synthetic_width = 128
+  config.validation.every_steps = 0
+  config.validation.max_pairs = 16
+  config.validation.metrics = ""  # e.g. "VIF,Qabf,SSIM"; empty: the eleven published metrics.
+  config.validation.num_images = 3
+  # A metric (e.g. "VIF") by which the best validation's parameters are kept in
+  # WORKDIR/best_<metric>/ and WORKDIR/<model>_best_<metric>.npz; empty: not kept.
+  config.validation.best_metric = ""
+
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 3
+  config.progress_bar = True
+  return config

@@ -1,0 +1,621 @@
+"""One self-contained HTML page that compares fusion methods on the same image pairs.
+
+`pair_images` matches the source folders and every method's folder of fused images by file
+stem; `compare` scores each method with `scoring.evaluate` (the code and conventions of
+`bin/evaluate.py`) and keeps the images every method could be scored on, so that all means
+are over the same images; `build_html` turns the scores and the images into one page:
+
+- the metric means, one row per method, the best of each column marked, the conventions
+  stated and the undefined values counted;
+- one sortable per-image table per method (click a column header);
+- per-metric distributions across the images (box and strip plots drawn with matplotlib);
+- a grid of thumbnails, one row per image (infrared | visible | each method), each with a
+  zoomed crop of the same region (the window where the two sources vary most), upscaled by
+  nearest neighbour.
+
+Everything is embedded (images as base64 data URIs, inline CSS and JavaScript): the file can
+be mailed and names no external URL. matplotlib is imported only where the plots are drawn
+(`require_matplotlib` checks for it up front), so the rest of the project does not need it.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import os
+import pathlib
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from mmdrfuse_jax.errors import MMDRFuseError
+from mmdrfuse_jax.evaluation import metrics, scoring
+from mmdrfuse_jax.io import files, imageio
+from mmdrfuse_jax.runtime import interrupts
+
+INSTALL_HINT = "pip install -e '.[report]'"
+THUMB_SIDE = 256  # longest side of a thumbnail, pixels
+ZOOM_CROP = 64  # side of the zoomed crop in image pixels (at most half the shorter side)
+ZOOM_SIDE = 192  # the crop is upscaled by an integer factor to about this many pixels
+JPEG_QUALITY = 85
+# Higher is better for the eleven published metrics; MSE (available with --metrics) is an error.
+LOWER_IS_BETTER = frozenset({"MSE"})
+
+# The evaluation conventions, worded as in docs/evaluate.md; {ssim} is SSIM's
+# data range.
+CONVENTIONS = (
+    "Images are read as the field's Python evaluator reads them: colour to gray as "
+    "round(0.299 R + 0.587 G + 0.114 B); 16-bit files scaled to 0..255 (divided by 257).",
+    "EN: entropy in bits of the 256-bin histogram. SD: population standard deviation. "
+    "SF, AG: spatial frequency and average gradient.",
+    "MI: MI(F,A) + MI(F,B) in nats (natural log) over 256x256 joint histograms.",
+    "SCD: corr(A, F-B) + corr(B, F-A). CC: (corr(A,F) + corr(B,F)) / 2.",
+    "VIF: VIFp(A,F) + VIFp(B,F), 4-scale pixel-domain VIF. "
+    "Qabf: Xydeas-Petrovic with Sobel responses.",
+    "SSIM: SSIM(F,A) + SSIM(F,B), 7x7 uniform window, data range {ssim} (the published tables "
+    "use 2; 255 is the textbook value). PSNR: 10 log10(max(F)^2 / MSE), MSE averaged over both "
+    "sources.",
+    "A value that is not finite for an image (CC of a constant image, PSNR of an all-zero "
+    "fused image) is undefined: left out of the mean and of the plots, and counted.",
+)
+
+
+class ReportError(MMDRFuseError, ValueError):
+  """The command's options cannot be used; the message says why, in one line."""
+
+
+class Stopped(Exception):
+  """A stop request (SIGINT/SIGTERM) ended the page before it was complete."""
+
+  def __init__(self, signum: int):
+    super().__init__(f"stopped by {interrupts.signal_name(signum)}")
+    self.signum = signum
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A fusion method: its name on the page and its folder of fused images."""
+
+  name: str
+  folder: pathlib.Path
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSet:
+  """One compared image: its sources and one fused file per method (in method order)."""
+
+  name: str
+  ir: pathlib.Path
+  vis: pathlib.Path
+  fused: tuple[pathlib.Path, ...]
+
+
+@dataclasses.dataclass
+class Comparison:
+  """The scores of every method on the same images.
+
+  Attributes:
+    names: the metrics, in column order.
+    methods: the methods, in page order.
+    images: the images scored for every method, by name.
+    results: per method name, the `EvaluationResult` restricted to `images` (same order).
+    problems: one-line messages for the files that could not be used.
+    stopped_by: the signal that ended the scoring early, else None.
+    ssim_data_range: SSIM's data range in the scores.
+  """
+
+  names: tuple[str, ...]
+  methods: list[Method]
+  images: list[ImageSet]
+  results: dict[str, scoring.EvaluationResult]
+  problems: list[str]
+  stopped_by: Optional[int] = None
+  ssim_data_range: float = 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Options and inputs.
+
+
+def parse_methods(specs: Optional[Sequence[str]]) -> list[Method]:
+  """`NAME=FOLDER` specs to methods.
+
+  Raises:
+    ReportError: no spec, one without `=`, an empty name or folder, a name given twice, or a
+      folder that does not exist.
+  """
+  if not specs:
+    raise ReportError("--fused: give at least one NAME=FOLDER")
+  methods: list[Method] = []
+  for spec in specs:
+    name, sep, folder = spec.partition("=")
+    name = name.strip()
+    if not sep or not name or not folder:
+      raise ReportError(f"--fused {spec}: expected NAME=FOLDER (for example student=out/student)")
+    if any(m.name == name for m in methods):
+      raise ReportError(f"--fused {spec}: the name {name!r} is given twice; "
+                        "each method needs its own name")
+    path = pathlib.Path(folder)
+    if not path.is_dir():
+      what = "is a file, not a folder" if path.exists() else "no such folder"
+      raise ReportError(f"--fused {spec}: {path}: {what}")
+    methods.append(Method(name, path))
+  return methods
+
+
+def require_matplotlib() -> None:
+  """Raises ReportError, saying how to install it, when matplotlib cannot be imported."""
+  try:
+    import matplotlib  # noqa: F401
+  except ImportError:
+    raise ReportError(f"the report needs matplotlib, which is not installed: {INSTALL_HINT}"
+                      ) from None
+
+
+def input_paths(ir_dir, vis_dir, methods: Sequence[Method]) -> list[tuple[str, pathlib.Path]]:
+  """(description, path) of every input folder and every file in them (never overwritten)."""
+  folders = [("infrared input folder (--ir)", pathlib.Path(ir_dir)),
+             ("visible input folder (--vis)", pathlib.Path(vis_dir))]
+  folders += [(f"fused input folder of {m.name} (--fused)", m.folder) for m in methods]
+  inputs = list(folders)
+  for label, folder in folders:
+    if folder.is_dir():
+      inputs += [(label.replace(" folder", ""), p) for p in sorted(folder.iterdir())
+                 if p.is_file()]
+  return inputs
+
+
+def check_output(out: str | os.PathLike,
+                 inputs: Sequence[tuple[str, pathlib.Path]]) -> list[pathlib.Path]:
+  """Checks that `out` can be written and replaces no input; returns the folders created.
+
+  Raises:
+    files.OutputError: `out` is an input, a folder, or in a folder that cannot be written.
+  """
+  out = pathlib.Path(out)
+  files.refuse_overwrites([out], inputs, "--out")
+  if out.is_dir():
+    raise files.OutputError(f"--out {out}: is a folder, not a file")
+  return files.prepare_folder(out.parent, "--out")
+
+
+def pair_images(ir_dir, vis_dir, methods: Sequence[Method],
+                max_images: Optional[int] = None) -> tuple[list[ImageSet], list[str]]:
+  """Pairs the sources and every method's fused images by stem (`imageio.pair_folders`).
+
+  Args:
+    max_images: keep only the first this many complete sets (by name).
+
+  Returns:
+    The complete sets sorted by name, and one-line messages for files without partners.
+
+  Raises:
+    imageio.ImageError: a folder is missing or holds no image.
+  """
+  pairing = imageio.pair_folders([ir_dir, vis_dir] + [m.folder for m in methods])
+  images = [ImageSet(stem, paths[0], paths[1], tuple(paths[2:])) for stem, paths in pairing.pairs]
+  if max_images is not None:
+    images = images[:max_images]
+  return images, list(pairing.problems)
+
+
+def compare(images: Sequence[ImageSet], methods: Sequence[Method], *,
+            names: Sequence[str] = metrics.METRIC_NAMES, ssim_data_range: float = 2.0,
+            progress: bool = False, stop: Optional[interrupts.StopRequest] = None,
+            problems: Sequence[str] = ()) -> Comparison:
+  """Scores every method with `scoring.evaluate`, keeping the images all methods have.
+
+  An image that cannot be scored for one method (unreadable, sizes differ, too small) is
+  reported once and left out for every method, so that all means are over the same images.
+
+  Args:
+    images, methods: from `pair_images` and `parse_methods`.
+    names, ssim_data_range: the metrics and SSIM's convention (see `scoring.evaluate`).
+    progress: a progress bar per method.
+    stop: checked before each image; once set, scoring ends (`Comparison.stopped_by`).
+    problems: messages found before (by the pairing); the comparison's list starts with them.
+  """
+  names = tuple(names)
+  results: dict[str, scoring.EvaluationResult] = {}
+  problems = list(problems)
+  stopped_by = None
+  for k, method in enumerate(methods):
+    triples = [scoring.Triple(im.name, im.ir, im.vis, im.fused[k]) for im in images]
+    result = scoring.evaluate(triples, names=names, ssim_data_range=ssim_data_range,
+                                 progress=progress, stop=stop)
+    problems += [p for p in result.problems if p not in problems]  # source problems: once
+    results[method.name] = result
+    if result.stopped_by is not None:
+      stopped_by = result.stopped_by
+      break
+  scored = set.intersection(*(set(n for n, _ in r.rows) for r in results.values()))
+  kept = [im for im in images if im.name in scored]
+  for name, result in results.items():
+    rows = dict(result.rows)
+    results[name] = scoring.EvaluationResult(
+        names=names, rows=[(im.name, rows[im.name]) for im in kept], problems=result.problems,
+        stopped_by=result.stopped_by)
+  return Comparison(names=names, methods=list(methods), images=kept, results=results,
+                    problems=problems, stopped_by=stopped_by,
+                    ssim_data_range=float(ssim_data_range))
+
+
+# ---------------------------------------------------------------------------------------------
+# Images.
+
+
+def data_uri(data: bytes, mime: str) -> str:
+  """`data:<mime>;base64,...` for embedding."""
+  return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def encode(image: np.ndarray, fmt: str = "JPEG") -> str:
+  """An 8-bit gray or RGB array as a JPEG or PNG data URI."""
+  buf = io.BytesIO()
+  pil = Image.fromarray(np.ascontiguousarray(image))
+  if fmt == "JPEG":
+    pil.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return data_uri(buf.getvalue(), "image/jpeg")
+  pil.save(buf, format="PNG")
+  return data_uri(buf.getvalue(), "image/png")
+
+
+def thumbnail(image: np.ndarray, side: int = THUMB_SIDE) -> np.ndarray:
+  """An 8-bit image shrunk (never enlarged) so that its longest side is at most `side`."""
+  pil = Image.fromarray(np.ascontiguousarray(image))
+  pil.thumbnail((side, side), Image.Resampling.BICUBIC)
+  return np.asarray(pil)
+
+
+def crop_side(shape: tuple[int, ...], crop: int = ZOOM_CROP) -> int:
+  """Side of the zoomed crop: `crop`, at most half the image's shorter side (at least 1)."""
+  return max(1, min(crop, min(shape[:2]) // 2))
+
+
+def busiest_window(grays: Sequence[np.ndarray], side: int) -> tuple[int, int]:
+  """(top, left) of the `side` x `side` window where the images' summed variance is largest.
+
+  Windows are tried on a grid of step `side // 4` (and flush with the bottom/right borders);
+  variances come from summed-area tables, so this costs a few passes over the pixels. Ties
+  go to the first window (top, then left).
+  """
+  h, w = grays[0].shape[:2]
+  step = max(1, side // 4)
+  tops = np.unique(np.append(np.arange(0, h - side + 1, step), h - side))
+  lefts = np.unique(np.append(np.arange(0, w - side + 1, step), w - side))
+  score = np.zeros((tops.size, lefts.size))
+  n = side * side
+  for gray in grays:
+    x = gray.astype(np.float64)
+    sums = []
+    for v in (x, x * x):
+      table = np.zeros((h + 1, w + 1))
+      table[1:, 1:] = v.cumsum(0).cumsum(1)
+      sums.append(table[np.ix_(tops + side, lefts + side)] - table[np.ix_(tops, lefts + side)]
+                  - table[np.ix_(tops + side, lefts)] + table[np.ix_(tops, lefts)])
+    score += sums[1] / n - (sums[0] / n) ** 2
+  i, j = np.unravel_index(int(np.argmax(score)), score.shape)
+  return int(tops[i]), int(lefts[j])
+
+
+def zoom(image: np.ndarray, top: int, left: int, side: int, target: int = ZOOM_SIDE) -> np.ndarray:
+  """The `side` x `side` crop at (top, left), enlarged by nearest neighbour to about `target`."""
+  factor = max(1, target // side)
+  crop = image[top:top + side, left:left + side]
+  return np.repeat(np.repeat(crop, factor, axis=0), factor, axis=1)
+
+
+def display_image(path: pathlib.Path) -> np.ndarray:
+  """A file as stored, brought to 8 bits for display (gray or RGB).
+
+  Raises:
+    imageio.ImageError: the file is missing or unreadable.
+  """
+  return imageio.to_8bit(imageio.read_image(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots.
+
+
+def distribution_plot(name: str, methods: Sequence[str],
+                      values: Sequence[Sequence[float]]) -> str:
+  """A box and strip plot of one metric's per-image values for each method, as a PNG data URI.
+
+  Args:
+    name: the metric (the title says whether higher or lower is better).
+    methods: method names (x axis).
+    values: per method, the values where the metric is defined (may be empty).
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  # Fixed margins: a layout engine would double the cost of drawing.
+  fig = Figure(figsize=(3.3, 2.5), dpi=100)
+  FigureCanvasAgg(fig)
+  fig.subplots_adjust(left=0.17, right=0.97, top=0.9, bottom=0.2)
+  ax = fig.add_subplot()
+  filled = [(k + 1, v) for k, v in enumerate(values) if len(v)]
+  if filled:
+    ax.boxplot([v for _, v in filled], positions=[p for p, _ in filled], widths=0.5,
+               showfliers=False, medianprops={"color": "black"})
+  rng = np.random.default_rng(0)  # fixed jitter: the same page for the same scores
+  for p, v in filled:
+    ax.plot(p + rng.uniform(-0.18, 0.18, len(v)), v, "o", ms=3, alpha=0.55)
+  ax.set_xticks(range(1, len(methods) + 1))
+  long_names = max(len(m) for m in methods) > 8
+  ax.set_xticklabels(methods, rotation=20 if long_names else 0,
+                     ha="right" if long_names else "center", fontsize=8)
+  ax.set_xlim(0.4, len(methods) + 0.6)
+  ax.tick_params(axis="y", labelsize=8)
+  better = "lower" if name in LOWER_IS_BETTER else "higher"
+  ax.set_title(f"{name} ({better} is better)", fontsize=9)
+  ax.grid(axis="y", alpha=0.3)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", metadata={"Software": None})
+  return data_uri(buf.getvalue(), "image/png")
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML.
+
+
+def _esc(text) -> str:
+  return html.escape(str(text), quote=True)
+
+
+def _fmt(value: Optional[float]) -> str:
+  return "n/a" if value is None else f"{value:.3f}"
+
+
+def best_methods(names: Sequence[str],
+                 means: Mapping[str, Mapping[str, Optional[float]]]) -> dict[str, set[str]]:
+  """For every metric, the methods with the best mean (none where no mean is defined).
+
+  Higher is better except for `LOWER_IS_BETTER`. Means equal at the precision the page shows
+  (3 decimals) are a tie, and every one of them is best.
+  """
+  best: dict[str, set[str]] = {}
+  for n in names:
+    defined = {m: mean for m, v in means.items() if (mean := v[n]) is not None}
+    if not defined:
+      best[n] = set()
+      continue
+    top = (min if n in LOWER_IS_BETTER else max)(defined.values())
+    best[n] = {m for m, v in defined.items() if _fmt(v) == _fmt(top)}
+  return best
+
+
+def means_table(names: Sequence[str], means: Mapping[str, Mapping[str, Optional[float]]],
+                undefined: Mapping[str, Mapping[str, int]], images: int) -> str:
+  """The table of means (rows: methods in mapping order), best of each column in bold.
+
+  A mean over fewer images than `images` carries a superscript with the undefined count.
+  """
+  best = best_methods(names, means)
+  head = "".join(f"<th>{_esc(n)}</th>" for n in names)
+  rows = []
+  for method, values in means.items():
+    cells = []
+    for n in names:
+      text = _fmt(values[n])
+      k = undefined[method][n]
+      note = (f'<sup class="undef" title="undefined for {k} of {images} image(s)">{k} undef.'
+              f'</sup>' if k else "")
+      if method in best[n]:
+        cells.append(f'<td class="best"><strong>{text}</strong>{note}</td>')
+      else:
+        cells.append(f"<td>{text}{note}</td>")
+    rows.append(f'<tr><th scope="row">{_esc(method)}</th>{"".join(cells)}</tr>')
+  total = sum(sum(u.values()) for u in undefined.values())
+  lower = "; lower for MSE" if "MSE" in names else ""
+  return (f'<table class="means"><thead><tr><th>method</th>{head}</tr></thead>'
+          f'<tbody>{"".join(rows)}</tbody></table>\n'
+          f'<p class="note">Means over {images} image(s). Bold: the best of the column, ties at '
+          f'the precision shown included (higher is better{lower}). '
+          f'Undefined values: <span id="undefined-total">{total}</span>'
+          f'{" (the superscripts give how many per mean)" if total else ""}.</p>')
+
+
+def per_image_table(method: str, result: scoring.EvaluationResult) -> str:
+  """One method's per-image scores as a table sortable by clicking a column header."""
+  head = '<th data-sort="text">image</th>' + "".join(f"<th>{_esc(n)}</th>" for n in result.names)
+  rows = []
+  for name, row in result.rows:
+    cells = [f'<td data-v="{_esc(name)}">{_esc(name)}</td>']
+    for n in result.names:
+      v = row[n]
+      cells.append('<td data-v="" class="undef">undefined</td>' if v is None
+                   else f'<td data-v="{v!r}">{v:.3f}</td>')
+    rows.append(f'<tr>{"".join(cells)}</tr>')
+  return (f'<details><summary>{_esc(method)} ({len(rows)} images)</summary>\n'
+          f'<table class="sortable scores" data-method="{_esc(method)}">'
+          f'<thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></details>')
+
+
+def _figure(uri: str, alt: str, box: Optional[tuple[float, float, float, float]] = None) -> str:
+  mark = ""
+  if box is not None:
+    left, top, width, height = box
+    mark = (f'<span class="box" style="left:{left:.2f}%;top:{top:.2f}%;width:{width:.2f}%;'
+            f'height:{height:.2f}%"></span>')
+  return f'<div class="thumb"><img src="{uri}" alt="{_esc(alt)}">{mark}</div>'
+
+
+def gallery_rows(image: ImageSet, methods: Sequence[Method], problems: list[str]) -> str:
+  """Two table rows for one image: the thumbnails, then the zoomed crops.
+
+  A file that cannot be read now gives a cell saying so and a message in `problems`.
+  """
+  paths = [image.ir, image.vis, *image.fused]
+  labels = ["infrared", "visible"] + [m.name for m in methods]
+  arrays: list[Optional[np.ndarray]] = []
+  for path in paths:
+    try:
+      arrays.append(display_image(path))
+    except imageio.ImageError as e:
+      problems.append(str(e))
+      arrays.append(None)
+  grays = [imageio.to_gray_evaluation(a) for a in arrays[:2] if a is not None]
+  shape = next((a.shape for a in arrays if a is not None), (1, 1))
+  side = crop_side(shape)
+  top, left = busiest_window(grays, side) if grays else (0, 0)
+  h, w = shape[:2]
+  box = (100 * left / w, 100 * top / h, 100 * side / w, 100 * side / h)
+  thumbs, crops = [], []
+  for array, label in zip(arrays, labels):
+    if array is None:
+      thumbs.append('<td class="missing">cannot read</td>')
+      crops.append("<td></td>")
+      continue
+    thumbs.append(f"<td>{_figure(encode(thumbnail(array)), f'{image.name} {label}', box)}</td>")
+    crop = encode(zoom(array, top, left, side), "PNG")
+    crops.append(f'<td><img class="zoom" src="{crop}" alt="{_esc(f"{image.name} {label} zoom")}">'
+                 "</td>")
+  factor = max(1, ZOOM_SIDE // side)
+  where = f"zoom x{factor}<br><small>{side}x{side} at x={left}, y={top}</small>"
+  return (f'<tr class="images"><th scope="row">{_esc(image.name)}</th>{"".join(thumbs)}</tr>\n'
+          f'<tr class="zooms"><th scope="row">{where}</th>{"".join(crops)}</tr>')
+
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ccc}
+h3{font-size:1em;margin:1.2em 0 .3em}
+table{border-collapse:collapse;font-size:.85em}
+td,th{border:1px solid #ddd;padding:.2em .45em;text-align:right}
+th[scope=row],td:first-child,th:first-child{text-align:left}
+summary{cursor:pointer;font-weight:bold;margin:.6em 0 .3em}
+thead th{background:#f3f3f3}
+table.sortable thead th{cursor:pointer;user-select:none}
+table.sortable thead th[aria-sort=ascending]::after{content:" \\25B2"}
+table.sortable thead th[aria-sort=descending]::after{content:" \\25BC"}
+td.best{background:#e3f4e3}
+.undef{color:#999}
+sup.undef{font-size:.7em;margin-left:.2em}
+.note,.conventions{font-size:.85em;color:#444}
+.plots{display:flex;flex-wrap:wrap;gap:.5em}
+table.gallery td,table.gallery th{vertical-align:top;text-align:center}
+table.gallery th[scope=row]{text-align:left;font-weight:normal;font-size:.9em}
+.thumb{position:relative;display:inline-block;line-height:0}
+.thumb img{max-width:256px;max-height:256px}
+.box{position:absolute;border:1px solid #ff0;outline:1px solid #000;box-sizing:border-box}
+img.zoom{width:auto;height:auto}
+td.missing{color:#a00}
+"""
+
+# Click a header of a `table.sortable` to sort by it; again to reverse. Cells carry their sort
+# key in `data-v` (numbers; "" for undefined, always last; text where the header says so).
+_SCRIPT = """
+document.querySelectorAll("table.sortable").forEach(function (table) {
+  var heads = table.tHead.rows[0].cells;
+  Array.prototype.forEach.call(heads, function (th, col) {
+    th.addEventListener("click", function () {
+      var up = th.getAttribute("aria-sort") !== "ascending";
+      Array.prototype.forEach.call(heads, function (h) { h.removeAttribute("aria-sort"); });
+      th.setAttribute("aria-sort", up ? "ascending" : "descending");
+      var text = th.getAttribute("data-sort") === "text";
+      var body = table.tBodies[0];
+      var rows = Array.prototype.slice.call(body.rows);
+      rows.sort(function (a, b) {
+        var x = a.cells[col].getAttribute("data-v"), y = b.cells[col].getAttribute("data-v");
+        if (x === "" || y === "") { return (x === "") - (y === ""); }
+        var c = text ? x.localeCompare(y) : parseFloat(x) - parseFloat(y);
+        return up ? c : -c;
+      });
+      rows.forEach(function (r) { body.appendChild(r); });
+    });
+  });
+});
+"""
+
+
+def build_html(comparison: Comparison, *, title: str = "Fusion comparison",
+               sources: tuple[str, str] = ("", ""),
+               stop: Optional[interrupts.StopRequest] = None) -> str:
+  """The complete page for a comparison.
+
+  Args:
+    comparison: the scores (from `compare`); files that cannot be read for the gallery are
+      appended to its `problems` (and listed on the page).
+    title: the page's title.
+    sources: how the page names the infrared and visible folders.
+    stop: checked before each image of the gallery; raises `Stopped` once it is set.
+
+  Raises:
+    Stopped: a stop request arrived (nothing is returned).
+  """
+  names, methods = comparison.names, comparison.methods
+  results = comparison.results
+  n = len(comparison.images)
+
+  def check_stop():
+    if stop is not None and stop.signum is not None:
+      raise Stopped(stop.signum)
+
+  means = {m.name: results[m.name].means() for m in methods}
+  undefined = {m.name: results[m.name].undefined() for m in methods}
+  plots = []
+  for name in names:
+    check_stop()
+    values = [[v for _, r in results[m.name].rows if (v := r[name]) is not None] for m in methods]
+    uri = distribution_plot(name, [m.name for m in methods], values)
+    plots.append(f'<img class="plot" src="{uri}" alt="{_esc(name)} per image, per method">')
+  gallery = []
+  for image in comparison.images:
+    check_stop()
+    gallery.append(gallery_rows(image, methods, comparison.problems))
+  method_list = "".join(f"<li><b>{_esc(m.name)}</b>: {_esc(m.folder)}</li>" for m in methods)
+  ir_dir, vis_dir = sources
+  skipped = ""
+  if comparison.problems:
+    items = "".join(f"<li>{_esc(p)}</li>" for p in comparison.problems)
+    skipped = (f'<h2 id="skipped">Skipped files ({len(comparison.problems)})</h2>'
+               f'<ul class="skipped">{items}</ul>')
+  columns = "".join(f"<th>{_esc(m.name)}</th>" for m in methods)
+  ssim = f"{comparison.ssim_data_range:g}"
+  conventions = "".join(f"<li>{_esc(c.format(ssim=ssim))}</li>" for c in CONVENTIONS)
+  return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_esc(title)}</title>
+<style>{_STYLE}</style></head>
+<body>
+<h1>{_esc(title)}</h1>
+<p>{n} image pair(s), infrared (or PET/SPECT/CT) from {_esc(ir_dir)} and visible (or MRI)
+from {_esc(vis_dir)}, paired by file stem; {len(methods)} method(s):</p>
+<ul>{method_list}</ul>
+<p class="note">{len(comparison.problems)} file problem(s){
+    ' (listed <a href="#skipped">at the end</a>)' if comparison.problems else ''}.
+Every method is scored on the same images.</p>
+<h2>Means</h2>
+{means_table(names, means, undefined, n)}
+<ul class="conventions">{conventions}</ul>
+<h2>Distributions across the images</h2>
+<p class="note">Box: quartiles and median (whiskers 1.5 IQR); dots: the images.</p>
+<div class="plots">{"".join(plots)}</div>
+<h2>Per image</h2>
+<p class="note">One table per method (click a method to show it); click a column header to sort
+(again to reverse).</p>
+{"".join(per_image_table(m.name, results[m.name]) for m in methods)}
+<h2>Images</h2>
+<p class="note">Thumbnails (longest side at most {THUMB_SIDE} px); the frame marks the zoomed
+region, the window where the two sources vary most, shown below each row enlarged by nearest
+neighbour.</p>
+<table class="gallery"><thead><tr><th>image</th><th>infrared</th><th>visible</th>{columns}</tr>
+</thead><tbody>
+{"".join(gallery)}
+</tbody></table>
+{skipped}
+<script>{_SCRIPT}</script>
+</body></html>
+"""
+
+
+def write_atomic(path: str | os.PathLike, page: str) -> None:
+  """Writes the page through a temporary file, then renames (`files.atomic_write`)."""
+  with files.atomic_write(path, "w", encoding="utf-8") as f:
+    f.write(page)

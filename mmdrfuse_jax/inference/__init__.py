@@ -1,0 +1,1 @@
+"""Fusing images with trained networks: arrays, folders, videos, and exported files."""

@@ -1,0 +1,1 @@
+"""The process around the library: backend selection, signals, command-line helpers."""

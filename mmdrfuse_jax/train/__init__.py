@@ -1,0 +1,1 @@
+"""Training: losses, dynamic refresh, distillation, the jitted update, the run loop."""

@@ -1,0 +1,300 @@
+"""Validation during training: fuse held-out pairs with the current parameters and score them.
+
+`config.validation` (configs/default.py) names the pairs: two folders paired by stem, a split
+of the run's built dataset (for example "test"), or the package's procedural pairs. Every
+`every_steps` steps and at the end of training the run fuses them at full size exactly as
+`bin/fuse.py` would (`fusion.Fuser`, min-max output) and scores them with the code of
+`bin/evaluate.py` (`scoring.evaluate`, the published conventions). The means go to
+TensorBoard and `metrics.jsonl` as `val/<metric>`, a few pairs go to TensorBoard as
+infrared | visible | fused strips, and with `best_metric` the parameters of the best
+validation so far are kept (`BestParams`).
+
+Pairs that are not files (a dataset split, procedural pairs) are written once as PNG files to
+`WORKDIR/validation_pairs/`, so that every source goes through the same file-based code as
+`bin/evaluate.py`, and so that one can look at them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+
+from mmdrfuse_jax.errors import MMDRFuseError
+from mmdrfuse_jax.evaluation import metrics, scoring
+from mmdrfuse_jax.inference import fusion
+from mmdrfuse_jax.io import imageio
+from mmdrfuse_jax.models import weight_files
+
+# Metrics for which a smaller value is better (for `best_metric`); all others: larger.
+LOWER_IS_BETTER = ("MSE",)
+# How the fused images of a validation are written: min-max stretched, as published.
+OUTPUT = "minmax"
+
+
+class ValidationError(MMDRFuseError, ValueError):
+  """A user-facing problem with the validation settings or pairs (one-line message)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """`config.validation`, checked (see configs/default.py for the meaning of each field)."""
+
+  source: str  # "folders", "split", "synthetic" or "" (no validation).
+  every_steps: int
+  names: tuple[str, ...]
+  max_pairs: int
+  num_images: int
+  best_metric: str
+
+  @property
+  def enabled(self) -> bool:
+    return bool(self.source)
+
+  def due(self, step: int, total_steps: int) -> bool:
+    """Whether the run validates after `step`: every `every_steps` steps and at the end."""
+    if not self.enabled:
+      return False
+    return step == total_steps or (self.every_steps > 0 and step % self.every_steps == 0)
+
+
+def settings(config: Any) -> Settings:
+  """The checked validation settings of a run's config.
+
+  Raises:
+    ValidationError: the settings contradict each other or name unknown metrics.
+  """
+  v = config.get("validation")
+  if v is None:
+    return Settings("", 0, (), 0, 0, "")
+  sources = []
+  if v.ir_dir or v.vis_dir:
+    if not (v.ir_dir and v.vis_dir):
+      raise ValidationError("config.validation needs both ir_dir and vis_dir (or neither)")
+    sources.append("folders")
+  if v.split:
+    if not (config.data.dataset and config.data.data_dir) or int(config.data.synthetic_pairs):
+      raise ValidationError(
+          f"config.validation.split={v.split!r} is a split of the run's built dataset, but the "
+          "run trains on no built dataset (config.data.dataset and data_dir)")
+    sources.append("split")
+  if int(v.synthetic_pairs) > 0:
+    sources.append("synthetic")
+  if len(sources) > 1:
+    raise ValidationError(f"config.validation names several sources ({', '.join(sources)}); "
+                          "give one: ir_dir+vis_dir, split, or synthetic_pairs")
+  for key in ("every_steps", "max_pairs", "num_images", "synthetic_pairs", "synthetic_height",
+              "synthetic_width"):
+    value = v[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise ValidationError(f"config.validation.{key} must be an integer >= 0, got {value!r}")
+  try:
+    names = scoring.parse_metric_names(v.metrics)
+  except ValueError as e:
+    raise ValidationError(f"config.validation.metrics: {e}") from None
+  best = ""
+  if v.best_metric:
+    canon = {n.lower(): n for n in names}
+    best = canon.get(str(v.best_metric).lower(), "")
+    if not best:
+      raise ValidationError(f"config.validation.best_metric={v.best_metric!r} is not one of the "
+                            f"validation metrics ({', '.join(names)})")
+  return Settings(sources[0] if sources else "", int(v.every_steps), names, int(v.max_pairs),
+                  int(v.num_images), best)
+
+
+def prepare_pairs(config: Any, s: Settings, workdir: pathlib.Path, log: Callable[[str], None]
+                  ) -> list[scoring.Triple]:
+  """The validation pairs as files, sorted by stem, at most `max_pairs` of them.
+
+  Args:
+    config: the run's config.
+    s: its validation settings (`settings(config)`).
+    workdir: the run's folder (a split's or procedural pairs are written there).
+    log: where warnings go.
+
+  Raises:
+    ValidationError: a folder is missing or holds no pair; the split is not built.
+  """
+  v = config.validation
+  limit = s.max_pairs or None
+  if s.source == "folders":
+    try:
+      triples, problems = scoring.pair_triples(os.path.expanduser(v.ir_dir),
+                                                  os.path.expanduser(v.vis_dir))
+    except imageio.ImageError as e:
+      raise ValidationError(f"validation pairs: {e}") from None
+    for problem in problems[:5]:
+      log(f"warning: validation pairs: {problem}")
+    if len(problems) > 5:
+      log(f"warning: validation pairs: {len(problems) - 5} more problems")
+  else:
+    stems, irs, viss = _generated_pairs(config, s, limit)
+    folder = workdir / "validation_pairs"
+    for stem, ir, vis in zip(stems, irs, viss):
+      for sub, image in (("ir", ir), ("vi", vis)):
+        path = folder / sub / f"{stem}.png"
+        if not path.is_file():  # Written once; the pairs are fixed for the run.
+          imageio.write_image_atomic(path, image)
+    triples, _ = scoring.pair_triples(folder / "ir", folder / "vi")
+    triples = [t for t in triples if t.name in set(stems)]
+  usable = []
+  for t in sorted(triples, key=lambda t: t.name)[:limit]:
+    try:
+      height, width = imageio.read_size(t.ir)
+    except imageio.ImageError as e:
+      log(f"warning: validation pairs: {e}; left out")
+      continue
+    if min(height, width) < metrics.MIN_SIZE:  # VIF's smallest image; evaluate refuses it.
+      log(f"warning: validation pairs: {t.ir}: {width}x{height} pixels is too small to score "
+          f"(at least {metrics.MIN_SIZE}x{metrics.MIN_SIZE}); left out")
+      continue
+    usable.append(t)
+  if not usable:
+    raise ValidationError(f"validation pairs ({s.source}): none that can be scored")
+  return usable
+
+
+def _generated_pairs(config: Any, s: Settings, limit: Optional[int]
+                     ) -> tuple[list[str], Sequence[np.ndarray] | np.ndarray,
+                                Sequence[np.ndarray] | np.ndarray]:
+  """(stems, infrared, visible) of a dataset split or of procedural pairs.
+
+  The images: lists of (H, W) arrays for a split, (N, H, W) arrays for procedural pairs.
+  """
+  from mmdrfuse_jax.data import builders, pipeline, synthetic  # pylint: disable=g-import-not-at-top
+
+  d, v = config.data, config.validation
+  if s.source == "split":
+    try:
+      # Random access to the split's records, decoding only the pairs kept (a test split can
+      # be larger than host RAM); a patch larger than any image: no patch index either.
+      data = pipeline.StreamingPatchDataset.from_tfds(
+          os.path.expanduser(d.data_dir), d.dataset, v.split, patch_size=1 << 30,
+          patch_stride=1 << 30)
+      order = sorted(range(data.num_images), key=lambda i: data.stems[i])[:limit]
+      pairs = [data.image(i) for i in order]
+    except (builders.DataError, ValueError) as e:
+      raise ValidationError(f"validation split {v.split!r}: {e}") from None
+    return [data.stems[i] for i in order], [p[0] for p in pairs], [p[1] for p in pairs]
+  # Procedural pairs after the training pairs of the same seed (pair i depends only on the
+  # seed, i and the size), so that they are never training pairs.
+  first = max(int(d.synthetic_pairs), 0)
+  count = int(v.synthetic_pairs)
+  ir, vis = synthetic.make_pairs(first + count, int(v.synthetic_height), int(v.synthetic_width),
+                                 seed=int(config.seed))
+  return [f"synthetic_{config.seed}_{first + i:04d}" for i in range(count)], ir[first:], vis[first:]
+
+
+@dataclasses.dataclass
+class Result:
+  """One validation: metric means, the strips to show, problems, and its wall time."""
+
+  means: dict[str, float]  # Metrics without a defined mean are left out.
+  strips: dict[str, np.ndarray]  # stem -> uint8 (H, 3W): infrared | visible | fused.
+  problems: list[str]
+  seconds: float
+
+  def scalars(self) -> dict[str, float]:
+    """The row logged to TensorBoard and metrics.jsonl."""
+    return {**{f"val/{k}": v for k, v in self.means.items()}, "val/seconds": self.seconds}
+
+  def describe(self, step: int, num_pairs: int) -> str:
+    """One console line."""
+    scores = " ".join(f"{k} {v:.4g}" for k, v in self.means.items())
+    return f"validation at step {step}: {scores} ({num_pairs} pairs, {self.seconds:.2f} s)"
+
+
+class Validator:
+  """Fuses and scores the validation pairs with given parameters.
+
+  Args:
+    triples: the pairs (from `prepare_pairs`).
+    s: the settings.
+  """
+
+  def __init__(self, triples: Sequence[scoring.Triple], s: Settings):
+    self.triples = list(triples)
+    self.settings = s
+    self._sources = {}  # stem -> (infrared, visible) gray uint8, for the strips.
+    for t in self.triples[:s.num_images]:
+      self._sources[t.name] = tuple(imageio.to_8bit(imageio.to_gray_published(
+          imageio.read_image(path))) for path in (t.ir, t.vis))
+
+  def __call__(self, params: Any) -> Result:
+    """Validates `params` (a student or teacher tree, on any device)."""
+    start = time.perf_counter()
+    fuser = fusion.Fuser(jax.device_get(params), output=OUTPUT)
+    result = scoring.evaluate(self.triples, names=self.settings.names,
+                                 fuse_fn=fuser.fuse_images, keep_fused=self._sources)
+    strips = {}
+    for name, (ir, vis) in self._sources.items():
+      if name in result.fused:  # Else the pair could not be fused (one of `problems`).
+        fused = imageio.to_8bit(result.fused[name])
+        strips[name] = np.concatenate([ir, vis, fused], axis=1)
+    means = {k: v for k, v in result.means().items() if v is not None}
+    return Result(means, strips, result.problems, time.perf_counter() - start)
+
+
+class BestParams:
+  """The parameters of the best validation so far, by one metric.
+
+  Kept with an orbax `CheckpointManager` in `WORKDIR/best_<metric>/` (the parameters and the
+  metric's value; one checkpoint, the best), and exported as `WORKDIR/<model>_best_<metric>.npz`
+  for `bin/fuse.py`. A rerun of the run finds the best so far in the manager's metrics.
+  """
+
+  def __init__(self, workdir: pathlib.Path, model: str, metric: str):
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+    self._ocp = ocp
+    self.metric = metric
+    self.weights = workdir / f"{model}_best_{metric}.npz"
+    self._lower = metric in LOWER_IS_BETTER
+    self._manager = ocp.CheckpointManager(
+        (workdir / f"best_{metric}").resolve(),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, best_fn=lambda m: m[metric], best_mode="min" if self._lower else "max",
+            create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True))
+
+  def best(self) -> Optional[tuple[int, float]]:
+    """(step, value) of the best validation kept, or None."""
+    step = self._manager.best_step()
+    if step is None:
+      return None
+    return step, float(self._manager.metrics(step)[self.metric])
+
+  def offer(self, step: int, params: Any, means: dict[str, float]) -> bool:
+    """Keeps `params` when their value of the metric beats the best so far; returns whether."""
+    value = means.get(self.metric)
+    if value is None:  # Undefined on every pair: nothing to compare.
+      return False
+    best = self.best()
+    if best is not None and (step <= best[0] or not (value < best[1] if self._lower
+                                                     else value > best[1])):
+      return False
+    params = jax.device_get(params)
+    self._manager.save(step, args=self._ocp.args.StandardSave(params),
+                       metrics={self.metric: float(value)}, force=True)
+    self._manager.wait_until_finished()
+    self.export()
+    return True
+
+  def export(self) -> Optional[pathlib.Path]:
+    """Writes the best parameters kept to `self.weights` (atomically); None when none is kept.
+
+    In a run of several processes every one calls it (and `offer`: orbax saves together), and
+    process 0 alone writes the file.
+    """
+    best = self.best()
+    if best is None:
+      return None
+    params = self._manager.restore(best[0])
+    if jax.process_index() == 0:
+      weight_files.save_params(self.weights, params)
+    return self.weights

@@ -1,0 +1,176 @@
+"""Fusion API, output modes, colour mode, and reproduction of the published fused images."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import random_params
+from PIL import Image
+from rounding import assert_equal_up_to_rounding, network_ulps
+
+from mmdrfuse_jax.inference import fusion
+from mmdrfuse_jax.io import imageio
+from mmdrfuse_jax.models import networks, weight_files
+
+
+@pytest.fixture(scope="module")
+def random_student():
+  return jax.tree_util.tree_map(np.asarray, networks.init_params("student", jax.random.key(0)))
+
+
+@pytest.fixture(scope="module")
+def published_student(shared):
+  return weight_files.load_params(shared / "reference" / "weights" / "student.model", "student")
+
+
+def test_fuse_is_pure_and_batched(random_student):
+  rng = np.random.default_rng(0)
+  ir = rng.random((3, 20, 24, 1), dtype=np.float32)
+  vis = rng.random((3, 20, 24, 1), dtype=np.float32)
+  out = fusion.fuse(random_student, ir, vis)
+  assert out.shape == (3, 20, 24, 1)
+  single = fusion.fuse(random_student, ir[1:2], vis[1:2])
+  assert_equal_up_to_rounding(out[1:2], single, ulps=network_ulps(random_student))
+  np.testing.assert_array_equal(fusion.fuse(random_student, ir, vis), out)
+
+
+def test_fuse_picks_the_network_from_params(random_student):
+  teacher = jax.eval_shape(lambda: networks.init_params("teacher", jax.random.key(1)))
+  assert networks.model_of(teacher) == "teacher"
+  assert networks.model_of(random_student) == "student"
+  with pytest.raises(ValueError, match="neither the student's nor the teacher's"):
+    networks.model_of({"conv9": {}})
+
+
+def test_quantize_minmax_and_clip():
+  y = np.array([[0.2, 0.4], [0.6, 1.2]], np.float32)
+  np.testing.assert_array_equal(fusion.quantize(y, "minmax"), [[0, 51], [102, 255]])
+  np.testing.assert_array_equal(fusion.quantize(y, "clip"), [[51, 102], [153, 255]])
+  np.testing.assert_array_equal(fusion.quantize(np.full((2, 2), 0.3, np.float32), "minmax"),
+                                np.zeros((2, 2)))
+  assert fusion.quantize(y, "minmax", 65535).dtype == np.uint16
+  with pytest.raises(ValueError, match="unknown output mode"):
+    fusion.quantize(y, "sigmoid")
+
+
+def test_ycbcr_round_trip():
+  rgb = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  back = imageio.ycbcr_to_rgb(imageio.rgb_to_ycbcr(rgb))
+  assert np.abs(back.astype(int) - rgb).max() <= 1
+  rgb16 = np.random.default_rng(3).integers(0, 65536, (8, 8, 3), dtype=np.uint16)
+  back16 = imageio.ycbcr_to_rgb(imageio.rgb_to_ycbcr(rgb16, 65535), 65535)
+  assert back16.dtype == np.uint16 and np.abs(back16.astype(int) - rgb16).max() <= 1
+
+
+def test_colour_mode_keeps_the_visible_chroma(random_student):
+  rng = np.random.default_rng(4)
+  vis = rng.integers(0, 256, (24, 30, 3), dtype=np.uint8)
+  ir = rng.integers(0, 256, (24, 30), dtype=np.uint8)
+  out = fusion.Fuser(random_student, color=True).fuse_images(ir, vis)
+  assert out.shape == (24, 30, 3) and out.dtype == np.uint8
+  gray = fusion.Fuser(random_student, color=False).fuse_images(ir, vis)
+  assert gray.shape == (24, 30)
+  # The result's chroma is the visible image's chroma (up to rounding and gamut clipping).
+  chroma_out = imageio.rgb_to_ycbcr(out)[..., 1:]
+  chroma_vis = imageio.rgb_to_ycbcr(vis)[..., 1:]
+  inside = np.all((out > 2) & (out < 253), axis=-1)
+  assert np.abs(chroma_out - chroma_vis)[inside].max() < 1.5
+
+
+def test_colour_mode_uses_infrared_slot_colour_for_pet(random_student):
+  rng = np.random.default_rng(5)
+  pet = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  mri = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+  out = fusion.Fuser(random_student, color=True).fuse_images(pet, mri)
+  assert out.shape == (16, 16, 3)
+
+
+def test_sixteen_bit_inputs_give_sixteen_bit_output(random_student):
+  rng = np.random.default_rng(6)
+  ir16 = rng.integers(0, 65536, (20, 20), dtype=np.uint16)
+  vis8 = rng.integers(0, 256, (20, 20), dtype=np.uint8)
+  out = fusion.Fuser(random_student).fuse_images(ir16, vis8)
+  assert out.dtype == np.uint16 and out.min() == 0 and out.max() == 65535
+  # The same scene in 8 bits gives the same result up to quantisation.
+  out8 = fusion.Fuser(random_student).fuse_images((ir16 // 257).astype(np.uint8), vis8)
+  assert np.abs(out.astype(float) / 257 - out8).max() < 3
+
+
+def test_bucketed_student_equals_exact_size(random_student):
+  rng = np.random.default_rng(7)
+  ir = rng.integers(0, 256, (45, 71), dtype=np.uint8)
+  vis = rng.integers(0, 256, (45, 71), dtype=np.uint8)
+  a = fusion.Fuser(random_student, bucket=64).fuse_images(ir, vis)
+  b = fusion.Fuser(random_student, bucket=0).fuse_images(ir, vis)
+  np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_bucketed_teacher_equals_exact_size():
+  # An odd bucket (15) checks that the teacher's canvas is rounded up to even sides.
+  params = random_params("teacher", 5)
+  rng = np.random.default_rng(8)
+  ir = rng.integers(0, 256, (21, 33), dtype=np.uint8)
+  vis = rng.integers(0, 256, (21, 33), dtype=np.uint8)
+  bucketed, exact = fusion.Fuser(params, bucket=15), fusion.Fuser(params, bucket=0)
+  floats = [f._fuse_gray(*(imageio.to_unit_float(x)[None] for x in (ir, vis)))
+            for f in (bucketed, exact)]
+  assert_equal_up_to_rounding(floats[0], floats[1], ulps=network_ulps(params))
+  a, b = bucketed.fuse_images(ir, vis), exact.fuse_images(ir, vis)
+  assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # a rounding boundary at most
+
+
+def test_pair_of_different_sizes_is_refused(random_student):
+  with pytest.raises(ValueError, match="different sizes"):
+    fusion.Fuser(random_student).fuse_images(np.zeros((8, 8), np.uint8), np.zeros((8, 9), np.uint8))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset,ir_dir,vis_dir",
+                         [("RoadScene_test", "ir", "vi"), ("MRI_PET", "PET", "MRI")])
+def test_reproduces_published_fused_images(shared, published_student, dataset, ir_dir, vis_dir):
+  data = shared / "data" / dataset
+  pairs = imageio.pair_folders([data / ir_dir, data / vis_dir])
+  assert not pairs.problems
+  fuser = fusion.Fuser(published_student, output="minmax")
+  worst = 0
+  for stem, (ir_path, vis_path) in pairs.pairs:
+    out = fuser.fuse_images(imageio.read_image(ir_path), imageio.read_image(vis_path))
+    golden = np.asarray(
+        Image.open(shared / "reference" / "golden" / "fused" / dataset / f"{stem}.png"))
+    assert out.shape == golden.shape, stem
+    worst = max(worst, int(np.abs(out.astype(int) - golden).max()))
+  assert worst <= 1
+
+
+def test_fuse_checks_its_inputs_when_traced(random_student):
+  x = np.zeros((2, 8, 8, 1), np.float32)
+  for ir, message in [(x.astype(np.uint8), r"ir has dtype uint8; fuse takes floats in \[0, 1\]"),
+                      (x[0], r"ir has shape \(8, 8, 1\).*try ir\[None\]"),
+                      (x[0, ..., 0], r"ir\[None, :, :, None\]"),
+                      (np.zeros((2, 1, 8, 8), np.float32), "looks like NCHW"),
+                      (np.zeros((2, 8, 8, 3), np.float32), "has 3 channels"),
+                      (x[:1], "ir and vis differ in shape")]:
+    with pytest.raises(fusion.FusionInputError, match=message):
+      fusion.fuse(random_student, ir, x)
+  with pytest.raises(fusion.FusionInputError, match="vis has dtype int32"):
+    fusion.fuse(random_student, x, x.astype(np.int32))
+  # Flax's variables dict is taken as it is.
+  np.testing.assert_array_equal(fusion.fuse({"params": random_student}, x, x),
+                                fusion.fuse(random_student, x, x))
+
+
+@pytest.mark.slow
+def test_docstring_example_on_eight_devices():
+  """`fuse`'s example (jit, vmap, grad, a NamedSharding batch) on 8 fake CPU devices."""
+  script = ("import doctest, jax; from mmdrfuse_jax.inference import fusion; "
+            "assert len(jax.devices()) == 8; "
+            "print(doctest.testmod(fusion, optionflags=doctest.ELLIPSIS))")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert "failed=0" in done.stdout and "attempted=0" not in done.stdout, done.stdout
