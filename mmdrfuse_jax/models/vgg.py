@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import zipfile
 from typing import Mapping
 
 import jax
@@ -123,27 +122,36 @@ def check_params(params: Mapping[str, Mapping[str, np.ndarray]], source: str = "
         raise VGGWeightsError(f"{source}: {name}/{kind} has shape {got}, expected {shape}")
 
 
+def _torchvision_keys() -> list[tuple[str, str, str, tuple[int, ...]]]:
+  """(layer, "kernel"|"bias", torchvision key, OIHW shape) of every array the tree takes."""
+  return [(name, kind, key, shape) for name, index, cin, cout in LAYERS
+          for kind, key, shape in (("kernel", f"features.{index}.weight", (cout, cin, 3, 3)),
+                                   ("bias", f"features.{index}.bias", (cout,)))]
+
+
+def _check_torchvision_shapes(shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
+  """Raises VGGWeightsError unless `shapes` ({key: shape}) has every conv of torchvision's vgg19."""
+  for _, _, key, shape in _torchvision_keys():
+    if key not in shapes:
+      raise VGGWeightsError(f"{source}: missing {key}; is this torchvision's vgg19?")
+    if tuple(shapes[key]) != shape:
+      raise VGGWeightsError(
+          f"{source}: {key} has shape {tuple(shapes[key])}, expected {shape}; is this "
+          "torchvision's vgg19?")
+
+
 def params_from_torchvision(state_dict: Mapping[str, np.ndarray], source: str = "state dict"
                             ) -> dict[str, dict[str, np.ndarray]]:
   """Converts torchvision `vgg19` weights (`features.N.weight/bias`, OIHW) to the tree (HWIO).
 
   Other keys (the classifier) are ignored.
   """
-  params = {}
-  for name, index, cin, cout in LAYERS:
-    layer = {}
-    for kind, key, shape in (("kernel", f"features.{index}.weight", (cout, cin, 3, 3)),
-                             ("bias", f"features.{index}.bias", (cout,))):
-      if key not in state_dict:
-        raise VGGWeightsError(f"{source}: missing {key}; is this torchvision's vgg19?")
-      value = np.asarray(state_dict[key])
-      if value.shape != shape:
-        raise VGGWeightsError(
-            f"{source}: {key} has shape {value.shape}, expected {shape}; is this torchvision's"
-            " vgg19?")
-      value = value.astype(np.float32)
-      layer[kind] = np.ascontiguousarray(value.transpose(2, 3, 1, 0)) if kind == "kernel" else value
-    params[name] = layer
+  _check_torchvision_shapes({k: np.shape(v) for k, v in state_dict.items()}, source)
+  params: dict[str, dict[str, np.ndarray]] = {}
+  for name, kind, key, _ in _torchvision_keys():
+    value = np.asarray(state_dict[key]).astype(np.float32)
+    params.setdefault(name, {})[kind] = (
+        np.ascontiguousarray(value.transpose(2, 3, 1, 0)) if kind == "kernel" else value)
   return params
 
 
@@ -174,30 +182,54 @@ def save_params(path: str | os.PathLike, params: Mapping[str, Mapping[str, np.nd
 
 
 def load_params(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
-  """Reads weights written by `save_params`; raises VGGWeightsError with a one-line message."""
+  """Reads weights written by `save_params`; raises VGGWeightsError with a one-line message.
+
+  Every array's shape is checked from its `.npy` header before any data is read (other
+  members are not read), so a file declaring more than VGG-19 needs is refused unread.
+  """
   path = pathlib.Path(path)
   if not path.is_file():
     raise VGGWeightsError(f"{path}: VGG-19 weights not found; {HOW_TO_GET}")
+
+  def expect(infos: Mapping[str, torch_reader.ArrayInfo]) -> dict[str, tuple[int, ...]]:
+    wanted = {}
+    for name, shapes in param_shapes().items():
+      for kind, shape in shapes.items():
+        key = f"{name}/{kind}"
+        if key not in infos:
+          raise VGGWeightsError(f"{path}: missing {key}")
+        if infos[key].shape != shape:
+          raise VGGWeightsError(f"{path}: {key} has shape {infos[key].shape}, expected {shape}")
+        if not np.issubdtype(infos[key].dtype, np.floating):
+          raise VGGWeightsError(f"{path}: {key} has dtype {infos[key].dtype}, expected floats")
+        wanted[key] = shape
+    return wanted
+
   try:
-    params = files.read_npz_tree(path)
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-    raise VGGWeightsError(
-        f"{path}: not a readable VGG-19 weights file ({type(e).__name__}); {HOW_TO_GET}") from None
-  try:
-    check_params(params, source=str(path))
+    arrays = torch_reader.load_npz(path, expect)
   except VGGWeightsError as e:
     raise VGGWeightsError(f"{e}; {HOW_TO_GET}") from None
-  return {name: {k: params[name][k].astype(np.float32) for k in ("kernel", "bias")}
+  except torch_reader.WeightsError as e:
+    problem = str(e).removeprefix(f"{path}: ")
+    raise VGGWeightsError(
+        f"{path}: not a readable VGG-19 weights file ({problem}); {HOW_TO_GET}") from None
+  return {name: {k: arrays[f"{name}/{k}"].astype(np.float32) for k in ("kernel", "bias")}
           for name in LAYER_NAMES}
 
 
 def convert_torchvision_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
   """Reads torchvision's vgg19 `.pth` (no PyTorch needed) and writes the project's `.npz`.
 
+  Only the convolutions' tensors are read (not the classifier's, 400 MB of the 548), each
+  checked from the pickle before its storage is read.
+
   Raises:
     torch_reader.WeightsError (or its subclass VGGWeightsError): unreadable or wrong `src`.
     OSError: `dst` cannot be written.
   """
-  state = torch_reader.load_state_dict(src)
-  save_params(dst, params_from_torchvision(state, source=str(src)))
+  def expect(infos: Mapping[str, torch_reader.ArrayInfo]) -> dict[str, tuple[int, ...]]:
+    _check_torchvision_shapes({key: info.shape for key, info in infos.items()}, str(src))
+    return {key: shape for _, _, key, shape in _torchvision_keys()}
 
+  state = torch_reader.load_state_dict(src, expect)
+  save_params(dst, params_from_torchvision(state, source=str(src)))

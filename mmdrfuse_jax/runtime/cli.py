@@ -14,12 +14,17 @@ from mmdrfuse_jax.errors import MMDRFuseError
 from mmdrfuse_jax.runtime import config_flags
 
 WEIGHTS_HELP = "published .model/.pth, the project's .npz, or an orbax checkpoint folder"
+MODEL_HELP = "the network --weights must hold; default: the one its layers are"
 
 
 def add_weights_arguments(parser) -> None:
-  """`--weights FILE` (required) and `--model student|teacher`, as the fusion scripts take them."""
+  """`--weights FILE` (required) and `--model student|teacher`, as the fusion scripts take them.
+
+  `--model` defaults to None: `weight_files.load_params(args.weights, args.model)` then loads
+  the network the file holds, and a `--model` given that the file is not is refused.
+  """
   parser.add_argument("--weights", required=True, help=WEIGHTS_HELP)
-  parser.add_argument("--model", choices=("student", "teacher"), default="student")
+  parser.add_argument("--model", choices=("student", "teacher"), default=None, help=MODEL_HELP)
 
 
 class UsageError(MMDRFuseError, ValueError):

@@ -1,5 +1,6 @@
 """Weight import (restricted PyTorch reader) and the project's own weight formats."""
 
+import logging
 import os
 import pickle
 import zipfile
@@ -7,6 +8,7 @@ import zipfile
 import jax
 import numpy as np
 import pytest
+from conftest import random_params
 
 from mmdrfuse_jax.io import torch_reader
 from mmdrfuse_jax.models import networks, weight_files
@@ -181,3 +183,43 @@ def test_non_finite_weights_are_refused(tmp_path, student_params):
   torch_reader.save_state_dict(tmp_path / "n.pth", state)
   with pytest.raises(weight_files.WeightsError, match="non-finite"):
     weight_files.load_params(tmp_path / "n.pth", "student")
+
+
+def test_model_defaults_to_what_the_weights_hold(tmp_path, shared):
+  teacher = random_params("teacher", 3)
+  torch_reader.save_state_dict(tmp_path / "t.pth", weight_files.params_to_state_dict(teacher))
+  weight_files.save_params(tmp_path / "t.npz", teacher)
+  weight_files.save_params(tmp_path / "t_checkpoint", teacher)
+  for name in ("t.pth", "t.npz", "t_checkpoint"):
+    loaded = weight_files.load_params(tmp_path / name)
+    assert networks.model_of(loaded) == "teacher", name
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, teacher)
+  published = weight_files.load_params(shared / "reference" / "weights" / "student.model")
+  assert networks.model_of(published) == "student"
+  # A model asked for that the file does not hold is still refused.
+  with pytest.raises(weight_files.WeightsError,
+                     match="holds teacher weights, but the student was asked for"):
+    weight_files.load_params(tmp_path / "t.npz", "student")
+
+
+def test_weights_of_neither_network_name_the_closest(tmp_path, student_params):
+  path = tmp_path / "extra.npz"
+  weight_files.save_params(path, {**student_params, "conv9": student_params["conv2"]})
+  with pytest.raises(weight_files.WeightsError,
+                     match=r"extra.npz: not student weights \(unexpected layers conv9\)"):
+    weight_files.load_params(path)
+
+
+def test_damaged_orbax_checkpoint_is_one_quiet_line(tmp_path, student_params, caplog):
+  # orbax logged an absl warning ("Failed to get item metadata") and tensorstore's error
+  # carried its whole JSON spec: the message alone must say it, on one short line.
+  path = tmp_path / "checkpoint"
+  weight_files.save_params(path, student_params)
+  (path / "manifest.ocdbt").write_bytes(b"damaged")
+  with caplog.at_level(logging.INFO):
+    with pytest.raises(weight_files.WeightsError,
+                       match=r"checkpoint: not a readable orbax checkpoint") as raised:
+      weight_files.load_params(path, "student")
+  message = str(raised.value)
+  assert "\n" not in message and "tensorstore_spec" not in message and len(message) < 700, message
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
