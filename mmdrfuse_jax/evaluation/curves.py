@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pathlib
 from typing import Mapping, Sequence
@@ -28,31 +29,55 @@ class CurvesError(MMDRFuseError, ValueError):
 def read_validation(workdir: str | os.PathLike) -> dict[str, Curve]:
   """The run's validation scores, metric -> [(step, value)] sorted by step.
 
-  A step validated twice (rows of a resumed run) keeps its last row.
+  A step validated twice (rows of a resumed run) keeps its last row. Values that are not
+  finite (a diverged run logs NaN) are left out of the curves.
 
   Raises:
-    CurvesError: no `metrics.jsonl`, or it holds no validation.
+    CurvesError: no `metrics.jsonl`, a file that is not UTF-8 text or holds a row that is not
+      a metrics row (a step that is not a finite whole number), or no finite validation score.
   """
   path = pathlib.Path(workdir) / "metrics.jsonl"
   try:
     lines = path.read_text(encoding="utf-8").splitlines()
   except OSError as e:
     raise CurvesError(f"{path}: cannot be read ({files.os_error_cause(e)})") from None
+  except UnicodeDecodeError as e:
+    raise CurvesError(f"{path}: not UTF-8 text (byte {e.start}); not a metrics log") from None
   by_metric: dict[str, dict[int, float]] = {}
+  validated = False
   for number, line in enumerate(lines, 1):
     if not line.strip():
       continue
     try:
       row = json.loads(line)
-      step = int(row["step"])
-    except (ValueError, KeyError, TypeError):
+      step = row["step"]
+      if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step):
+        raise ValueError(step)
+      step = int(step)
+    except (ValueError, KeyError, TypeError, OverflowError):
       raise CurvesError(f"{path}, line {number}: not a metrics row") from None
     for key, value in row.items():
       if key.startswith("val/") and key != "val/seconds" and isinstance(value, (int, float)):
-        by_metric.setdefault(key[len("val/"):], {})[step] = float(value)
+        validated = True
+        if math.isfinite(value):
+          by_metric.setdefault(key[len("val/"):], {})[step] = float(value)
   if not by_metric:
+    if validated:
+      raise CurvesError(f"{path}: holds no finite validation scores (every one is NaN or "
+                        "infinite: did the run diverge?)")
     raise CurvesError(f"{path}: holds no validation scores (was config.validation set?)")
   return {name: sorted(points.items()) for name, points in by_metric.items()}
+
+
+def run_files(workdir: str | os.PathLike) -> list[tuple[str, pathlib.Path]]:
+  """The entries of a run folder, as (label, path) inputs for `files.refuse_overwrites`.
+
+  A plot written over any of them (`metrics.jsonl`, `run.json`, weights, checkpoints) would
+  destroy the run, so none may be an output.
+  """
+  folder = pathlib.Path(workdir)
+  entries = sorted(folder.iterdir()) if folder.is_dir() else []
+  return [("run folder", folder)] + [(f"run's own {p.name}", p) for p in entries]
 
 
 def parse_reference(spec: str) -> tuple[str, dict[str, float]]:

@@ -189,6 +189,45 @@ def refuse_overwrites(outputs: Iterable[str | os.PathLike],
                           "choose another location")
 
 
+def check_output_file(out: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike]],
+                      what: str = "--out") -> list[pathlib.Path]:
+  """The one check every tool makes, before any work, of a file it will write.
+
+  Refuses an `out` that would replace one of `inputs` (`refuse_overwrites`) or that is a
+  folder, then makes sure its folder exists and is writable (creating it if needed).
+
+  Returns:
+    The folders created (remove them with `remove_created_folders` if nothing is written).
+
+  Raises:
+    OutputError: one line naming the path and the problem.
+  """
+  out = pathlib.Path(out)
+  refuse_overwrites([out], inputs, what)
+  if out.is_dir():
+    raise OutputError(f"{what} {out}: is a folder, not a file")
+  return prepare_folder(out.parent, f"{what} folder")
+
+
+def check_output_folder(out_dir: str | os.PathLike, outputs: Iterable[str | os.PathLike],
+                        inputs: Iterable[tuple[str, str | os.PathLike]],
+                        what: str = "--out") -> list[pathlib.Path]:
+  """The same check for a folder of outputs: `out_dir` and each of `outputs` (its files)
+  replace no input; the folder is a folder, exists (created if needed) and is writable.
+
+  Returns:
+    The folders created (for `remove_created_folders`).
+
+  Raises:
+    OutputError: one line naming the path and the problem.
+  """
+  out_dir = pathlib.Path(out_dir)
+  if out_dir.exists() and not out_dir.is_dir():
+    raise OutputError(f"{what} {out_dir}: is a file, not a folder")
+  refuse_overwrites([out_dir, *outputs], inputs, what)
+  return prepare_folder(out_dir, what)
+
+
 def write_npz_tree(path: str | os.PathLike, tree: Mapping[str, Mapping[str, np.ndarray]]) -> None:
   """Writes a two-level tree {layer: {name: array}} as one `.npz` (`layer/name` keys), atomically.
 

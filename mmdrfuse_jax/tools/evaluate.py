@@ -23,7 +23,7 @@ import sys
 
 from mmdrfuse_jax.evaluation import scoring
 from mmdrfuse_jax.io import files
-from mmdrfuse_jax.runtime import backend, interrupts
+from mmdrfuse_jax.runtime import backend, cli, interrupts
 
 
 def main(argv=None) -> int:
@@ -35,8 +35,8 @@ def main(argv=None) -> int:
   source.add_argument("--fused", help="folder of fused images to score")
   source.add_argument("--weights",
                       help="fuse in memory with these weights (.model/.pth/.npz/orbax)")
-  parser.add_argument("--model", choices=("student", "teacher"), default="student",
-                      help="with --weights")
+  parser.add_argument("--model", choices=("student", "teacher"), default=None,
+                      help=f"with --weights: {cli.MODEL_HELP}")
   parser.add_argument("--output", choices=("minmax", "clip"), default="minmax",
                       help=("with --weights: minmax stretches each image to 0..255 (published); "
                             "clip clips"))
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
   parser.add_argument("--label", default="mean", help="row label of the printed means")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
-  if args.fused is not None and (args.save_fused or args.model != "student"
+  if args.fused is not None and (args.save_fused or args.model is not None
                                  or args.output != "minmax"):
     parser.error("--model, --output and --save_fused go with --weights, not --fused")
   try:
@@ -138,14 +138,15 @@ def _score(args, stop, names, triples, problems, fuse_fn) -> int:
           f"{len(result.rows)} of {len(triples)} image(s): no means printed, no CSV written"
           + saved, file=sys.stderr)
     return interrupts.exit_code(result.stopped_by)
+  if result.rows:  # First: a CSV that cannot be written (a full disk) loses nothing printed.
+    print(scoring.format_means(result, args.format, args.label), flush=True)
   if args.csv and result.rows:
     try:
       scoring.write_csv_atomic(args.csv, result)
     except OSError as e:
-      print(f"error: cannot write {args.csv} ({files.os_error_cause(e)})", file=sys.stderr)
+      print(f"error: cannot write {args.csv} ({files.os_error_cause(e)}); the means are "
+            "printed above", file=sys.stderr)
       return 2
-  if result.rows:
-    print(scoring.format_means(result, args.format, args.label))
   skipped = len(problems) + len(result.problems)
   if skipped:
     print(f"{skipped} file problem(s) reported; {len(result.rows)} image(s) scored",

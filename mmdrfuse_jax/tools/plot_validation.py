@@ -36,6 +36,8 @@ def _parse(argv):
 
 def main(argv=None) -> int:
   args = _parse(sys.argv[1:] if argv is None else argv)
+  created: list = []
+  inputs: list = []
   try:
     runs = {}
     for spec in args.run:
@@ -45,6 +47,7 @@ def main(argv=None) -> int:
       if name in runs:
         raise curves.CurvesError(f"--run {spec!r}: the name {name!r} is given twice")
       runs[name] = curves.read_validation(folder)
+      inputs += curves.run_files(folder)
     references = dict(curves.parse_reference(spec) for spec in args.reference)
     names: Sequence[str]
     if args.metrics:
@@ -52,13 +55,15 @@ def main(argv=None) -> int:
     else:
       names = list(dict.fromkeys(m for run in runs.values() for m in run))
     report.require_matplotlib()
-  except ValueError as e:  # CurvesError, ReportError, unknown metric names
+    created = files.check_output_file(args.out, inputs)
+  except ValueError as e:  # CurvesError, ReportError, OutputError, unknown metric names
     print(f"error: {e}", file=sys.stderr)
     return 2
   svg = curves.plot(runs, names, references=references, title=args.title)
   try:
     curves.write(args.out, svg)
   except OSError as e:
+    files.remove_created_folders(created)
     print(f"error: cannot write {args.out} ({files.os_error_cause(e)})", file=sys.stderr)
     return 2
   print(f"wrote {args.out}: {len(runs)} run(s), {', '.join(names)}")

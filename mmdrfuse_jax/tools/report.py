@@ -110,7 +110,11 @@ def _compare(fv, stop, methods, names, images, problems) -> int:
   try:
     report.write_atomic(fv.out, page)
   except OSError as e:
-    print(f"error: cannot write {fv.out} ({files.os_error_cause(e)})", file=sys.stderr)
+    # The scoring is done: print the means (a full disk loses the page, not the numbers).
+    for method in methods:
+      print(scoring.format_means(comparison.results[method.name], label=method.name))
+    print(f"error: cannot write {fv.out} ({files.os_error_cause(e)}); each method's means are "
+          "printed above", file=sys.stderr)
     return 2
   print(f"wrote {fv.out}: {len(comparison.images)} image(s), {len(methods)} method(s)")
   if comparison.problems:
