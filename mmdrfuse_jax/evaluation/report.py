@@ -6,12 +6,17 @@ stem; `compare` scores each method with `scoring.evaluate` (the code and convent
 are over the same images; `build_html` turns the scores and the images into one page:
 
 - the metric means, one row per method, the best of each column marked, the conventions
-  stated and the undefined values counted;
+  stated (with the caveat of SF and AG: higher is better, but noise raises them too) and the
+  undefined values counted;
 - one sortable per-image table per method (click a column header);
 - per-metric distributions across the images (box and strip plots drawn with matplotlib);
 - a grid of thumbnails, one row per image (infrared | visible | each method), each with a
   zoomed crop of the same region (the window where the two sources vary most), upscaled by
   nearest neighbour.
+
+The page fits the window's width whatever the number of methods: the thumbnails and crops
+shrink with their columns (the gallery shares the width among them), and a table wider than
+the window (many metrics) scrolls sideways inside its own box, not the page.
 
 Everything is embedded (images as base64 data URIs, inline CSS and JavaScript): the file can
 be mailed and names no external URL. matplotlib is imported only where the plots are drawn
@@ -43,6 +48,9 @@ ZOOM_SIDE = 192  # the crop is upscaled by an integer factor to about this many 
 JPEG_QUALITY = 85
 # Higher is better for the eleven published metrics; MSE (available with --metrics) is an error.
 LOWER_IS_BETTER = frozenset({"MSE"})
+# Higher is better by the field's convention, but they grow with any pixel-to-pixel change,
+# noise and artefacts included: the page says so beside the means (`means_table`).
+NOISE_REWARDING = ("SF", "AG")
 
 # The evaluation conventions, worded as in docs/evaluate.md; {ssim} is SSIM's
 # data range.
@@ -412,12 +420,20 @@ def means_table(names: Sequence[str], means: Mapping[str, Mapping[str, Optional[
     rows.append(f'<tr><th scope="row">{_esc(method)}</th>{"".join(cells)}</tr>')
   total = sum(sum(u.values()) for u in undefined.values())
   lower = "; lower for MSE" if "MSE" in names else ""
-  return (f'<table class="means"><thead><tr><th>method</th>{head}</tr></thead>'
-          f'<tbody>{"".join(rows)}</tbody></table>\n'
+  noisy = " and ".join(n for n in NOISE_REWARDING if n in names)
+  caveat = ""
+  if noisy:  # The convention is kept (the published tables bold the highest), and qualified.
+    caveat = (f'\n<p class="note" id="sf-ag">{noisy}: higher is better, the field\'s convention, '
+              f"and bold here by it; but they grow with any change from pixel to pixel, so "
+              f"noise, ringing and an embossed look raise them as much as detail does, and the "
+              f"highest is not for that reason the sharpest image. Read them with the images "
+              f"below and the other metrics.</p>")
+  return (f'<div class="wide"><table class="means"><thead><tr><th>method</th>{head}</tr>'
+          f'</thead><tbody>{"".join(rows)}</tbody></table></div>\n'
           f'<p class="note">Means over {images} image(s). Bold: the best of the column, ties at '
           f'the precision shown included (higher is better{lower}). '
           f'Undefined values: <span id="undefined-total">{total}</span>'
-          f'{" (the superscripts give how many per mean)" if total else ""}.</p>')
+          f'{" (the superscripts give how many per mean)" if total else ""}.</p>{caveat}')
 
 
 def per_image_table(method: str, result: scoring.EvaluationResult) -> str:
@@ -432,8 +448,8 @@ def per_image_table(method: str, result: scoring.EvaluationResult) -> str:
                    else f'<td data-v="{v!r}">{v:.3f}</td>')
     rows.append(f'<tr>{"".join(cells)}</tr>')
   return (f'<details><summary>{_esc(method)} ({len(rows)} images)</summary>\n'
-          f'<table class="sortable scores" data-method="{_esc(method)}">'
-          f'<thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></details>')
+          f'<div class="wide"><table class="sortable scores" data-method="{_esc(method)}">'
+          f'<thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div></details>')
 
 
 def _figure(uri: str, alt: str, box: Optional[tuple[float, float, float, float]] = None) -> str:
@@ -481,6 +497,10 @@ def gallery_rows(image: ImageSet, methods: Sequence[Method], problems: list[str]
           f'<tr class="zooms"><th scope="row">{where}</th>{"".join(crops)}</tr>')
 
 
+# Fits any window (see the module docstring): no width in px; images shrink with their box
+# (`max-width:100%`, `height:auto` keeps the aspect), and the gallery shares the page's width
+# among its columns (`table-layout:fixed`), where four methods' 256-px thumbnails once made a
+# 1536-px row. `.wide` boxes scroll a table wider than the window within themselves.
 _STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ccc}
@@ -497,13 +517,18 @@ td.best{background:#e3f4e3}
 .undef{color:#999}
 sup.undef{font-size:.7em;margin-left:.2em}
 .note,.conventions{font-size:.85em;color:#444}
+li{overflow-wrap:anywhere}
+.wide{max-width:100%;overflow-x:auto}
 .plots{display:flex;flex-wrap:wrap;gap:.5em}
-table.gallery td,table.gallery th{vertical-align:top;text-align:center}
+img.plot{max-width:100%;height:auto}
+table.gallery{width:100%;table-layout:fixed}
+table.gallery td,table.gallery th{vertical-align:top;text-align:center;overflow-wrap:anywhere}
+table.gallery th:first-child{width:7em}
 table.gallery th[scope=row]{text-align:left;font-weight:normal;font-size:.9em}
-.thumb{position:relative;display:inline-block;line-height:0}
-.thumb img{max-width:256px;max-height:256px}
+.thumb{position:relative;display:inline-block;line-height:0;max-width:100%}
+.thumb img{max-width:100%;height:auto}
 .box{position:absolute;border:1px solid #ff0;outline:1px solid #000;box-sizing:border-box}
-img.zoom{width:auto;height:auto}
+img.zoom{max-width:100%;height:auto}
 td.missing{color:#a00}
 """
 
@@ -602,13 +627,13 @@ Every method is scored on the same images.</p>
 (again to reverse).</p>
 {"".join(per_image_table(m.name, results[m.name]) for m in methods)}
 <h2>Images</h2>
-<p class="note">Thumbnails (longest side at most {THUMB_SIDE} px); the frame marks the zoomed
-region, the window where the two sources vary most, shown below each row enlarged by nearest
-neighbour.</p>
-<table class="gallery"><thead><tr><th>image</th><th>infrared</th><th>visible</th>{columns}</tr>
-</thead><tbody>
+<p class="note">Thumbnails (longest side at most {THUMB_SIDE} px, smaller where the window is
+narrow); the frame marks the zoomed region, the window where the two sources vary most, shown
+below each row enlarged by nearest neighbour.</p>
+<div class="wide"><table class="gallery">
+<thead><tr><th>image</th><th>infrared</th><th>visible</th>{columns}</tr></thead><tbody>
 {"".join(gallery)}
-</tbody></table>
+</tbody></table></div>
 {skipped}
 <script>{_SCRIPT}</script>
 </body></html>

@@ -20,9 +20,13 @@ Inputs are `ir` and `vis`, float32 NHWC (batch, height, width, 1) in [0, 1]; the
 - "minmax": the published stretch, per image: `(y - min) / (max - min)` over the image's own
   pixels (0 for a constant image), in [0, 1]; multiplied by 255 and rounded half up it gives
   the published 8-bit fused image (`fusion.quantize(y, "minmax")`) to within one level (the
-  two round differently: the float32 operations come in another order).
+  two round differently: the float32 operations come in another order). An image with a NaN
+  pixel (`fusion.fuse` of an input with one) has no min or max: every pixel of its stretch
+  is NaN, as in `fusion.quantize`'s float stretch, never a finite image that hides it.
 
-Sizes: the student takes images of at least 2x2, the teacher of at least 3x3 (`MIN_SIZE`).
+Sizes: the student takes images of at least 2x2, the teacher of at least 3x3 (`MIN_SIZE`);
+the runners of `load_runner` refuse a smaller image with an ExportError naming the minimum
+(read from the file: the StableHLO file's shape constraints, the ONNX file's `min_size`).
 The teacher's any-size rule is kept (an odd height or width is reflection-padded by one
 row/column at the bottom/right, run, and cropped back). With symbolic sizes `h % 2` is not
 known when exporting, so neither file branches on it: StableHLO pads every image by one
@@ -36,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import re
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -46,6 +51,7 @@ from mmdrfuse_jax.errors import MMDRFuseError
 from mmdrfuse_jax.inference import fusion
 from mmdrfuse_jax.io import files, imageio
 from mmdrfuse_jax.models import networks
+from mmdrfuse_jax.runtime import interrupts
 
 FORMATS = ("stablehlo", "onnx")
 OUTPUT_STAGES = ("none", "clip", "minmax")
@@ -88,7 +94,9 @@ def _resolve_model(params: Mapping[str, Any], model: str | None) -> str:
 def output_stage(fused: jax.Array, output: str) -> jax.Array:
   """Applies an output stage ("none", "clip" or "minmax") to NHWC fused images.
 
-  "minmax" stretches each image's own min..max to [0, 1] (0 for a constant image).
+  "minmax" stretches each image's own min..max to [0, 1] (0 for a constant image); an image
+  with a NaN pixel becomes NaN everywhere (its min and max are NaN, as in `fusion.quantize`).
+  "clip" and "none" leave NaN pixels NaN.
   """
   _check_choice(output, OUTPUT_STAGES, "output stage")
   if output == "clip":
@@ -96,7 +104,10 @@ def output_stage(fused: jax.Array, output: str) -> jax.Array:
   if output == "minmax":
     low = jnp.min(fused, axis=(1, 2, 3), keepdims=True)
     span = jnp.max(fused, axis=(1, 2, 3), keepdims=True) - low
-    return jnp.where(span > 0, (fused - low) / jnp.where(span > 0, span, 1.0), 0.0)
+    # Only a constant image (span exactly 0) becomes 0: a NaN span (a NaN pixel, whose min
+    # and max are NaN) must fall through to the division, which makes every pixel NaN.
+    flat = span == 0
+    return jnp.where(flat, 0.0, (fused - low) / jnp.where(flat, 1.0, span))
   return fused
 
 
@@ -258,14 +269,22 @@ def _onnx_output_stage(g: _GraphBuilder, y: str, output: str) -> str:
   if output == "clip":
     return g.op("Clip", [y, g.const("zero", np.array(0, np.float32)),
                          g.const("one", np.array(1, np.float32))], "clip")
-  if output == "minmax":
+  if output == "minmax":  # as `output_stage`: 0 for a constant image, all NaN after a NaN pixel
     low = g.op("ReduceMin", [y], "low", axes=[1, 2, 3], keepdims=1)
     span = g.op("Sub", [g.op("ReduceMax", [y], "high", axes=[1, 2, 3], keepdims=1), low], "span")
     zero = g.const("zero", np.array(0, np.float32))
-    positive = g.op("Greater", [span, zero], "positive")
-    safe = g.op("Where", [positive, span, g.const("one", np.array(1, np.float32))], "safe_span")
+    flat = g.op("Equal", [span, zero], "flat")
+    safe = g.op("Where", [flat, g.const("one", np.array(1, np.float32)), span], "safe_span")
     stretched = g.op("Div", [g.op("Sub", [y, low], "shifted"), safe], "stretched")
-    return g.op("Where", [positive, stretched, zero], "minmax")
+    stretched = g.op("Where", [flat, zero, stretched], "stretched_or_flat")
+    # ONNX leaves NaN in ReduceMin/ReduceMax unspecified (onnxruntime skips it or not, by
+    # position), so a NaN pixel is looked for explicitly.
+    nan_pixels = g.op("Cast", [g.op("IsNaN", [y], "nan_pixels")], "nan_pixels_float",
+                      to=g.onnx.TensorProto.FLOAT)
+    any_nan = g.op("Greater", [g.op("ReduceMax", [nan_pixels], "nan_seen", axes=[1, 2, 3],
+                                    keepdims=1), zero], "any_nan")
+    return g.op("Where", [any_nan, g.const("nan", np.array(np.nan, np.float32)), stretched],
+                "minmax")
   return y
 
 
@@ -330,18 +349,50 @@ def load_runner(fmt: str, data: bytes) -> Callable[[np.ndarray, np.ndarray], np.
   """A function `(ir, vis) -> fused` (NumPy arrays) that runs an exported file's bytes.
 
   StableHLO runs through `jax.export.deserialize` (compiled once per shape); ONNX through an
-  `onnxruntime` session on the CPU.
+  `onnxruntime` session on the CPU. An image smaller than the file's minimum (`MIN_SIZE`,
+  read from the file itself) is refused before it reaches the runtime.
 
   Raises:
-    ExportError: `fmt` is unknown, or onnxruntime is missing for ONNX.
+    ExportError: `fmt` is unknown, or onnxruntime is missing for ONNX; from the function, an
+      image smaller than the file's minimum height or width (one line naming the minimum).
   """
   _check_choice(fmt, FORMATS, "format")
   if fmt == "stablehlo":
-    call = jax.jit(jax.export.deserialize(bytearray(data)).call)
-    return lambda ir, vis: np.asarray(call(np.asarray(ir, np.float32), np.asarray(vis, np.float32)))
+    exported = jax.export.deserialize(bytearray(data))
+    call = jax.jit(exported.call)
+    return _refusing_small_images(
+        lambda ir, vis: np.asarray(call(ir, vis)), _stablehlo_min_size(exported))
   session = _import_onnxruntime().InferenceSession(data, providers=["CPUExecutionProvider"])
-  return lambda ir, vis: session.run(["fused"], {"ir": np.asarray(ir, np.float32),
-                                                 "vis": np.asarray(vis, np.float32)})[0]
+  min_size = session.get_modelmeta().custom_metadata_map.get("min_size", "")
+  return _refusing_small_images(lambda ir, vis: session.run(["fused"], {"ir": ir, "vis": vis})[0],
+                                int(min_size) if min_size.isdigit() else None)
+
+
+def _stablehlo_min_size(exported) -> int | None:
+  """The smallest height and width a deserialized StableHLO file accepts (None: unknown).
+
+  jax.export keeps the `h >= N` constraints of `export_stablehlo` only as shape assertions in
+  the module, after a shape refinement that fails first on a too small image ("Error refining
+  shapes", naming nothing), so they are read from the assertions' messages.
+  """
+  found = re.findall(r"symbolic shape constraint [hw] >= (\d+)", exported.mlir_module())
+  return max(int(n) for n in found) if found else None
+
+
+def _refusing_small_images(run: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                           min_size: int | None) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+  """`run` on float32 arrays, refusing images under `min_size` with a one-line ExportError."""
+
+  def checked(ir: np.ndarray, vis: np.ndarray) -> np.ndarray:
+    ir, vis = np.asarray(ir, np.float32), np.asarray(vis, np.float32)
+    if min_size is not None:
+      for x in (ir, vis):
+        if x.ndim == 4 and min(x.shape[1:3]) < min_size:
+          raise ExportError(f"image of {x.shape[2]}x{x.shape[1]} pixels is too small for this "
+                            f"file (at least {min_size}x{min_size})")
+    return run(ir, vis)
+
+  return checked
 
 
 def levels(images: np.ndarray, output: str) -> np.ndarray:
@@ -412,7 +463,8 @@ Runner = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 def check_pairs(runners: Mapping[str, tuple[Runner, str]], params: Mapping[str, Any],
                 pairs: Sequence[tuple[str, tuple[pathlib.Path, ...]]],
-                progress: Callable[[str], None] | None = None
+                progress: Callable[[str], None] | None = None,
+                stop: interrupts.StopRequest | None = None
                 ) -> tuple[dict[str, CheckResult], list[str]]:
   """Runs exported files on image pairs and compares them with `fusion.fuse`.
 
@@ -426,15 +478,27 @@ def check_pairs(runners: Mapping[str, tuple[Runner, str]], params: Mapping[str, 
     params: the parameters the files were exported from.
     pairs: (stem, (ir_path, vis_path)), as from `imageio.pair_inputs`.
     progress: called with each stem after it is compared.
+    stop: checked before each pair and between the compiled calls of a pair (never inside
+      one: XLA and onnxruntime must not be interrupted); once its `signum` is set,
+      `interrupts.Interrupted` is raised.
 
   Returns:
     {name: CheckResult}, and one-line messages of the pairs that could not be compared.
+
+  Raises:
+    interrupts.Interrupted: `stop` was set.
   """
+
+  def check_stop() -> None:
+    if stop is not None and stop.signum is not None:
+      raise interrupts.Interrupted(stop.signum)
+
   params = jax.tree_util.tree_map(jnp.asarray, params)
   minimum = MIN_SIZE[networks.model_of(params)]
   results = {name: CheckResult(output) for name, (_, output) in runners.items()}
   problems = []
   for stem, (ir_path, vis_path) in pairs:
+    check_stop()
     try:
       ir_image, vis_image = imageio.read_image(ir_path), imageio.read_image(vis_path)
       imageio.check_same_size((ir_path, vis_path), (ir_image, vis_image))
@@ -449,6 +513,7 @@ def check_pairs(runners: Mapping[str, tuple[Runner, str]], params: Mapping[str, 
       continue
     fused = np.asarray(fusion.fuse(params, ir, vis))
     for name, (runner, output) in runners.items():
+      check_stop()
       max_abs, max_levels = compare(runner(ir, vis), fused, output)
       result = results[name]
       result.pairs += 1

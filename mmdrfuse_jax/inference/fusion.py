@@ -12,6 +12,7 @@ compiles once per bucket, not once per size.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Mapping, Sequence, cast
 
@@ -175,18 +176,24 @@ class Fuser:
   Attributes:
     params: student or teacher parameters.
     output: "minmax" (published) or "clip".
-    color: fuse the luma of the colour input and restore its chroma (visible first; the
-      infrared slot's when only it is colour, as PET/SPECT are). Without it, colour inputs
-      are made gray with PIL's `convert("L")`, as published.
+    color: fuse the luma and restore the chroma of the input that has colour
+      (`chroma_source`): the visible image's when both have, the infrared slot's when only
+      it has (PET/SPECT beside an MRI, also an MRI stored as RGB with equal channels, which
+      is gray); when neither has, the result is gray. Without it, colour inputs are made
+      gray with PIL's `convert("L")`, as published.
     bucket: the networks run on canvases whose sides are multiples of this (rounded up to
       even for the teacher; see `fuse_within`), so a folder of many sizes compiles once per
       bucket; 0 compiles once per exact size.
+    chroma_sources: in colour mode, how many fused images took their chroma from each input
+      ("ir", "vis"; None: neither had colour, the result is gray), for a tool to report.
   """
 
   params: Mapping[str, Any]
   output: str = "minmax"
   color: bool = False
   bucket: int = 128
+  chroma_sources: collections.Counter = dataclasses.field(
+      default_factory=collections.Counter, init=False, repr=False, compare=False)
 
   def __post_init__(self):
     if self.output not in OUTPUT_MODES:
@@ -195,12 +202,23 @@ class Fuser:
     self.model = networks.model_of(self.params)
     self.params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, self.params))
 
+  def chroma_source(self, ir: np.ndarray, vis: np.ndarray) -> str | None:
+    """Which input's chroma colour mode puts back: "vis", "ir" or None (a gray result).
+
+    The visible image's when it has colour (`imageio.has_color`: RGB whose channels differ
+    somewhere), else the infrared slot's when it has, else None. An RGB file with equal
+    channels is gray: taking its chroma would give R = G = B and lose the other's colour.
+    """
+    if imageio.has_color(vis):
+      return "vis"
+    return "ir" if imageio.has_color(ir) else None
+
   def fuse_images(self, ir: np.ndarray, vis: np.ndarray) -> np.ndarray:
     """Fuses one pair of integer images of the same height and width.
 
     Returns:
-      The image to write: gray (H, W), or RGB (H, W, 3) in colour mode with a colour input;
-      16-bit when either input is 16-bit, else 8-bit.
+      The image to write: gray (H, W), or RGB (H, W, 3) in colour mode when an input has
+      colour (`chroma_source`); 16-bit when either input is 16-bit, else 8-bit.
 
     Raises:
       ValueError: the two images differ in height or width, or are too small.
@@ -231,6 +249,8 @@ class Fuser:
     fill = [prepared[-1]] * max(0, batch_size - len(prepared))
     fused = self._fuse_gray(np.stack([p[0] for p in prepared + fill]),
                             np.stack([p[1] for p in prepared + fill]))
+    if self.color:
+      self.chroma_sources.update(chroma_source for _, _, chroma_source, _ in prepared)
     return [self._output_image(f, ir, vis, chroma_source, out_max) for f, ir, vis,
             (_, _, chroma_source, out_max) in zip(fused, irs, viss, prepared)]
 
@@ -244,7 +264,7 @@ class Fuser:
     out_max = max(imageio.max_value(ir), imageio.max_value(vis))
     chroma_source = None
     if self.color:
-      chroma_source = "vis" if vis.ndim == 3 else ("ir" if ir.ndim == 3 else None)
+      chroma_source = self.chroma_source(ir, vis)
     gray = {}
     for slot, image in (("ir", ir), ("vis", vis)):
       if slot == chroma_source:

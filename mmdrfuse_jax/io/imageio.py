@@ -126,6 +126,16 @@ def to_8bit(image: np.ndarray) -> np.ndarray:
   return ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
+def has_color(image: np.ndarray) -> bool:
+  """Whether an image has colour: RGB (H, W, 3) with channels that differ somewhere.
+
+  An RGB image whose three channels are equal everywhere is gray stored as RGB (the shared
+  MRI_PET MRI files are): it has no chroma to give.
+  """
+  return image.ndim == 3 and not (np.array_equal(image[..., 0], image[..., 1])
+                                  and np.array_equal(image[..., 0], image[..., 2]))
+
+
 def to_gray_published(image: np.ndarray) -> np.ndarray:
   """Gray as the published code reads its inputs (SPEC 2): PIL's `convert("L")`.
 

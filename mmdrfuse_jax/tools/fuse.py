@@ -70,7 +70,17 @@ def _run(args: argparse.Namespace, stop: interrupts.StopRequest) -> int:
         report=lambda message: print(f"skipped: {message}", file=sys.stderr))
   finally:
     files.remove_created_folders(created)  # only where nothing was written
+  if args.color and fuser.chroma_sources:
+    print("colour: " + _chroma_summary(fuser.chroma_sources))
   return cli.finish_folder_fusion(result, len(pairing.problems), args.out, stop)
+
+
+def _chroma_summary(sources) -> str:
+  """Which input gave each fused image its colour (`Fuser.chroma_sources`), in words."""
+  words = {"vis": "from the visible (or MRI) image", "ir": "from the infrared (or PET/SPECT) "
+           "image", None: "none, both inputs gray (gray result)"}
+  return "; ".join(f"{words[key]}: {sources[key]} image(s)" for key in ("vis", "ir", None)
+                   if sources[key])
 
 
 if __name__ == "__main__":

@@ -499,3 +499,155 @@ def test_report_renders_in_chromium(shared, tmp_path, capsys):
   keep = os.environ.get("MMDRFUSE_KEEP_SCREENSHOT")
   if keep:
     shutil.copy(shot, keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# The page in a 1400-px window: four methods (a reproduction's student, teacher, published
+# student and one more), all eleven metrics, thumbnails of full size.
+
+WINDOW = 1400
+FOUR = ("student", "teacher", "published student", "average of the sources")
+
+
+@pytest.fixture(scope="module")
+def wide_page(tmp_path_factory):
+  """A page of 4 methods on 2 images of 320x300 (thumbnails of 256 px), scores made up."""
+  root = tmp_path_factory.mktemp("wide")
+  rng = np.random.default_rng(9)
+  names = scoring.metrics.METRIC_NAMES
+  methods, images, results = [], [], {}
+  for k, name in enumerate(FOUR):
+    methods.append(report.Method(name, root / f"m{k}"))
+  for stem in ("first", "second"):
+    paths = []
+    for folder in ["ir", "vi"] + [f"m{k}" for k in range(len(FOUR))]:
+      paths.append(root / folder / f"{stem}.png")
+      save_image(paths[-1], rng.integers(0, 256, (300, 320), dtype=np.uint8))
+    images.append(report.ImageSet(stem, paths[0], paths[1], tuple(paths[2:])))
+  for method in methods:
+    rows = [(im.name, {n: float(rng.uniform(0, 20)) for n in names}) for im in images]
+    results[method.name] = scoring.EvaluationResult(names=names, rows=rows, problems=[])
+  comparison = report.Comparison(names=names, methods=methods, images=images, results=results,
+                                 problems=[])
+  return report.build_html(comparison, title="Four methods", sources=("ir", "vi"))
+
+
+def _css(text):
+  """{selector: {property: value}} of the page's style sheet (its simple rules)."""
+  style = re.search(r"<style>(.*?)</style>", text, re.S).group(1)
+  rules = {}
+  for selectors, body in re.findall(r"([^{}]+)\{([^{}]*)\}", style):
+    declarations = dict(d.split(":", 1) for d in body.split(";") if ":" in d)
+    for selector in selectors.split(","):
+      rules.setdefault(selector.strip(), {}).update(
+          {k.strip(): v.strip() for k, v in declarations.items()})
+  return rules
+
+
+class _Boxes(html.parser.HTMLParser):
+  """Each table with the classes of the elements around it; each img with its row
+  (the row's number in the page and its class)."""
+
+  VOID = {"img", "meta", "br", "col", "input", "link"}
+
+  def __init__(self, text):
+    super().__init__()
+    self.stack, self.tables, self.images = [], [], []
+    self.rows = 0
+    self.feed(text)
+
+  def handle_starttag(self, tag, attrs):
+    attrs = dict(attrs)
+    if tag == "table":
+      self.tables.append((attrs.get("class", ""), [a.get("class", "") for _, a in self.stack]))
+    if tag == "tr":
+      self.rows += 1
+      attrs["row"] = self.rows
+    if tag == "img":
+      rows = [(a["row"], a.get("class", "")) for t, a in self.stack if t == "tr"]
+      self.images.append((attrs, rows[-1] if rows else (None, None)))
+    if tag not in self.VOID:
+      self.stack.append((tag, attrs))
+
+  def handle_endtag(self, tag):
+    while self.stack and self.stack.pop()[0] != tag:
+      pass
+
+
+def _natural_width(uri):
+  with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as img:
+    return img.width
+
+
+def test_page_fits_a_1400_px_window(wide_page):
+  """Nothing of fixed width adds up past the window: the gallery's thumbnails and crops shrink
+  with their column, and every table scrolls inside its own box (once four methods' 256-px
+  thumbnails made the page 1536 px wide, the last method behind the page's scroll bar)."""
+  css = _css(wide_page)
+  boxes = _Boxes(wide_page)
+  rows: dict[int, int] = {}  # gallery row -> the px its images cannot give up
+  for attrs, (row, cls) in boxes.images:
+    if cls not in ("images", "zooms"):
+      continue
+    selector = "img.zoom" if "zoom" in attrs.get("class", "") else ".thumb img"
+    rule = css.get(selector, {})
+    natural = _natural_width(attrs["src"])
+    if rule.get("max-width") == "100%":
+      fixed = 0  # shrinks with its column
+    else:
+      cap = re.fullmatch(r"(\d+)px", rule.get("max-width", ""))
+      fixed = min(natural, int(cap.group(1))) if cap else natural
+    rows[row] = rows.get(row, 0) + fixed
+  assert len(rows) == 4 and max(rows.values()) <= WINDOW, rows
+  assert css["table.gallery"]["width"] == "100%"
+  assert css["table.gallery"]["table-layout"] == "fixed"
+  for selector in (".thumb img", "img.zoom", "img.plot"):
+    assert css[selector]["max-width"] == "100%" and css[selector]["height"] == "auto", selector
+  # Every table sits in a box of its own that scrolls sideways when the table is wider.
+  assert css[".wide"]["overflow-x"] == "auto"
+  assert len(boxes.tables) == 1 + len(FOUR) + 1
+  for cls, around in boxes.tables:
+    assert "wide" in around, cls
+  # No declared width in px adds up past the window either.
+  declared = [int(n) for rule in css.values() for prop, value in rule.items()
+              if prop in ("width", "min-width") for n in re.findall(r"(\d+)px", value)]
+  assert sum(declared) <= WINDOW
+
+
+def test_sf_and_ag_note_beside_the_means():
+  """SF and AG keep the field's 'higher is better', with a word that noise raises them."""
+  means = {"A": {"EN": 7.0, "SF": 30.0, "AG": 9.0}, "B": {"EN": 6.0, "SF": 10.0, "AG": 3.0}}
+  undefined = {m: {n: 0 for n in means["A"]} for m in means}
+  text = report.means_table(tuple(means["A"]), means, undefined, images=2)
+  page = _Page(text)
+  (table,) = page.table("means")
+  assert [c[1].get("class") for c in table[1][1:]] == ["best"] * 3  # the convention kept
+  note = re.search(r'<p class="note" id="sf-ag">(.*?)</p>', text, re.S)
+  assert note, text
+  words = " ".join(note.group(1).split())
+  assert "SF and AG" in words and "noise" in words and "higher is better" in words
+  # Only where SF or AG is on the page.
+  plain = report.means_table(("EN",), {m: {"EN": v["EN"]} for m, v in means.items()},
+                             {m: {"EN": 0} for m in means}, images=2)
+  assert 'id="sf-ag"' not in plain
+
+
+def test_page_fits_1400_px_in_chromium(wide_page, tmp_path):
+  """The page of four methods in headless Chromium at 1400x2000: no sideways scrolling."""
+  chromium = _chromium()
+  probe = tmp_path / "probe.html"
+  probe.write_text(wide_page.replace("</body>", """<script>
+window.addEventListener("load", function () {
+  var root = document.documentElement;
+  var gallery = document.querySelector("table.gallery").getBoundingClientRect();
+  document.body.setAttribute("data-probe", JSON.stringify(
+      {scroll: root.scrollWidth, inner: window.innerWidth, right: gallery.right}));
+});
+</script></body>""", 1))
+  proc = _browser(chromium, tmp_path, f"--window-size={WINDOW},2000", "--virtual-time-budget=10000",
+                  "--dump-dom", probe.as_uri())
+  found = re.search(r'data-probe="([^"]*)"', proc.stdout)
+  assert found, proc.stderr[-2000:]
+  result = json.loads(html.unescape(found.group(1)))
+  assert result["inner"] == WINDOW
+  assert result["scroll"] <= WINDOW and result["right"] <= WINDOW, result

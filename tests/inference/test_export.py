@@ -7,14 +7,17 @@ rule (the odd height is padded, the even width is not), and in ONNX at 3x5, its 
 """
 
 import os
+import pathlib
+import re
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import load_script, save_image
+from conftest import REPO_ROOT, load_script, save_image
 from rounding import assert_equal_up_to_rounding, network_ulps
 
 from mmdrfuse_jax.inference import export, fusion
@@ -120,6 +123,50 @@ def test_clip_and_constant_images(fmt, runner, images, reference, params):
   np.testing.assert_array_equal(run(flat, flat), flat)
 
 
+def test_minmax_of_an_image_with_nan_is_nan():
+  """The project's minmax of an image with a NaN pixel is NaN everywhere (its min and max are
+  NaN, as in `fusion.quantize`'s stretch); a constant image still gives 0."""
+  fused = np.random.default_rng(4).random((2, 5, 6, 1), dtype=np.float32)
+  fused[0, 2, 3, 0] = np.nan
+  fused[1] = 0.25
+  staged = np.asarray(export.output_stage(fused, "minmax"))
+  assert np.isnan(staged[0]).all()
+  np.testing.assert_array_equal(staged[1], 0)
+  with np.errstate(invalid="ignore"):  # quantize's float stretch, before its integer cast
+    low, high = fused[0].min(), fused[0].max()
+    assert np.isnan((fused[0] - low) * (np.float32(255) / (high - low))).all()
+
+
+@pytest.mark.parametrize("fmt", export.FORMATS)
+def test_exported_minmax_propagates_nan(fmt, runner, images, params):
+  """One NaN input pixel: `fusion.fuse` gives NaN around it, so every minmax pixel is NaN (the
+  exported files once gave an all-zero image (StableHLO) or stretched the rest (ONNX))."""
+  ir, vis = (x[:1].copy() for x in images[SHAPES[0]])
+  ir[0, 10, 20, 0] = np.nan
+  assert np.isnan(np.asarray(fusion.fuse(params["student"], ir, vis))).any()
+  got = runner("student", fmt, "minmax")(ir, vis)
+  assert got.shape == ir.shape and np.isnan(got).all()
+  # The other stages keep the network's NaN pixels where they are.
+  clipped = runner("student", fmt, "clip")(ir, vis)
+  np.testing.assert_array_equal(np.isnan(clipped),
+                                np.isnan(np.asarray(fusion.fuse(params["student"], ir, vis))))
+
+
+@pytest.mark.parametrize("fmt", export.FORMATS)
+def test_runner_refuses_too_small_images_in_one_line(fmt, runner):
+  """1x1 and 1x64 (width x height 64x1) images: one line naming the minimum, not StableHLO's
+  'Error refining shapes' or onnxruntime's Pad error (with its log lines on stderr)."""
+  run = runner("student", fmt)
+  for height, width in ((1, 1), (1, 64), (64, 1)):
+    x = np.zeros((1, height, width, 1), np.float32)
+    with pytest.raises(export.ExportError) as info:
+      run(x, x)
+    assert str(info.value) == (f"image of {width}x{height} pixels is too small for this file "
+                               "(at least 2x2)")
+  assert run(np.zeros((1, 2, 2, 1), np.float32), np.zeros((1, 2, 2, 1), np.float32)).shape == (
+      1, 2, 2, 1)
+
+
 def test_teacher_smallest_size_and_too_small(runner, params):
   """The teacher takes 3x5: padded to 4x6 (half size 2x3), run, cropped; 2 rows are refused."""
   ir, vis = np.random.default_rng(1).random((2, 1, 3, 5, 1), dtype=np.float32)
@@ -130,8 +177,10 @@ def test_teacher_smallest_size_and_too_small(runner, params):
 
   assert_equal_up_to_rounding(run(ir, vis), run(pad(ir), pad(vis))[:, :3, :5],
                               ulps=network_ulps(params["teacher"]))
-  with pytest.raises(ValueError):
-    runner("teacher", "stablehlo")(ir[:, :2], vis[:, :2])
+  for fmt in export.FORMATS:
+    with pytest.raises(export.ExportError, match=r"^image of 5x2 pixels is too small for this "
+                       r"file \(at least 3x3\)$"):
+      runner(fmt=fmt, model="teacher")(ir[:, :2], vis[:, :2])
 
 
 def test_onnx_model_is_dynamic_and_described(params):
@@ -233,6 +282,21 @@ def test_cli_writes_and_checks(tmp_path, capsys, weights):
                                *check)
   assert code == 1 and "skipped:" in err and "different sizes" in err
   assert "checked 1 pair(s)" in stdout
+
+
+def test_cli_check_refuses_too_small_pairs_in_one_line(tmp_path, capsys, weights):
+  """A 1x64 and a 1x1 check pair beside a usable one (StableHLO): one `skipped:` line each,
+  naming the minimum; the usable pair is checked."""
+  for stem, size in (("a", (1, 64)), ("b", (1, 1)), ("c", (8, 8))):
+    for sub in ("ir", "vi"):
+      save_image(tmp_path / sub / f"{stem}.png", np.zeros(size, np.uint8))
+  code, stdout, err = _run_cli(capsys, "--weights", weights, "--format", "stablehlo",
+                               "--out", tmp_path / "s.stablehlo", "--check_ir", tmp_path / "ir",
+                               "--check_vis", tmp_path / "vi")
+  assert code == 1 and "checked 1 pair(s)" in stdout
+  assert err.splitlines() == [
+      f"skipped: {tmp_path / 'ir' / 'a.png'}: image of 64x1 pixels is too small (at least 2x2)",
+      f"skipped: {tmp_path / 'ir' / 'b.png'}: image of 1x1 pixels is too small (at least 2x2)"]
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys, weights):
@@ -337,14 +401,147 @@ def test_bench_infer_engines(engine, params, monkeypatch):
 
 
 def test_cli_stopped_by_sigterm_writes_nothing(tmp_path, capsys, weights, monkeypatch):
+  """A signal during the export is honoured at the safe point after it: nothing written."""
   cli = load_script("export")
+  real = export.export_bytes
 
-  def interrupted(*args, **kwargs):
+  def signalled(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)
-    raise AssertionError("the signal should have stopped the export")
+    return real(*args, **kwargs)
 
-  monkeypatch.setattr(cli.export, "export_bytes", interrupted)
+  monkeypatch.setattr(export, "export_bytes", signalled)
   out = tmp_path / "student.stablehlo"
+  handler = signal.getsignal(signal.SIGTERM)
   assert cli.main(["--weights", str(weights), "--format", "stablehlo", "--out", str(out)]) == 143
   assert capsys.readouterr().err == f"stopped by SIGTERM: {out} not written\n"
+  assert list(tmp_path.iterdir()) == []
+  assert signal.getsignal(signal.SIGTERM) is handler  # restored
+
+
+def _check_folders(root, sizes):
+  """ir/ and vi/ with one random pair per (height, width), stems 0, 1, ..."""
+  rng = np.random.default_rng(5)
+  for i, size in enumerate(sizes):
+    for sub in ("ir", "vi"):
+      save_image(root / sub / f"{i}.png", rng.integers(0, 256, size, dtype=np.uint8))
+  return ["--check_ir", root / "ir", "--check_vis", root / "vi"]
+
+
+def test_cli_signal_during_the_check_stops_at_the_next_pair(tmp_path, capsys, weights,
+                                                            monkeypatch):
+  """SIGINT while the file runs on the first check pair (inside the runtime): the pair ends,
+  then the tool stops with one line; the written file stays whole."""
+  real = export.load_runner
+  calls = []
+
+  def load_runner(fmt, data):
+    run = real(fmt, data)
+
+    def signalled(ir, vis):
+      calls.append(ir.shape)
+      if len(calls) == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+      return run(ir, vis)
+
+    return signalled
+
+  monkeypatch.setattr(export, "load_runner", load_runner)
+  check = _check_folders(tmp_path / "check", [(20, 24)] * 3)
+  out = tmp_path / "out" / "student.onnx"
+  # Where the code under test lets a signal through, it must not reach pytest's handler.
+  received = []
+
+  def ours(signum, frame):
+    received.append(signum)
+
+  previous = signal.signal(signal.SIGINT, ours)
+  try:
+    code, stdout, err = _run_cli(capsys, "--weights", weights, "--format", "onnx", "--out", out,
+                                 *check)
+  finally:
+    assert signal.signal(signal.SIGINT, previous) is ours  # the tool restored it
+  assert not received and code == 130, err
+  assert err == (f"stopped by SIGINT: {out} is written and complete; its check stopped after "
+                 "1 of 3 pair(s)\n")
+  assert stdout.startswith(f"wrote {out} ") and "checked" not in stdout
+  assert len(calls) == 1 and sorted(p.name for p in out.parent.iterdir()) == ["student.onnx"]
+  export.load_runner("onnx", out.read_bytes())  # a complete file
+
+
+_STOP_LINE = re.compile(r"stopped by SIGINT: (.+) is written and complete; its check stopped "
+                        r"after (\d+) of (\d+) pair\(s\)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", export.FORMATS)
+def test_cli_sigint_in_a_real_check_is_one_line(fmt, tmp_path, weights):
+  """`bin/export.py --check_ir/--check_vis` gets SIGINT once its file is written, while the
+  check compiles and runs (XLA, onnxruntime): exit 130, one line, never a traceback (once 40
+  lines from inside XLA's compilation, or a segmentation fault)."""
+  sizes = [(20 + i, 24 + 2 * i) for i in range(8)]  # 8 sizes: 8 compilations of fusion.fuse
+  check = [str(a) for a in _check_folders(tmp_path / "check", sizes)]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+  for attempt in range(3):  # The signal must land during the check: retry if it finished first.
+    out = tmp_path / f"out{attempt}" / f"student.{fmt}"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "bin" / "export.py"), "--weights", str(weights),
+         "--format", fmt, "--out", str(out), "--output", "minmax", *check],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+      deadline = time.monotonic() + 120
+      while not out.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+      time.sleep(0.2 * attempt)
+      proc.send_signal(signal.SIGINT)
+      _, err = proc.communicate(timeout=120)
+    finally:
+      proc.kill()
+    if proc.returncode == 0:
+      continue
+    lines = err.splitlines()
+    assert proc.returncode == 130 and len(lines) == 1, err
+    found = _STOP_LINE.fullmatch(lines[0])
+    assert found and found.group(1) == str(out) and int(found.group(2)) < 8, lines
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # whole, no temporary
+    export.load_runner(fmt, out.read_bytes())
+    return
+  pytest.fail("the check finished before the signal three times")
+
+
+def _catches(pid, signum):
+  """Whether process `pid` has a handler for `signum` (Linux: SigCgt in /proc/PID/status)."""
+  try:
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+  except OSError:
+    return False
+  mask = re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M)
+  return bool(mask and int(mask.group(1), 16) >> (signum - 1) & 1)
+
+
+@pytest.mark.slow
+def test_cli_sigint_during_the_start_up_is_one_line(tmp_path, weights):
+  """SIGINT while the tool imports jax (a second): exit 130, one line, no file. Once a
+  traceback from inside the import, or a KeyboardInterrupt that jax's gc callback swallowed
+  ("Exception ignored in"), after which the file was written and the exit code was 0."""
+  if not pathlib.Path("/proc/self/status").is_file():
+    pytest.skip("needs /proc to see when the tool has its signal handlers")
+  out = tmp_path / "student.stablehlo"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+  proc = subprocess.Popen(
+      [sys.executable, str(REPO_ROOT / "bin" / "export.py"), "--weights", str(weights),
+       "--format", "stablehlo", "--out", str(out)],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  try:
+    # Python itself never catches SIGTERM: once it does, the tool's handlers are in, and its
+    # imports have begun. (The old tool took it only after its imports: 0.5 s is into them.)
+    deadline = time.monotonic() + 0.5
+    while not _catches(proc.pid, signal.SIGTERM) and time.monotonic() < deadline:
+      time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    stdout, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 130, (stdout, err)
+  assert err == f"stopped by SIGINT: {out} not written\n" and stdout == ""
   assert list(tmp_path.iterdir()) == []

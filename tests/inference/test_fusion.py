@@ -88,6 +88,59 @@ def test_colour_mode_uses_infrared_slot_colour_for_pet(random_student):
   assert out.shape == (16, 16, 3)
 
 
+def _chroma(rgb):
+  return imageio.rgb_to_ycbcr(rgb, imageio.max_value(rgb))[..., 1:]
+
+
+def test_colour_mode_takes_the_chroma_from_the_input_that_has_colour(random_student):
+  """A gray image stored as RGB (equal channels: the shared MRI files) is gray: the PET
+  image's chroma is kept, where it once took the MRI's (R = G = B, no colour at all)."""
+  rng = np.random.default_rng(7)
+  pet = rng.integers(0, 256, (16, 18, 3), dtype=np.uint8)
+  mri = rng.integers(0, 256, (16, 18), dtype=np.uint8)
+  mri_rgb = np.repeat(mri[..., None], 3, axis=-1)
+  fuser = fusion.Fuser(random_student, color=True)
+  out = fuser.fuse_images(pet, mri_rgb)
+  assert out.shape == (16, 18, 3)
+  inside = np.all((out > 2) & (out < 253), axis=-1)
+  assert np.abs(_chroma(out) - _chroma(pet))[inside].max() < 1.5
+  np.testing.assert_array_equal(out, fuser.fuse_images(pet, mri))  # as if stored gray
+  # The other way round too: a colour visible image, an infrared image stored as RGB.
+  vis = rng.integers(0, 256, (16, 18, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(fuser.fuse_images(mri_rgb, vis), fuser.fuse_images(mri, vis))
+  assert not imageio.has_color(mri_rgb) and not imageio.has_color(mri)
+  assert imageio.has_color(pet)
+  assert fuser.chroma_source(pet, mri_rgb) == "ir" and fuser.chroma_source(mri_rgb, vis) == "vis"
+
+
+def test_colour_mode_without_colour_gives_gray_and_both_keep_the_visible(random_student):
+  rng = np.random.default_rng(8)
+  ir, vis = rng.integers(0, 256, (2, 16, 16), dtype=np.uint8)
+  as_rgb = [np.repeat(x[..., None], 3, axis=-1) for x in (ir, vis)]
+  fuser = fusion.Fuser(random_student, color=True)
+  gray = fusion.Fuser(random_student).fuse_images(ir, vis)
+  for pair in ((as_rgb[0], as_rgb[1]), (ir, as_rgb[1]), (as_rgb[0], vis)):
+    out = fuser.fuse_images(*pair)
+    assert out.shape == (16, 16)  # gray, not RGB with three equal channels
+    np.testing.assert_array_equal(out, gray)
+    assert fuser.chroma_source(*pair) is None
+  # 16-bit gray stored as RGB is gray too.
+  deep = np.repeat((ir.astype(np.uint16) * 257)[..., None], 3, axis=-1)
+  assert not imageio.has_color(deep) and fuser.fuse_images(deep, vis).shape == (16, 16)
+  # Both in colour: the visible image's chroma, as before.
+  pet, colour_vis = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  assert fuser.chroma_source(pet, colour_vis) == "vis"
+  out = fuser.fuse_images(pet, colour_vis)
+  inside = np.all((out > 2) & (out < 253), axis=-1)
+  assert np.abs(_chroma(out) - _chroma(colour_vis))[inside].max() < 1.5
+  # One differing pixel is colour.
+  tinted = as_rgb[1].copy()
+  tinted[3, 4, 2] += 1
+  assert imageio.has_color(tinted) and fuser.chroma_source(ir, tinted) == "vis"
+  # Which input gave the chroma, counted per fused image (for a tool's summary).
+  assert fuser.chroma_sources == {None: 4, "vis": 1}
+
+
 def test_sixteen_bit_inputs_give_sixteen_bit_output(random_student):
   rng = np.random.default_rng(6)
   ir16 = rng.integers(0, 65536, (20, 20), dtype=np.uint16)
