@@ -9,7 +9,7 @@
 3. **student**: distilled from that teacher with the student config into `WORKDIR/student`;
 4. **comparison**: on every test set, every method (this run's student, its teacher when
    trained here, and each reference, e.g. the published student) fuses the pairs into
-   `WORKDIR/fused/<test>/<method>/` as `bin/fuse.py` would, and `report.compare` scores all
+   `WORKDIR/fused/<test>/<method>/` as `bin/fuse.py` would, and `comparison.compare` scores all
    of them on the same images with the published conventions. The means go to
    `WORKDIR/results.md` and `WORKDIR/results.json` (with the command, the steps and the wall
    time of each stage), and each test set gets the visual report `WORKDIR/report_<test>.html`.
@@ -29,7 +29,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from mmdrfuse_jax.errors import MMDRFuseError
-from mmdrfuse_jax.evaluation import report, scoring
+from mmdrfuse_jax.evaluation import comparison, report, scoring
 from mmdrfuse_jax.inference import batch_fuse, fusion
 from mmdrfuse_jax.io import files, imageio
 from mmdrfuse_jax.models import weight_files
@@ -39,6 +39,10 @@ from mmdrfuse_jax.train import loop
 
 class ReproductionError(MMDRFuseError, ValueError):
   """A user-facing problem with the recipe (one-line message)."""
+
+
+class InputError(ReproductionError):
+  """A file the recipe needs is missing or unusable, found before any work (`check_inputs`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +130,48 @@ def load_any_params(path: pathlib.Path) -> dict:
       raise ReproductionError(str(as_student)) from None
 
 
+def check_inputs(recipe: Recipe, student: Any, teacher: Optional[Any]) -> None:
+  """Reads every file the recipe will need but its training pairs, before any long work.
+
+  The VGG-19 weights of each stage with a term that reads them, the given teacher, the
+  validation folders, the pairs of every test set and the weights of every reference. The
+  training pairs are checked by `builders.prepare`, before it builds anything.
+
+  Args:
+    recipe: the recipe.
+    student: the student stage's config (the recipe's, with its data settings).
+    teacher: the teacher stage's config, or None when the recipe's teacher is given.
+
+  Raises:
+    InputError: a file is missing or unusable (one line naming it).
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  stages = [("student", student)] if teacher is None else [("teacher", teacher),
+                                                           ("student", student)]
+  for name, config in stages:
+    if name == "student" and teacher is None:  # The given teacher is the one it distils from.
+      config = ml_collections.ConfigDict(config.to_dict())
+      config.teacher_weights = recipe.teacher_weights
+    try:
+      # A student after a teacher stage distils from the weights that stage writes.
+      loop.check_inputs(config, teacher=teacher is None)
+    except loop.TrainingError as e:
+      raise InputError(f"{name}: {e}") from None
+  for test in recipe.tests:
+    try:
+      pairs = imageio.pair_folders([test.ir, test.vis]).pairs
+    except imageio.ImageError as e:
+      raise InputError(f"--test {test.name}: {e}") from None
+    if not pairs:
+      raise InputError(f"--test {test.name}: no pairs in {test.ir} and {test.vis}")
+  for reference in recipe.references:
+    try:
+      load_any_params(reference.weights)
+    except ReproductionError as e:
+      raise InputError(f"--reference {reference.name}: {e}") from None
+
+
 # ----------------------------------------------------------------------------------- stages
 
 
@@ -158,11 +204,11 @@ def run(recipe: Recipe, workdir: str | os.PathLike, *, log: Callable[[str], None
   """Runs (or continues) the recipe in `workdir`.
 
   Raises:
+    loop.ConfigError, InputError: unusable settings, or a file the recipe needs is missing or
+      unusable; found before anything is written.
     ReproductionError, loop.TrainingError: a stage cannot run (one-line message).
   """
   workdir = pathlib.Path(workdir).expanduser()
-  workdir.mkdir(parents=True, exist_ok=True)
-  times = _StageTimes(workdir / "stage_times.json")
   data_dir = workdir / "data"
   student = _with_data(recipe.student, recipe.dataset, data_dir)
   teacher = None if recipe.teacher is None else _with_data(recipe.teacher, recipe.dataset,
@@ -170,6 +216,10 @@ def run(recipe: Recipe, workdir: str | os.PathLike, *, log: Callable[[str], None
   for config in (teacher, student):  # Every stage's settings before any work.
     if config is not None:
       loop.check_config(config)
+  # And every file they read, before hours of building data and training a teacher.
+  check_inputs(recipe, student, teacher)
+  workdir.mkdir(parents=True, exist_ok=True)
+  times = _StageTimes(workdir / "stage_times.json")
 
   start = time.perf_counter()
   log(f"== data: {recipe.dataset} from {recipe.manual_dir}")
@@ -184,12 +234,12 @@ def run(recipe: Recipe, workdir: str | os.PathLike, *, log: Callable[[str], None
 
   teacher_weights = recipe.teacher_weights
   if teacher is not None:
-    result = _train("teacher", teacher, workdir / "teacher", times, log)
+    result = _train("teacher", teacher, workdir, times, log)
     if result.weights is None:
       return Outcome(False, result.interrupted_by)
     teacher_weights = str(result.weights)
   student.teacher_weights = teacher_weights
-  result = _train("student", student, workdir / "student", times, log)
+  result = _train("student", student, workdir, times, log)
   if result.weights is None:
     return Outcome(False, result.interrupted_by)
 
@@ -203,10 +253,10 @@ def run(recipe: Recipe, workdir: str | os.PathLike, *, log: Callable[[str], None
   fusers = {m.name: fusion.Fuser(load_any_params(m.weights)) for m in methods}
   for test in recipe.tests:
     log(f"== comparison on {test.name}: {', '.join(m.name for m in methods)}")
-    comparison = _compare(test, methods, fusers, recipe.metrics, workdir, log, stop)
-    if comparison is None:
+    compared = _compare(test, methods, fusers, recipe.metrics, workdir, log, stop)
+    if compared is None:
       return Outcome(False, stop.signum if stop is not None else None)
-    tables[test.name] = comparison
+    tables[test.name] = compared
   times.add("comparison", time.perf_counter() - start)
   path = write_results(workdir, recipe, tables, times.stages)
   log(f"wrote {path} and {path.with_suffix('.json')}")
@@ -225,19 +275,25 @@ def _with_data(config: Any, dataset: str, data_dir: pathlib.Path) -> Any:
 
 def _train(name: str, config: Any, workdir: pathlib.Path, times: _StageTimes,
            log: Callable[[str], None]) -> loop.RunResult:
-  log(f"== {name}: {workdir}")
+  """Trains stage `name` in `workdir/name`."""
+  log(f"== {name}: {workdir / name}")
   start = time.perf_counter()
-  result = loop.train_model(config, workdir, log=log)
+  # The recipe's folder holds its data and every stage: the run records keep such paths
+  # relative, so the recipe resumes once moved or copied as a whole.
+  result = loop.train_model(config, workdir / name, log=log, run_dir=workdir)
   times.add(name, time.perf_counter() - start, steps=result.step, total_steps=result.total_steps)
   return result
 
 
 def _compare(test: TestSet, methods: Sequence[Reference], fusers: dict[str, fusion.Fuser],
              names: Sequence[str], workdir: pathlib.Path, log: Callable[[str], None],
-             stop: Optional[interrupts.StopRequest]) -> Optional[report.Comparison]:
+             stop: Optional[interrupts.StopRequest]) -> Optional[comparison.Comparison]:
   """Fuses the test pairs with every method (`fusers` by name), scores them, writes the
   visual report."""
-  pairing = imageio.pair_folders([test.ir, test.vis])
+  try:
+    pairing = imageio.pair_folders([test.ir, test.vis])
+  except imageio.ImageError as e:  # Checked before the work; changed since.
+    raise ReproductionError(f"--test {test.name}: {e}") from None
   for problem in pairing.problems:
     log(f"warning: {test.name}: {problem}")
   if not pairing.pairs:
@@ -249,35 +305,35 @@ def _compare(test: TestSet, methods: Sequence[Reference], fusers: dict[str, fusi
                                  report=log, stop=stop)
     if done.not_started:
       return None
-    folders.append(report.Method(method.name, out))
-  images, problems = report.pair_images(test.ir, test.vis, folders)
-  comparison = report.compare(images, folders, names=names, stop=stop, problems=problems)
-  if comparison.stopped_by is not None:
+    folders.append(comparison.Method(method.name, out))
+  images, problems = comparison.pair_images(test.ir, test.vis, folders)
+  compared = comparison.compare(images, folders, names=names, stop=stop, problems=problems)
+  if compared.stopped_by is not None:
     return None
   try:
-    page = report.build_html(comparison, title=f"Reproduction: {test.name}",
+    page = report.build_html(compared, title=f"Reproduction: {test.name}",
                              sources=(str(test.ir), str(test.vis)), stop=stop)
   except report.Stopped:
     return None
   report.write_atomic(workdir / f"report_{test.name}.html", page)
-  return comparison
+  return compared
 
 
 # ---------------------------------------------------------------------------------- results
 
 
-def results_rows(tables: dict[str, report.Comparison]) -> list[dict[str, Any]]:
+def results_rows(tables: dict[str, comparison.Comparison]) -> list[dict[str, Any]]:
   """One row per (test, method): the metric means and the number of images."""
   rows = []
-  for test, comparison in tables.items():
-    for method in comparison.methods:
-      means = comparison.results[method.name].means()
-      rows.append({"test": test, "method": method.name, "images": len(comparison.images),
-                   **{n: means[n] for n in comparison.names}})
+  for test, compared in tables.items():
+    for method in compared.methods:
+      means = compared.results[method.name].means()
+      rows.append({"test": test, "method": method.name, "images": len(compared.images),
+                   **{n: means[n] for n in compared.names}})
   return rows
 
 
-def write_results(workdir: pathlib.Path, recipe: Recipe, tables: dict[str, report.Comparison],
+def write_results(workdir: pathlib.Path, recipe: Recipe, tables: dict[str, comparison.Comparison],
                   stages: dict[str, Any]) -> pathlib.Path:
   """Writes results.md and results.json (atomically); returns the markdown's path."""
   rows = results_rows(tables)

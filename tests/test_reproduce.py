@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -101,6 +102,21 @@ def test_a_rerun_continues_and_does_not_train_again(done, recipe):
   assert json.loads((workdir / "results.json").read_text())["rows"] == before
 
 
+def test_a_copied_workdir_continues_there(done, recipe, tmp_path):
+  # The run records keep the recipe's data folder relative to the stage: a copy elsewhere (a
+  # bigger disk, another mount point) is the same run.
+  workdir, _, _ = done
+  shutil.copytree(workdir, tmp_path / "copy")
+  lines = []
+  outcome = reproduce.run(recipe, tmp_path / "copy", log=lines.append)
+  assert outcome.finished and outcome.results == tmp_path / "copy" / "results.md"
+  assert not any(line.startswith("step ") for line in lines)  # Nothing trained again.
+  assert any(f"resumed from {tmp_path / 'copy' / 'student' / 'checkpoints'}" in line
+             for line in lines), lines
+  record = json.loads((tmp_path / "copy" / "student" / "run.json").read_text())
+  assert record["identity"]["data.data_dir"] == "../data"
+
+
 def _cli(*args):
   env = dict(os.environ, PYTHONPATH=str(REPO))
   return subprocess.run([sys.executable, "bin/reproduce.py", *args], cwd=REPO, env=env,
@@ -124,3 +140,85 @@ def test_cli_mistakes_are_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and expected in proc.stderr, proc.stderr
   assert not (tmp_path / "w").exists()
+
+
+@pytest.fixture
+def unbuilt(tmp_path, monkeypatch, teacher_file):
+  """A tiny recipe whose data must not be built: `builders.prepare` fails the test."""
+  from mmdrfuse_jax.data import builders
+
+  def build(*args, **kwargs):
+    raise AssertionError("the data was built before the recipe's files were checked")
+
+  monkeypatch.setattr(builders, "prepare", build)
+  synthetic.write_pairs(tmp_path / "train", 1, 32, 32, seed=0)
+  synthetic.write_pairs(tmp_path / "test", 1, 48, 48, seed=1)
+  return reproduce.Recipe(
+      student=_tiny_student(), teacher=None, teacher_weights=str(teacher_file),
+      dataset="paired_folders", manual_dir=str(tmp_path / "train"),
+      tests=[reproduce.TestSet("t", tmp_path / "test" / "ir", tmp_path / "test" / "vi")],
+      metrics=METRICS)
+
+
+def _with_vgg(config, vgg_weights):
+  config.loss.w_percep = 2.0  # A term that reads VGG-19.
+  config.vgg_weights = vgg_weights
+  return config
+
+
+@pytest.mark.parametrize("case", ["student vgg", "no vgg", "teacher vgg", "teacher weights",
+                                  "test pairs", "reference"])
+def test_missing_files_are_found_before_any_work(unbuilt, tmp_path, case):
+  # The reported case: a missing vgg19.npz was reported after the whole dataset was built.
+  missing = str(tmp_path / "vgg19.npz")
+  recipe = unbuilt
+  if case == "student vgg":
+    recipe.student = _with_vgg(recipe.student, missing)
+    expected = f"student: {missing}: VGG-19 weights not found"
+  elif case == "no vgg":
+    recipe.student = _with_vgg(recipe.student, "")
+    expected = "student: no VGG-19 weights: set --config.vgg_weights=FILE.npz"
+  elif case == "teacher vgg":
+    recipe.teacher = _with_vgg(default.get_config("teacher"), missing)
+    recipe.teacher_weights = ""
+    expected = f"teacher: {missing}: VGG-19 weights not found"
+  elif case == "teacher weights":
+    recipe.teacher_weights = str(tmp_path / "teacher.model")
+    expected = f"student: {tmp_path / 'teacher.model'}"
+  elif case == "test pairs":
+    synthetic.write_pairs(tmp_path / "unpaired", 2, 48, 48, seed=2)
+    (tmp_path / "unpaired" / "vi" / "0000.png").unlink()  # 0000 and 0001 without partners.
+    (tmp_path / "unpaired" / "ir" / "0001.png").unlink()
+    recipe.tests = [*recipe.tests, reproduce.TestSet("unpaired", tmp_path / "unpaired" / "ir",
+                                                     tmp_path / "unpaired" / "vi")]
+    expected = f"--test unpaired: no pairs in {tmp_path / 'unpaired' / 'ir'} and"
+  else:
+    (tmp_path / "published.model").write_bytes(b"not weights")
+    recipe.references = [reproduce.Reference("published", tmp_path / "published.model")]
+    expected = f"--reference published: {tmp_path / 'published.model'}"
+  with pytest.raises(reproduce.InputError) as info:
+    reproduce.run(recipe, tmp_path / "w", log=lambda *_: None)
+  assert "\n" not in str(info.value) and str(info.value).startswith(expected), str(info.value)
+  assert not (tmp_path / "w").exists()
+
+
+def test_cli_reports_a_missing_vgg_before_building_in_one_line(unbuilt, tmp_path, monkeypatch,
+                                                              capsys, teacher_file):
+  from conftest import load_script
+
+  from mmdrfuse_jax.runtime import cli
+
+  def leave(message):  # In-process: not os._exit.
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+  monkeypatch.setattr(cli, "exit_after_error", leave)
+  code = load_script("reproduce").main([
+      f"--workdir={tmp_path / 'w'}", "--dataset=paired_folders",
+      f"--manual_dir={tmp_path / 'train'}", f"--config={REPO / 'configs' / 'student.py'}",
+      f"--config.vgg_weights={tmp_path / 'vgg19.npz'}", f"--teacher_weights={teacher_file}",
+      f"--test=t={tmp_path / 'test' / 'ir'},{tmp_path / 'test' / 'vi'}"])
+  err = capsys.readouterr().err
+  assert code == 2, err
+  assert err.startswith(f"error: student: {tmp_path / 'vgg19.npz'}: VGG-19 weights not found")
+  assert err.count("\n") == 1 and not (tmp_path / "w").exists()

@@ -168,7 +168,11 @@ CONFIG_NAMES = tuple(c.name for c in CONFIGS)
 
 
 def paired_folders_config(ir_folder: str, vis_folder: str) -> FusionPairsConfig:
-  """The generic config for two user-named sub-folders (`ir/` and `vi/` are also accepted)."""
+  """The generic config for two user-named sub-folders (`ir/` and `vi/` are also accepted).
+
+  For finding the folders (`find_layout`) only: a builder is never given it (TFDS refuses a
+  config named like one of the builder's own); `FusionPairs` takes the names as options.
+  """
   base = next(c for c in CONFIGS if c.name == "paired_folders")
   return dataclasses.replace(base, ir_folders=(ir_folder,), vis_folders=(vis_folder,))
 
@@ -494,17 +498,25 @@ class FusionPairs(tfds.core.GeneratorBasedBuilder):
     # zipapps; this file's path is all it wants (for an optional checksums file).
     return epath.Path(__file__)
 
-  def __init__(self, *, skip_bad: bool = False, resize_visible: bool | None = None, **kwargs):
+  def __init__(self, *, skip_bad: bool = False, resize_visible: bool | None = None,
+               ir_folder: str | None = None, vis_folder: str | None = None, **kwargs):
     """As `tfds.core.GeneratorBasedBuilder`, plus build options.
 
     Args:
       skip_bad: leave out bad pairs (the metadata's `skipped` lists them) instead of failing.
       resize_visible: resize visible images to their infrared partner's size instead of
         reporting the pair; None: the config's default (on for `roadscene` only).
+      ir_folder: the sub-folder of infrared-slot images, tried before `ir/` (instead of the
+        config's names); None: the config's.
+      vis_folder: the same for the visible-slot images (`vi/` is tried after it).
       **kwargs: for `tfds.core.GeneratorBasedBuilder` (data_dir, config, file_format...).
     """
     self._skip_bad = skip_bad
     self._resize_visible = resize_visible
+    # Options, not a config of their own: the build stays `<config>/<version>` where training
+    # finds it by the config's name, and TFDS refuses a custom config named like a class one.
+    self._ir_folder = ir_folder
+    self._vis_folder = vis_folder
     super().__init__(**kwargs)
 
   # TFDS prints download sizes (none here) to stdout; bin/prepare_data.py says what it built.
@@ -521,9 +533,17 @@ class FusionPairs(tfds.core.GeneratorBasedBuilder):
     return self._resize_visible
 
   @property
+  def layout_config(self) -> FusionPairsConfig:
+    """The builder config with the folder names given as options (`ir_folder`, `vis_folder`)."""
+    if self._ir_folder is None and self._vis_folder is None:
+      return self.builder_config
+    return dataclasses.replace(self.builder_config, ir_folders=(self._ir_folder or "ir",),
+                               vis_folders=(self._vis_folder or "vi",))
+
+  @property
   def build_options(self) -> dict:
     """The options that decide what a build holds, as recorded in `source.json`."""
-    config = self.builder_config
+    config = self.layout_config
     return {"config": config.name, "ir_folders": list(config.ir_candidates()),
             "vis_folders": list(config.vis_candidates()), "resize_visible": self.resize_visible,
             "skip_bad": self._skip_bad}
@@ -564,7 +584,7 @@ class FusionPairs(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = pathlib.Path(dl_manager.manual_dir)
-    layout = find_layout(manual_dir, self.builder_config)
+    layout = find_layout(manual_dir, self.layout_config)
     # Taken before any file is read: a file changed during the build shows as changed later.
     folders = _layout_folders(manual_dir, layout)
     self._source_record = {
@@ -639,14 +659,11 @@ def make_builder(dataset: str, data_dir: str | os.PathLike, *, skip_bad: bool = 
   """A `FusionPairs` builder for a named config writing to / reading from `data_dir`."""
   if dataset not in CONFIG_NAMES:
     raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(CONFIG_NAMES)}")
-  config: str | FusionPairsConfig = dataset
-  if dataset == "paired_folders":
-    if ir_folder or vis_folder:
-      config = paired_folders_config(ir_folder or "ir", vis_folder or "vi")
-  elif ir_folder or vis_folder:
+  if (ir_folder or vis_folder) and dataset != "paired_folders":
     raise DataError("--ir_folder/--vis_folder are only for --dataset paired_folders")
-  return FusionPairs(config=config, data_dir=os.fspath(data_dir), file_format="array_record",
-                     skip_bad=skip_bad, resize_visible=resize_visible)
+  return FusionPairs(config=dataset, data_dir=os.fspath(data_dir), file_format="array_record",
+                     skip_bad=skip_bad, resize_visible=resize_visible,
+                     ir_folder=ir_folder or None, vis_folder=vis_folder or None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -803,7 +820,7 @@ def prepare(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.Path
   version_dir = pathlib.Path(builder.data_path)
   built = _built_info(builder, "already built") if builder.is_prepared() else None
   _check_readable(manual_dir, built)
-  layout = find_layout(manual_dir, builder.builder_config)  # One-line error before TFDS starts.
+  layout = find_layout(manual_dir, builder.layout_config)  # One-line error before TFDS starts.
   try:
     current = scan_sources(manual_dir, [f for pair in layout.values() for f in pair])
   except OSError as e:

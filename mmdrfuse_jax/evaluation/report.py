@@ -1,9 +1,7 @@
 """One self-contained HTML page that compares fusion methods on the same image pairs.
 
-`pair_images` matches the source folders and every method's folder of fused images by file
-stem; `compare` scores each method with `scoring.evaluate` (the code and conventions of
-`bin/evaluate.py`) and keeps the images every method could be scored on, so that all means
-are over the same images; `build_html` turns the scores and the images into one page:
+`comparison.compare` scores the methods on the same images; `build_html` turns its result
+and the images into one page:
 
 - the metric means, one row per method, the best of each column marked, the conventions
   stated (with the caveat of SF and AG: higher is better, but noise raises them too) and the
@@ -26,8 +24,8 @@ be mailed and names no external URL. matplotlib is imported only where the plots
 from __future__ import annotations
 
 import base64
-import dataclasses
 import html
+import importlib.resources
 import io
 import os
 import pathlib
@@ -36,10 +34,17 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from mmdrfuse_jax.errors import MMDRFuseError
-from mmdrfuse_jax.evaluation import metrics, scoring
+from mmdrfuse_jax.evaluation import scoring
+from mmdrfuse_jax.evaluation.comparison import Comparison, ImageSet, Method, ReportError
 from mmdrfuse_jax.io import files, imageio
 from mmdrfuse_jax.runtime import interrupts
+
+
+def _asset(name: str) -> str:
+  """A file of the page's style or script, shipped as package data (report_page/)."""
+  return (importlib.resources.files("mmdrfuse_jax.evaluation") / "report_page" / name
+          ).read_text(encoding="utf-8")
+
 
 INSTALL_HINT = "pip install -e '.[report]'"
 THUMB_SIDE = 256  # longest side of a thumbnail, pixels
@@ -71,10 +76,6 @@ CONVENTIONS = (
 )
 
 
-class ReportError(MMDRFuseError, ValueError):
-  """The command's options cannot be used; the message says why, in one line."""
-
-
 class Stopped(Exception):
   """A stop request (SIGINT/SIGTERM) ended the page before it was complete."""
 
@@ -83,75 +84,8 @@ class Stopped(Exception):
     self.signum = signum
 
 
-@dataclasses.dataclass(frozen=True)
-class Method:
-  """A fusion method: its name on the page and its folder of fused images."""
-
-  name: str
-  folder: pathlib.Path
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageSet:
-  """One compared image: its sources and one fused file per method (in method order)."""
-
-  name: str
-  ir: pathlib.Path
-  vis: pathlib.Path
-  fused: tuple[pathlib.Path, ...]
-
-
-@dataclasses.dataclass
-class Comparison:
-  """The scores of every method on the same images.
-
-  Attributes:
-    names: the metrics, in column order.
-    methods: the methods, in page order.
-    images: the images scored for every method, by name.
-    results: per method name, the `EvaluationResult` restricted to `images` (same order).
-    problems: one-line messages for the files that could not be used.
-    stopped_by: the signal that ended the scoring early, else None.
-    ssim_data_range: SSIM's data range in the scores.
-  """
-
-  names: tuple[str, ...]
-  methods: list[Method]
-  images: list[ImageSet]
-  results: dict[str, scoring.EvaluationResult]
-  problems: list[str]
-  stopped_by: Optional[int] = None
-  ssim_data_range: float = 2.0
-
-
 # ---------------------------------------------------------------------------------------------
 # Options and inputs.
-
-
-def parse_methods(specs: Optional[Sequence[str]]) -> list[Method]:
-  """`NAME=FOLDER` specs to methods.
-
-  Raises:
-    ReportError: no spec, one without `=`, an empty name or folder, a name given twice, or a
-      folder that does not exist.
-  """
-  if not specs:
-    raise ReportError("--fused: give at least one NAME=FOLDER")
-  methods: list[Method] = []
-  for spec in specs:
-    name, sep, folder = spec.partition("=")
-    name = name.strip()
-    if not sep or not name or not folder:
-      raise ReportError(f"--fused {spec}: expected NAME=FOLDER (for example student=out/student)")
-    if any(m.name == name for m in methods):
-      raise ReportError(f"--fused {spec}: the name {name!r} is given twice; "
-                        "each method needs its own name")
-    path = pathlib.Path(folder)
-    if not path.is_dir():
-      what = "is a file, not a folder" if path.exists() else "no such folder"
-      raise ReportError(f"--fused {spec}: {path}: {what}")
-    methods.append(Method(name, path))
-  return methods
 
 
 def require_matplotlib() -> None:
@@ -161,94 +95,6 @@ def require_matplotlib() -> None:
   except ImportError:
     raise ReportError(f"the report needs matplotlib, which is not installed: {INSTALL_HINT}"
                       ) from None
-
-
-def input_paths(ir_dir, vis_dir, methods: Sequence[Method]) -> list[tuple[str, pathlib.Path]]:
-  """(description, path) of every input folder and every file in them (never overwritten)."""
-  folders = [("infrared input folder (--ir)", pathlib.Path(ir_dir)),
-             ("visible input folder (--vis)", pathlib.Path(vis_dir))]
-  folders += [(f"fused input folder of {m.name} (--fused)", m.folder) for m in methods]
-  inputs = list(folders)
-  for label, folder in folders:
-    if folder.is_dir():
-      inputs += [(label.replace(" folder", ""), p) for p in sorted(folder.iterdir())
-                 if p.is_file()]
-  return inputs
-
-
-def check_output(out: str | os.PathLike,
-                 inputs: Sequence[tuple[str, pathlib.Path]]) -> list[pathlib.Path]:
-  """Checks that `out` can be written and replaces no input; returns the folders created.
-
-  Raises:
-    files.OutputError: `out` is an input, a folder, or in a folder that cannot be written.
-  """
-  out = pathlib.Path(out)
-  files.refuse_overwrites([out], inputs, "--out")
-  if out.is_dir():
-    raise files.OutputError(f"--out {out}: is a folder, not a file")
-  return files.prepare_folder(out.parent, "--out")
-
-
-def pair_images(ir_dir, vis_dir, methods: Sequence[Method],
-                max_images: Optional[int] = None) -> tuple[list[ImageSet], list[str]]:
-  """Pairs the sources and every method's fused images by stem (`imageio.pair_folders`).
-
-  Args:
-    max_images: keep only the first this many complete sets (by name).
-
-  Returns:
-    The complete sets sorted by name, and one-line messages for files without partners.
-
-  Raises:
-    imageio.ImageError: a folder is missing or holds no image.
-  """
-  pairing = imageio.pair_folders([ir_dir, vis_dir] + [m.folder for m in methods])
-  images = [ImageSet(stem, paths[0], paths[1], tuple(paths[2:])) for stem, paths in pairing.pairs]
-  if max_images is not None:
-    images = images[:max_images]
-  return images, list(pairing.problems)
-
-
-def compare(images: Sequence[ImageSet], methods: Sequence[Method], *,
-            names: Sequence[str] = metrics.METRIC_NAMES, ssim_data_range: float = 2.0,
-            progress: bool = False, stop: Optional[interrupts.StopRequest] = None,
-            problems: Sequence[str] = ()) -> Comparison:
-  """Scores every method with `scoring.evaluate`, keeping the images all methods have.
-
-  An image that cannot be scored for one method (unreadable, sizes differ, too small) is
-  reported once and left out for every method, so that all means are over the same images.
-
-  Args:
-    images, methods: from `pair_images` and `parse_methods`.
-    names, ssim_data_range: the metrics and SSIM's convention (see `scoring.evaluate`).
-    progress: a progress bar per method.
-    stop: checked before each image; once set, scoring ends (`Comparison.stopped_by`).
-    problems: messages found before (by the pairing); the comparison's list starts with them.
-  """
-  names = tuple(names)
-  results: dict[str, scoring.EvaluationResult] = {}
-  problems = list(problems)
-  stopped_by = None
-  for k, method in enumerate(methods):
-    triples = [scoring.Triple(im.name, im.ir, im.vis, im.fused[k]) for im in images]
-    result = scoring.evaluate(triples, names=names, ssim_data_range=ssim_data_range,
-                                 progress=progress, stop=stop)
-    problems += [p for p in result.problems if p not in problems]  # source problems: once
-    results[method.name] = result
-    if result.stopped_by is not None:
-      stopped_by = result.stopped_by
-      break
-  scored = set.intersection(*(set(n for n, _ in r.rows) for r in results.values()))
-  kept = [im for im in images if im.name in scored]
-  for name, result in results.items():
-    rows = dict(result.rows)
-    results[name] = scoring.EvaluationResult(
-        names=names, rows=[(im.name, rows[im.name]) for im in kept], problems=result.problems,
-        stopped_by=result.stopped_by)
-  return Comparison(names=names, methods=list(methods), images=kept, results=results,
-                    problems=problems, stopped_by=stopped_by,
-                    ssim_data_range=float(ssim_data_range))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,61 +347,11 @@ def gallery_rows(image: ImageSet, methods: Sequence[Method], problems: list[str]
 # (`max-width:100%`, `height:auto` keeps the aspect), and the gallery shares the page's width
 # among its columns (`table-layout:fixed`), where four methods' 256-px thumbnails once made a
 # 1536-px row. `.wide` boxes scroll a table wider than the window within themselves.
-_STYLE = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5em;color:#222}
-h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ccc}
-h3{font-size:1em;margin:1.2em 0 .3em}
-table{border-collapse:collapse;font-size:.85em}
-td,th{border:1px solid #ddd;padding:.2em .45em;text-align:right}
-th[scope=row],td:first-child,th:first-child{text-align:left}
-summary{cursor:pointer;font-weight:bold;margin:.6em 0 .3em}
-thead th{background:#f3f3f3}
-table.sortable thead th{cursor:pointer;user-select:none}
-table.sortable thead th[aria-sort=ascending]::after{content:" \\25B2"}
-table.sortable thead th[aria-sort=descending]::after{content:" \\25BC"}
-td.best{background:#e3f4e3}
-.undef{color:#999}
-sup.undef{font-size:.7em;margin-left:.2em}
-.note,.conventions{font-size:.85em;color:#444}
-li{overflow-wrap:anywhere}
-.wide{max-width:100%;overflow-x:auto}
-.plots{display:flex;flex-wrap:wrap;gap:.5em}
-img.plot{max-width:100%;height:auto}
-table.gallery{width:100%;table-layout:fixed}
-table.gallery td,table.gallery th{vertical-align:top;text-align:center;overflow-wrap:anywhere}
-table.gallery th:first-child{width:7em}
-table.gallery th[scope=row]{text-align:left;font-weight:normal;font-size:.9em}
-.thumb{position:relative;display:inline-block;line-height:0;max-width:100%}
-.thumb img{max-width:100%;height:auto}
-.box{position:absolute;border:1px solid #ff0;outline:1px solid #000;box-sizing:border-box}
-img.zoom{max-width:100%;height:auto}
-td.missing{color:#a00}
-"""
+_STYLE = _asset("style.css")
 
 # Click a header of a `table.sortable` to sort by it; again to reverse. Cells carry their sort
 # key in `data-v` (numbers; "" for undefined, always last; text where the header says so).
-_SCRIPT = """
-document.querySelectorAll("table.sortable").forEach(function (table) {
-  var heads = table.tHead.rows[0].cells;
-  Array.prototype.forEach.call(heads, function (th, col) {
-    th.addEventListener("click", function () {
-      var up = th.getAttribute("aria-sort") !== "ascending";
-      Array.prototype.forEach.call(heads, function (h) { h.removeAttribute("aria-sort"); });
-      th.setAttribute("aria-sort", up ? "ascending" : "descending");
-      var text = th.getAttribute("data-sort") === "text";
-      var body = table.tBodies[0];
-      var rows = Array.prototype.slice.call(body.rows);
-      rows.sort(function (a, b) {
-        var x = a.cells[col].getAttribute("data-v"), y = b.cells[col].getAttribute("data-v");
-        if (x === "" || y === "") { return (x === "") - (y === ""); }
-        var c = text ? x.localeCompare(y) : parseFloat(x) - parseFloat(y);
-        return up ? c : -c;
-      });
-      rows.forEach(function (r) { body.appendChild(r); });
-    });
-  });
-});
-"""
+_SCRIPT = _asset("script.js")
 
 
 def build_html(comparison: Comparison, *, title: str = "Fusion comparison",

@@ -20,7 +20,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from mmdrfuse_jax.evaluation import report, scoring
+from mmdrfuse_jax.evaluation import comparison, report, scoring
 from mmdrfuse_jax.io import files
 from mmdrfuse_jax.runtime import cli, interrupts
 
@@ -67,11 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(fv: argparse.Namespace, stop: interrupts.StopRequest) -> int:
   created = []
   try:
-    methods = report.parse_methods(fv.fused)
+    methods = comparison.parse_methods(fv.fused)
     names = scoring.parse_metric_names(fv.metrics)
     report.require_matplotlib()
-    images, problems = report.pair_images(fv.ir, fv.vis, methods, fv.max_images)
-    created = report.check_output(fv.out, report.input_paths(fv.ir, fv.vis, methods))
+    images, problems = comparison.pair_images(fv.ir, fv.vis, methods, fv.max_images)
+    created = comparison.check_output(fv.out, comparison.input_paths(fv.ir, fv.vis, methods))
   except (ValueError, OSError) as e:  # options, folders, the output location
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -87,38 +87,38 @@ def _compare(fv, stop, methods, names, images, problems) -> int:
   if not images:
     print("error: no complete set of images to compare", file=sys.stderr)
     return 2
-  comparison = report.compare(images, methods, names=names, ssim_data_range=fv.ssim_data_range,
+  compared = comparison.compare(images, methods, names=names, ssim_data_range=fv.ssim_data_range,
                               progress=not fv.no_progress, stop=stop, problems=problems)
-  for problem in comparison.problems[len(problems):]:
+  for problem in compared.problems[len(problems):]:
     print(f"skipped: {problem}", file=sys.stderr)
-  if comparison.stopped_by is not None:
-    print(f"stopped by {interrupts.signal_name(comparison.stopped_by)} while scoring: no report "
+  if compared.stopped_by is not None:
+    print(f"stopped by {interrupts.signal_name(compared.stopped_by)} while scoring: no report "
           "written", file=sys.stderr)
-    return interrupts.exit_code(comparison.stopped_by)
-  if not comparison.images:
+    return interrupts.exit_code(compared.stopped_by)
+  if not compared.images:
     print("error: no image could be scored for every method; no report written",
           file=sys.stderr)
     return 2
-  reported = len(comparison.problems)
+  reported = len(compared.problems)
   try:
-    page = report.build_html(comparison, title=fv.title, sources=(fv.ir, fv.vis), stop=stop)
+    page = report.build_html(compared, title=fv.title, sources=(fv.ir, fv.vis), stop=stop)
   except report.Stopped as e:
     print(f"{e} while making the page: no report written", file=sys.stderr)
     return interrupts.exit_code(e.signum)
-  for problem in comparison.problems[reported:]:
+  for problem in compared.problems[reported:]:
     print(f"skipped: {problem}", file=sys.stderr)
   try:
     report.write_atomic(fv.out, page)
   except OSError as e:
     # The scoring is done: print the means (a full disk loses the page, not the numbers).
     for method in methods:
-      print(scoring.format_means(comparison.results[method.name], label=method.name))
+      print(scoring.format_means(compared.results[method.name], label=method.name))
     print(f"error: cannot write {fv.out} ({files.os_error_cause(e)}); each method's means are "
           "printed above", file=sys.stderr)
     return 2
-  print(f"wrote {fv.out}: {len(comparison.images)} image(s), {len(methods)} method(s)")
-  if comparison.problems:
-    print(f"{len(comparison.problems)} file problem(s) reported; {len(comparison.images)} "
+  print(f"wrote {fv.out}: {len(compared.images)} image(s), {len(methods)} method(s)")
+  if compared.problems:
+    print(f"{len(compared.problems)} file problem(s) reported; {len(compared.images)} "
           "image(s) compared", file=sys.stderr)
     return 1
   return 0

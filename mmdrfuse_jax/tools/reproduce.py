@@ -10,9 +10,10 @@
 
 Builds the training data, trains the teacher with --teacher_config=configs/teacher.py or takes
 --teacher_weights, distils the student with --config, then fuses every --test set with every
-model and writes WORKDIR/results.md, results.json and report_<test>.html. Rerunning the same
-command continues where it stopped. Both configs take overrides: --config.optim.lr=1e-3,
---teacher_config.num_epochs=5.
+model and writes WORKDIR/results.md, results.json and report_<test>.html. Every file it reads
+(VGG-19 and teacher weights, test folders, references) is checked before the data are built.
+Rerunning the same command continues where it stopped, also in a copy of WORKDIR elsewhere.
+Both configs take overrides: --config.optim.lr=1e-3, --teacher_config.num_epochs=5.
 """
 
 import sys
@@ -85,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     with interrupts.StopRequest() as stop:
       outcome = reproduce.run(recipe, args.workdir, stop=stop)
+  except (reproduce.InputError, loop.ConfigError) as e:  # Found before anything is written.
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   except (reproduce.ReproductionError, loop.TrainingError) as e:
     cli.exit_after_error(str(e))
   if not outcome.finished:

@@ -70,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   backend.report(log)  # what jax runs on (a warning where an accelerator sits unused), in the log
   try:
     result = stages.run(config, args.workdir, log=log)
+  except loop.ConfigError as e:  # Every stage's settings are checked before any work.
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   except loop.TrainingError as e:
     cli.exit_after_error(str(e))
   if result.interrupted_by is not None:

@@ -21,6 +21,7 @@ written by all of them together.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Mapping
 
 import jax
@@ -50,6 +51,53 @@ def _int_setting(value: int | str | None, name: str) -> int | None:
     return int(value)
   except (TypeError, ValueError):
     raise UsageError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _split_address(address: str, name: str) -> tuple[str, int]:
+  """(host, port) of a `HOST:PORT` or `[IPV6]:PORT` address; UsageError naming `name` if not.
+
+  JAX takes the port after the last colon without checking (no colon: an IndexError from
+  inside it), and gRPC would retry a malformed address for minutes.
+  """
+  def bad(why: str) -> UsageError:
+    return UsageError(f"{name} {address!r}: {why}")
+
+  host, colon, port = address.rpartition(":")
+  if not colon or not port:
+    raise bad("not a HOST:PORT address (no port)")
+  if not host:
+    raise bad("not a HOST:PORT address (no host)")
+  if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
+    raise bad("not a HOST:PORT address (an IPv6 host is written [ADDRESS]:PORT)")
+  if not port.isdigit():
+    raise bad(f"the port {port!r} is not a number")
+  if not 1 <= int(port) <= 65535:
+    raise bad(f"the port {int(port)} is not in 1..65535")
+  return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _address_name(coordinator_address: str | None) -> str:
+  """How messages name where the coordinator's address came from."""
+  return "--coordinator_address" if coordinator_address else f"${COORDINATOR_ENV}"
+
+
+def _check_resolves(address: str, name: str) -> None:
+  """Raises unless the host of `address` (a checked `HOST:PORT`) has an IP address.
+
+  Raises:
+    UsageError: no such host (a typo, say).
+    DistributedError: the name service did not answer (a failure now, not a wrong setting).
+  """
+  host, port = _split_address(address, name)
+  try:
+    socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+  except socket.gaierror as e:
+    cause = str(e.strerror or e)
+    # No such name (or one without an address) is a wrong setting; others, a failure now.
+    unknown = (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME))
+    error = UsageError if e.errno in unknown else DistributedError
+    raise error(f"{name} {address!r}: cannot resolve the host {host!r} "
+                f"({cause[:1].lower() + cause[1:]})") from None
 
 
 def launched_by_cluster(environ: Mapping[str, str] | None = None) -> str | None:
@@ -84,7 +132,8 @@ def settings(mode: str = "auto", coordinator_address: str | None = None,
     environ: the environment (default: `os.environ`).
 
   Raises:
-    UsageError: an unknown mode, a count or id that is not a number or out of range.
+    UsageError: an unknown mode, a count or id that is not a number or out of range, an
+      address that is not `HOST:PORT`.
   """
   env = os.environ if environ is None else environ
   if mode not in MODES:
@@ -92,6 +141,8 @@ def settings(mode: str = "auto", coordinator_address: str | None = None,
   if mode == "off":
     return None
   address = coordinator_address or env.get(COORDINATOR_ENV) or None
+  if address is not None:
+    _split_address(address, _address_name(coordinator_address))
   count = (_int_setting(num_processes, "--num_processes") if num_processes is not None
            else _int_setting(env.get(NUM_PROCESSES_ENV), f"${NUM_PROCESSES_ENV}"))
   index = (_int_setting(process_id, "--process_id") if process_id is not None
@@ -114,13 +165,17 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
   Call it before anything else uses jax. Returns whether the run is distributed.
 
   Raises:
-    UsageError: unusable settings (see `settings`), or too few of them for JAX to start.
-    DistributedError: the processes could not connect (JAX waits up to 5 minutes for all of
-      them).
+    UsageError: unusable settings (see `settings`), a coordinator host that does not exist, or
+      too few settings for JAX to start.
+    DistributedError: the coordinator's host name could not be looked up now, or the processes
+      could not connect (JAX waits up to 5 minutes for all of them).
   """
   kwargs = settings(mode, coordinator_address, num_processes, process_id)
   if kwargs is None:
     return False
+  if kwargs["coordinator_address"] is not None:
+    # Before JAX: its client would retry an unknown host until its timeout (5 minutes).
+    _check_resolves(kwargs["coordinator_address"], _address_name(coordinator_address))
   # On a CPU the cross-process collectives are JAX's CPU collectives: gloo by default since
   # jax 0.10 (`jax_cpu_collectives_implementation`, which may also name mpi).
   try:

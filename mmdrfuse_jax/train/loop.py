@@ -8,7 +8,9 @@ teacher-then-student sequence of the quickstart is `stages.run`.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import math
 import os
 import pathlib
 import re
@@ -32,6 +34,10 @@ from mmdrfuse_jax.train import distill, distributed, refresh, summary, update, v
 
 class TrainingError(MMDRFuseError, RuntimeError):
   """A user-facing problem with a run's inputs (message is one line)."""
+
+
+class ConfigError(TrainingError):
+  """Settings no run can use, found before any work (`check_config`; message is one line)."""
 
 
 @dataclasses.dataclass
@@ -59,6 +65,17 @@ IDENTITY_KEYS = ("model", "seed", "data", "batch_size", "optim", "loss", "refres
 NOT_IDENTITY = ("refresh.placement", "data.streaming")
 _POSITIVE_INTS = ("batch_size", "num_epochs", "log_every_steps", "checkpoint_every_steps",
                   "keep_checkpoints", "data.patch_size", "data.patch_stride")
+# Adam's settings: a step size of 0 or below would not train (below 0: gradient ascent), decay
+# rates of 1 or more never forget (and divide by 0 in the bias correction), an eps of 0 or
+# below divides by 0 or flips the step's sign.
+_POSITIVE_FLOATS = ("optim.lr", "optim.eps")
+_DECAY_RATES = ("optim.b1", "optim.b2")
+# Settings that name a file or folder. In the run record one inside the run's folder is kept
+# relative to the workdir, so that the run may be moved or copied (`_claim_workdir`).
+PATH_KEYS = ("data.data_dir", "vgg_weights", "teacher_weights")
+# The run record's format: 2 keeps `PATH_KEYS` inside the run's folder relative to the workdir;
+# records without one (older versions) hold them as given.
+_RECORD_FORMAT = 2
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -72,38 +89,53 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   return flat
 
 
+def _real(value: Any) -> float | None:
+  """`value` as a finite float, or None (not a number, a bool, NaN or infinite)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return None
+  return float(value) if math.isfinite(value) else None
+
+
 def check_config(config: Any) -> None:
-  """Raises TrainingError (one line) for settings no run can use."""
+  """Raises ConfigError (one line) for settings no run can use."""
   if config.model not in networks.MODELS:
-    raise TrainingError(
+    raise ConfigError(
         f"config.model must be one of {sorted(networks.MODELS)}, got {config.model!r}")
   flat = _flatten(config)
   for key in _POSITIVE_INTS:
     value = flat[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise TrainingError(f"config.{key} must be a positive integer, got {value!r}")
+      raise ConfigError(f"config.{key} must be a positive integer, got {value!r}")
+  for key in _POSITIVE_FLOATS:
+    real = _real(flat[key])
+    if real is None or real <= 0:
+      raise ConfigError(f"config.{key} must be a positive number, got {flat[key]!r}")
+  for key in _DECAY_RATES:
+    real = _real(flat[key])
+    if real is None or not 0 <= real < 1:
+      raise ConfigError(f"config.{key} must be in [0, 1), got {flat[key]!r}")
   if config.get("precision", "exact") not in precision_lib.MODES:
-    raise TrainingError(f"config.precision must be one of {', '.join(precision_lib.MODES)}, "
-                        f"got {config.precision!r}")
+    raise ConfigError(f"config.precision must be one of {', '.join(precision_lib.MODES)}, "
+                      f"got {config.precision!r}")
   if config.get("teacher_cache", "auto") not in TEACHER_CACHE_CHOICES:
-    raise TrainingError(f"config.teacher_cache must be one of {', '.join(TEACHER_CACHE_CHOICES)}"
-                        f", got {config.teacher_cache!r}")
+    raise ConfigError(f"config.teacher_cache must be one of {', '.join(TEACHER_CACHE_CHOICES)}"
+                      f", got {config.teacher_cache!r}")
   placement = config.refresh.get("placement", "replicated")
   if placement not in refresh.PLACEMENTS:
-    raise TrainingError(f"config.refresh.placement must be one of {', '.join(refresh.PLACEMENTS)}"
-                        f", got {placement!r}")
+    raise ConfigError(f"config.refresh.placement must be one of {', '.join(refresh.PLACEMENTS)}"
+                      f", got {placement!r}")
   if placement == "host" and not update.has_pinned_host():
-    raise TrainingError(f"config.refresh.placement=host needs pinned host memory, which "
-                        f"{jax.default_backend()} devices do not have; use sharded or replicated")
+    raise ConfigError(f"config.refresh.placement=host needs pinned host memory, which "
+                      f"{jax.default_backend()} devices do not have; use sharded or replicated")
   if int(config.data.synthetic_pairs) > 0 and config.data.dataset:
-    raise TrainingError(
+    raise ConfigError(
         f"config.data names both a dataset ({config.data.dataset!r}) and procedural pairs "
         f"(synthetic_pairs={config.data.synthetic_pairs}); to train on the dataset add "
         "--config.data.synthetic_pairs=0")
   try:
     validation.settings(config)
   except validation.ValidationError as e:
-    raise TrainingError(str(e)) from None
+    raise ConfigError(str(e)) from None
 
 
 TEACHER_CACHE_CHOICES = ("auto", "host", "off")
@@ -122,14 +154,61 @@ def run_identity(config: Any) -> dict[str, Any]:
           if k.split(".")[0] in IDENTITY_KEYS and k not in NOT_IDENTITY}
 
 
+def _absolute(path: str) -> str:
+  """`path` (`~` expanded, relative to the current folder) as an absolute, normalised path."""
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def _recorded_identity(identity: dict[str, Any], workdir: pathlib.Path,
+                       run_dir: pathlib.Path) -> dict[str, Any]:
+  """`identity` as the run record keeps it: a `PATH_KEYS` path inside `run_dir` relative to
+  `workdir` ("../teacher/teacher.npz"), any other absolute."""
+  recorded = dict(identity)
+  root, here = _absolute(os.fspath(run_dir)), _absolute(os.fspath(workdir))
+  for key in PATH_KEYS:
+    value = identity.get(key)
+    if isinstance(value, str) and value:
+      path = _absolute(value)
+      inside = os.path.commonpath([path, root]) == root
+      recorded[key] = os.path.relpath(path, here) if inside else path
+  return recorded
+
+
+def _identity_changes(before: dict[str, Any], identity: dict[str, Any], workdir: pathlib.Path,
+                      legacy: bool) -> list[str]:
+  """The settings of `identity` that differ from a run record's (`before`), one line each.
+
+  Paths are compared as absolute paths: a relative one of the record is relative to `workdir`
+  (to the current folder of the run that wrote it in an older version's record, `legacy`,
+  which also matches a path given exactly as it was).
+  """
+  changed = []
+  for key in sorted(set(before) | set(identity)):
+    old, new = before.get(key, "(unset)"), identity.get(key, "(unset)")
+    if key in PATH_KEYS and isinstance(old, str) and isinstance(new, str) and old and new:
+      if legacy and old == new:
+        continue
+      old = _absolute(old) if legacy else os.path.normpath(os.path.join(
+          _absolute(os.fspath(workdir)), old))
+      new = _absolute(new)
+    if old != new:
+      changed.append(f"{key}: {old!r} -> {new!r}")
+  return changed
+
+
 def _claim_workdir(workdir: pathlib.Path, config: Any, log: Callable[[str], None],
-                   write: bool = True) -> None:
+                   write: bool = True, run_dir: pathlib.Path | None = None) -> None:
   """Records the run's settings in `workdir/run.json`, or checks a rerun keeps them.
 
   A run is held to its settings once it has a checkpoint; a run that stopped before its
   first one (a missing weights file, say) may be rerun with corrected settings. With
   `write=False` (every process but process 0 of a multi-process run) only the check is made:
   process 0 records the settings and moves an earlier run aside.
+
+  Paths of the settings (`PATH_KEYS`) inside `run_dir` (default: `workdir`) are recorded
+  relative to `workdir`, so that the run resumes once moved or copied as a whole (`run_dir`
+  with it); an older version's record, which holds them as given, is read and, once the
+  rerun is found to keep its settings, rewritten so.
 
   Raises:
     TrainingError: the workdir holds a run with other settings.
@@ -148,28 +227,43 @@ def _claim_workdir(workdir: pathlib.Path, config: Any, log: Callable[[str], None
     log(f"start_fresh: the earlier run in {workdir} was moved to {aside}")
   elif record.is_file() and trained:  # Before the first checkpoint, settings may change.
     try:
-      before = json.loads(record.read_text())["identity"]
+      saved = json.loads(record.read_text())
+      before = saved["identity"]
+      if not isinstance(before, dict):
+        raise TypeError(f"its identity is a {type(before).__name__}")
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise TrainingError(f"{record}: unreadable run record ({type(e).__name__}: {e}); "
                           "use another --workdir or --config.start_fresh=True") from None
-    changed = [f"{key}: {before.get(key, '(unset)')!r} -> {identity.get(key, '(unset)')!r}"
-               for key in sorted(set(before) | set(identity))
-               if before.get(key, "(unset)") != identity.get(key, "(unset)")]
+    legacy = "format" not in saved
+    changed = _identity_changes(before, identity, workdir, legacy)
     if changed:
       raise TrainingError(
           f"{workdir} holds a run with other settings ({'; '.join(changed)}); use another "
           "--workdir, or --config.start_fresh=True to move that run aside and start over")
-    return
+    if not legacy:
+      return
   elif trained and not record.is_file():
     log(f"warning: {workdir} has checkpoints but no run record (an older version's run); "
         "resuming without checking its settings")
   if not write:
     return
+  recorded = _recorded_identity(identity, workdir, run_dir or workdir)
   with files.atomic_write(record, "w") as f:
-    f.write(json.dumps({"identity": identity}, indent=2, sort_keys=True, default=str) + "\n")
+    f.write(json.dumps({"format": _RECORD_FORMAT, "identity": recorded}, indent=2,
+                       sort_keys=True, default=str) + "\n")
 
 
 # ------------------------------------------------------------------------------ run inputs
+
+
+def _check_data_named(config: Any) -> None:
+  """Raises TrainingError when the config names no training data at all."""
+  d = config.data
+  if int(d.synthetic_pairs) <= 0 and (not d.dataset or not d.data_dir):
+    raise TrainingError(
+        "no training data: set --config.data.dataset=NAME and --config.data.data_dir=DIR of a "
+        "dataset built with `python bin/prepare_data.py --dataset NAME --manual_dir FOLDER "
+        "--data_dir DIR` (or use configs/quickstart.py)")
 
 
 def load_dataset(config: Any):
@@ -182,11 +276,7 @@ def load_dataset(config: Any):
     return pipeline.PatchDataset.from_synthetic(
         int(d.synthetic_pairs), int(d.synthetic_height), int(d.synthetic_width),
         seed=int(config.seed), **kwargs)
-  if not d.dataset or not d.data_dir:
-    raise TrainingError(
-        "no training data: set --config.data.dataset=NAME and --config.data.data_dir=DIR of a "
-        "dataset built with `python bin/prepare_data.py --dataset NAME --manual_dir FOLDER "
-        "--data_dir DIR` (or use configs/quickstart.py)")
+  _check_data_named(config)
   from mmdrfuse_jax.data import builders  # pylint: disable=g-import-not-at-top
 
   try:
@@ -223,6 +313,35 @@ def load_teacher(config: Any) -> Any:
     return weight_files.load_params(os.path.expanduser(config.teacher_weights), "teacher")
   except weight_files.WeightsError as e:
     raise TrainingError(str(e)) from None
+
+
+def needs_vgg(config: Any) -> bool:
+  """Whether a loss term that is on reads VGG-19 (perception, or a refresh loss)."""
+  return update.StepConfig.from_config(config, steps_per_epoch=1).output_taps > 0
+
+
+def check_inputs(config: Any, *, teacher: bool = True,
+                 log: Callable[[str], None] | None = None) -> None:
+  """Reads the files a run of `config` needs but not its data, to fail before long work.
+
+  The VGG-19 weights when a term needs them, a student's teacher (unless `teacher` is False:
+  an earlier stage writes it), and the validation folders. The data are checked as they load
+  (`load_dataset`); building them is the caller's.
+
+  Raises:
+    TrainingError: a file is missing or unusable (one line).
+  """
+  log = log or _quiet
+  if needs_vgg(config) and (config.vgg_weights or not config.allow_random_vgg):
+    load_vgg(config, log)  # (A random VGG-19 is made, not read: nothing to check.)
+  if teacher and config.model == "student":
+    load_teacher(config)
+  settings = validation.settings(config)
+  if settings.source == "folders":
+    try:  # Folders are only read: no workdir is written.
+      validation.prepare_pairs(config, settings, pathlib.Path(), log)
+    except (validation.ValidationError, imageio.ImageError) as e:
+      raise TrainingError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -321,7 +440,28 @@ class RunCheckpoints:
       self._manager.wait_until_finished()
     except Exception as e:  # OSError, or orbax/tensorstore errors wrapping one.
       raise TrainingError(f"{self.directory}: cannot save the checkpoint of step {step} "
-                          f"({_save_error_cause(e)}); the earlier checkpoints are kept") from None
+                          f"({_save_error_cause(e)}){_kept_checkpoints(self.directory, step)}"
+                          ) from None
+
+
+def _kept_checkpoints(directory: pathlib.Path, before_step: int | None = None) -> str:
+  """What a run that failed leaves a rerun, as the end of its error line.
+
+  Names the latest committed checkpoint in `directory` (below `before_step`: the one whose
+  save failed is not), or says that none was written; nothing when `directory` cannot be
+  listed, since then it is not known.
+  """
+  try:
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()]
+  except (FileNotFoundError, NotADirectoryError):
+    steps = []
+  except OSError:
+    return ""
+  steps = [s for s in steps if before_step is None or s < before_step]
+  if not steps:
+    return "; no checkpoint was written"
+  return (f"; the checkpoints written so far are kept (the latest: step {max(steps)}) and a "
+          "rerun resumes from it")
 
 
 def _bfloat16_memories(saved: dict, like: update.TrainState) -> set[str]:
@@ -414,7 +554,8 @@ def _validate(validator: validation.Validator, best: validation.BestParams | Non
 
 
 def train_model(config: Any, workdir: str | os.PathLike, *, log: Callable[[str], None] = print,
-                stop_at_step: int | None = None) -> RunResult:
+                stop_at_step: int | None = None,
+                run_dir: str | os.PathLike | None = None) -> RunResult:
   """Trains `config.model` in `workdir`, resuming from its latest checkpoint.
 
   Args:
@@ -422,26 +563,32 @@ def train_model(config: Any, workdir: str | os.PathLike, *, log: Callable[[str],
     workdir: where checkpoints, logs and the final weights (`<model>.npz`) go.
     log: where progress lines go.
     stop_at_step: stop (with a checkpoint) once this step is reached, as if interrupted.
+    run_dir: the folder that holds the whole run, `workdir` and what it reads from the run's
+      other stages (default: `workdir`). The run record keeps the files and folders of the
+      settings found inside it relative to `workdir`, so the run resumes once moved or copied
+      with this folder.
 
   Returns:
     A `RunResult`.
 
   Raises:
-    TrainingError: unusable settings; missing or unusable data, VGG or teacher weights; a
-      workdir holding a run with other settings; damaged checkpoints; a full disk (one-line
-      message).
+    TrainingError: unusable settings (ConfigError); missing or unusable data, VGG or teacher
+      weights; a workdir holding a run with other settings; damaged checkpoints; a full disk
+      (one-line message, saying which checkpoints a rerun resumes from, if any).
   """
   workdir = pathlib.Path(workdir).expanduser()
   check_config(config)
   if not distributed.is_primary():
     log = _quiet  # Process 0 alone logs a multi-process run.
   try:
-    return _train_model(config, workdir, log, stop_at_step)
+    return _train_model(config, workdir, log, stop_at_step,
+                        pathlib.Path(run_dir).expanduser() if run_dir is not None else workdir)
   except distributed.DistributedError as e:
     raise TrainingError(str(e)) from None
   except OSError as e:  # Disk full, permissions: the cause and the path, in one line.
-    raise TrainingError(f"{files.os_error_message(e, e.filename or workdir)}; the checkpoints "
-                        "written so far are kept and a rerun resumes from the latest") from None
+    # Which checkpoints a rerun finds, if any: none when the workdir could not even be made.
+    raise TrainingError(files.os_error_message(e, e.filename or workdir)
+                        + _kept_checkpoints(workdir / "checkpoints")) from None
 
 
 def _quiet(line: str) -> None:
@@ -449,22 +596,29 @@ def _quiet(line: str) -> None:
 
 
 def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
-                 stop_at_step: int | None) -> RunResult:
+                 stop_at_step: int | None, run_dir: pathlib.Path) -> RunResult:
   """`train_model` after the config checks."""
   import tqdm  # pylint: disable=g-import-not-at-top
 
   # In a multi-process run process 0 writes every file but the checkpoints (which all write
   # together) and the others read what it wrote after a `distributed.barrier`.
   primary = distributed.is_primary()
-  workdir.mkdir(parents=True, exist_ok=True)
-  _claim_workdir(workdir, config, log, write=primary)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except FileExistsError:  # A file of that name; mkdir's own words would be "file exists".
+    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(workdir)) from None
+  _claim_workdir(workdir, config, log, write=primary, run_dir=run_dir)
   if primary:
     # A run killed while writing one of these (kill -9) left a temporary file beside it.
     files.remove_stale_temporaries(workdir, ("run.json", "config.json", "metrics.jsonl",
                                              f"{config.model}.npz"))
   distributed.barrier(f"mmdrfuse: {workdir} claimed")
-  dataset = load_dataset(config)
+  # The frozen networks' files before the data, whose loading may take minutes. No VGG-19
+  # when no term that is on reads it (perception and the refresh losses off).
+  _check_data_named(config)
+  vgg_params = load_vgg(config, log) if needs_vgg(config) else None
   teacher = load_teacher(config) if config.model == "student" else None
+  dataset = load_dataset(config)
   validator, best = _prepare_validation(config, workdir, log)
   batch_size = int(config.batch_size)
   steps_per_epoch = dataset.steps_per_epoch(batch_size)
@@ -473,8 +627,6 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
         f"{dataset.num_patches} training patches do not make one batch of {batch_size}")
   total_steps = steps_per_epoch * int(config.num_epochs)
   cfg = update.StepConfig.from_config(config, steps_per_epoch)
-  # No VGG-19 when no term that is on reads it (perception and the refresh losses off).
-  vgg_params = load_vgg(config, log) if cfg.output_taps else None
   mesh = update.make_mesh(batch_size)
   processes = jax.process_count()
   if len({d.process_index for d in mesh.devices.flat}) < processes:

@@ -7,7 +7,8 @@ distils from `WORKDIR/teacher/teacher.npz`. Both stages train on the run's `conf
 stage names its own), `validation`, `progress_bar` and `start_fresh` apply to both. Given
 `config.teacher_weights`, the teacher stage is skipped and the student distils from that
 teacher. Any other config is one stage in `WORKDIR`. Each stage resumes on its own, so
-rerunning the same command continues where it stopped.
+rerunning the same command continues where it stopped, also in a copy of `WORKDIR` elsewhere
+(the stages record the paths inside `WORKDIR` relative to it).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def run(config: Any, workdir: str | os.PathLike, *, log: Callable[[str], None] =
     loop.TrainingError: a stage cannot run (one-line message); checked for every stage's
       settings before the first stage starts.
   """
+  workdir = pathlib.Path(workdir).expanduser()
   stages = plan(config, workdir)
   for stage in stages:  # Every stage's settings before any stage trains.
     loop.check_config(stage.config)
@@ -78,7 +80,10 @@ def run(config: Any, workdir: str | os.PathLike, *, log: Callable[[str], None] =
     if len(stages) > 1:
       source = f", distilled from {stage.config.teacher_weights}" if stage.name == "student" else ""
       log(f"== stage {number}/{len(stages)}: {stage.name}{source}")
-    result = loop.train_model(stage.config, stage.workdir, log=log, stop_at_step=stop_at_step)
+    # The run's folder holds every stage (the student reads WORKDIR/teacher/teacher.npz): the
+    # run record keeps such paths relative, so the run may be moved or copied as a whole.
+    result = loop.train_model(stage.config, stage.workdir, log=log, stop_at_step=stop_at_step,
+                              run_dir=workdir)
     if result.weights is None:
       break
   return result

@@ -109,6 +109,35 @@ def test_unchanged_source_is_already_built(cli, capsys, tmp_path):
                            f"rebuilding\nrebuilt: {_version_dir(out)}\n")
 
 
+def test_paired_folders_with_named_folders(cli, capsys, tmp_path):
+  # The reported case: `--ir_folder A --vis_folder B` failed on any folder with a TFDS
+  # traceback (a custom builder config named like one of the builder's own).
+  src, out = tmp_path / "src", tmp_path / "out"
+  synthetic.write_pairs(src, 2, 64, 64, seed=0)
+  (src / "ir").rename(src / "thermal")
+  (src / "vi").rename(src / "rgb")
+  named = ("--ir_folder", "thermal", "--vis_folder", "rgb")
+  code, stdout, err = _run(cli, capsys, src, out, *named)
+  assert (code, err) == (0, ""), err
+  assert stdout.startswith(f"built: {_version_dir(out)}\n")
+  assert "train: 2 images, 8 patches" in stdout
+  record = builders.read_source_record(_version_dir(out))
+  assert record["options"]["ir_folders"] == ["thermal", "ir"]
+  assert record["options"]["vis_folders"] == ["rgb", "vi"]
+  assert sorted(record["files"]) == [f"{sub}/{i:04d}.png" for sub in ("rgb", "thermal")
+                                     for i in range(2)]
+  code, stdout, _ = _run(cli, capsys, src, out, *named)
+  assert code == 0 and stdout.startswith(f"already built: {_version_dir(out)}\n")
+  # Training reads the build by the dataset's name alone.
+  dataset = pipeline.PatchDataset.from_tfds(out, DATASET, patch_size=32, patch_stride=32)
+  assert dataset.num_patches == 8
+  # Other names: the folders are not found, in one line and before anything is written.
+  code, _, err = _run(cli, capsys, src, tmp_path / "other", "--ir_folder", "nope", "--vis_folder",
+                      "rgb")
+  assert code == 2 and err.count("\n") == 1 and "no infrared and visible folders" in err, err
+  assert not (tmp_path / "other").exists()
+
+
 def test_changed_source_is_rebuilt(cli, capsys, tmp_path):
   # The reported case: a build that skipped a bad file kept listing it after it was deleted.
   src, out = tmp_path / "src", tmp_path / "out"

@@ -23,7 +23,7 @@ import pytest
 from conftest import load_script, save_image
 from PIL import Image
 
-from mmdrfuse_jax.evaluation import report, scoring
+from mmdrfuse_jax.evaluation import comparison, report, scoring
 from mmdrfuse_jax.io import files, imageio
 
 report_cli = load_script("report")
@@ -232,18 +232,18 @@ def test_means_table_marks_the_best():
 def test_parse_methods(tmp_path):
   (tmp_path / "a").mkdir()
   (tmp_path / "f").write_text("x")
-  assert report.parse_methods([f"one={tmp_path / 'a'}", f" two ={tmp_path / 'a'}"]) == [
-      report.Method("one", tmp_path / "a"), report.Method("two", tmp_path / "a")]
+  assert comparison.parse_methods([f"one={tmp_path / 'a'}", f" two ={tmp_path / 'a'}"]) == [
+      comparison.Method("one", tmp_path / "a"), comparison.Method("two", tmp_path / "a")]
   cases = {"noequals": "expected NAME=FOLDER", f"={tmp_path / 'a'}": "expected NAME=FOLDER",
            "x=": "expected NAME=FOLDER", f"x={tmp_path / 'nope'}": "no such folder",
            f"x={tmp_path / 'f'}": "is a file, not a folder"}
   for spec, message in cases.items():
-    with pytest.raises(report.ReportError, match=message):
-      report.parse_methods([spec])
-  with pytest.raises(report.ReportError, match="given twice"):
-    report.parse_methods([f"x={tmp_path / 'a'}", f"x={tmp_path / 'a'}"])
-  with pytest.raises(report.ReportError, match="at least one"):
-    report.parse_methods([])
+    with pytest.raises(comparison.ReportError, match=message):
+      comparison.parse_methods([spec])
+  with pytest.raises(comparison.ReportError, match="given twice"):
+    comparison.parse_methods([f"x={tmp_path / 'a'}", f"x={tmp_path / 'a'}"])
+  with pytest.raises(comparison.ReportError, match="at least one"):
+    comparison.parse_methods([])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +254,7 @@ def test_bad_options_exit_2_on_one_line(folders, tmp_path, capsys, monkeypatch):
   before = _snapshot(folders)
   out = tmp_path / "r.html"
   scored = []
-  monkeypatch.setattr(report, "compare", lambda *a, **k: scored.append(1))
+  monkeypatch.setattr(comparison, "compare", lambda *a, **k: scored.append(1))
   cases = [
       (["--fused", "avg"], "expected NAME=FOLDER"),
       (["--fused", f"x={folders / 'avg'}", "--fused", f"x={folders / 'dark'}"], "given twice"),
@@ -280,7 +280,7 @@ def test_bad_options_exit_2_on_one_line(folders, tmp_path, capsys, monkeypatch):
 def test_unusable_out_exit_2_before_any_work(folders, tmp_path, capsys, monkeypatch):
   before = _snapshot(folders)
   scored = []
-  monkeypatch.setattr(report, "compare", lambda *a, **k: scored.append(1))
+  monkeypatch.setattr(comparison, "compare", lambda *a, **k: scored.append(1))
   a_file = tmp_path / "file"
   a_file.write_text("x")
   read_only = tmp_path / "ro"
@@ -362,7 +362,7 @@ def test_problems_are_skipped_the_rest_compared(tmp_path, capsys):
 
 
 def test_sigterm_while_scoring_writes_nothing(folders, tmp_path, capsys, monkeypatch):
-  real = report.scoring.imageio.read_image
+  real = comparison.scoring.imageio.read_image
   reads = []
 
   def read_image(path):  # the signal arrives while the second image is being read
@@ -371,7 +371,7 @@ def test_sigterm_while_scoring_writes_nothing(folders, tmp_path, capsys, monkeyp
       os.kill(os.getpid(), signal.SIGTERM)
     return real(path)
 
-  monkeypatch.setattr(report.scoring.imageio, "read_image", read_image)
+  monkeypatch.setattr(comparison.scoring.imageio, "read_image", read_image)
   handler = signal.getsignal(signal.SIGTERM)
   out = tmp_path / "r.html"
   code, stdout, err = _run(capsys, *_args(folders, "--out", out, "--metrics", METRICS))
@@ -403,7 +403,7 @@ def test_second_signal_exits_130_on_one_line(folders, tmp_path, capsys, monkeypa
   def interrupted(*args, **kwargs):
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(report, "compare", interrupted)
+  monkeypatch.setattr(comparison, "compare", interrupted)
   code, _, err = _run(capsys, *_args(folders, "--out", tmp_path / "r.html"))
   assert code == 130 and "stopped at once" in _one_line(err)
   assert not (tmp_path / "r.html").exists()
@@ -517,19 +517,19 @@ def wide_page(tmp_path_factory):
   names = scoring.metrics.METRIC_NAMES
   methods, images, results = [], [], {}
   for k, name in enumerate(FOUR):
-    methods.append(report.Method(name, root / f"m{k}"))
+    methods.append(comparison.Method(name, root / f"m{k}"))
   for stem in ("first", "second"):
     paths = []
     for folder in ["ir", "vi"] + [f"m{k}" for k in range(len(FOUR))]:
       paths.append(root / folder / f"{stem}.png")
       save_image(paths[-1], rng.integers(0, 256, (300, 320), dtype=np.uint8))
-    images.append(report.ImageSet(stem, paths[0], paths[1], tuple(paths[2:])))
+    images.append(comparison.ImageSet(stem, paths[0], paths[1], tuple(paths[2:])))
   for method in methods:
     rows = [(im.name, {n: float(rng.uniform(0, 20)) for n in names}) for im in images]
     results[method.name] = scoring.EvaluationResult(names=names, rows=rows, problems=[])
-  comparison = report.Comparison(names=names, methods=methods, images=images, results=results,
+  compared = comparison.Comparison(names=names, methods=methods, images=images, results=results,
                                  problems=[])
-  return report.build_html(comparison, title="Four methods", sources=("ir", "vi"))
+  return report.build_html(compared, title="Four methods", sources=("ir", "vi"))
 
 
 def _css(text):

@@ -549,3 +549,172 @@ def test_full_disk_is_one_line_and_a_rerun_resumes(small_disk, teacher_file):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"resumed from {small_disk}/run/checkpoints at step {kept[-1]}" in proc.stdout
   assert weight_files.load_params(small_disk / "run" / "student.npz", "student")
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("lr", -1e-3, "config.optim.lr must be a positive number, got -0.001"),
+    ("lr", 0.0, "config.optim.lr must be a positive number, got 0.0"),
+    ("lr", float("nan"), "config.optim.lr must be a positive number, got nan"),
+    ("lr", float("inf"), "config.optim.lr must be a positive number, got inf"),
+    ("b1", 1.0, "config.optim.b1 must be in [0, 1), got 1.0"),
+    ("b1", -0.1, "config.optim.b1 must be in [0, 1), got -0.1"),
+    ("b2", 1.5, "config.optim.b2 must be in [0, 1), got 1.5"),
+    ("eps", 0.0, "config.optim.eps must be a positive number, got 0.0"),
+    ("eps", -1e-8, "config.optim.eps must be a positive number, got -1e-08"),
+])
+def test_unusable_optimiser_settings_are_refused(key, value, expected):
+  # The reported case: a negative learning rate trained by gradient ascent without a word.
+  config = default.get_config("student")
+  config.optim[key] = value
+  with pytest.raises(loop.ConfigError) as info:
+    loop.check_config(config)
+  assert str(info.value) == expected
+
+
+def test_cli_refuses_a_negative_learning_rate_in_one_line(tmp_path, monkeypatch, capsys):
+  from conftest import load_script
+
+  from mmdrfuse_jax.runtime import cli
+
+  def trained(*args, **kwargs):
+    raise AssertionError("a run with a negative learning rate started")
+
+  def leave(message):  # In-process: not os._exit.
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+  monkeypatch.setattr(loop, "train_model", trained)
+  monkeypatch.setattr(cli, "exit_after_error", leave)
+  code = load_script("train").main([f"--config={REPO / 'configs' / 'quickstart.py'}",
+                                    f"--workdir={tmp_path / 'run'}", "--config.optim.lr=-1e-3"])
+  err = capsys.readouterr().err
+  assert code == 2, err
+  assert err == "error: config.optim.lr must be a positive number, got -0.001\n"
+  assert not (tmp_path / "run").exists()
+
+
+def test_workdir_that_is_a_file_claims_no_checkpoint(tmp_path, teacher_file):
+  # The reported case: the line promised that "the checkpoints written so far are kept and a
+  # rerun resumes from the latest" when nothing had ever been written.
+  (tmp_path / "afile").write_text("not a folder")
+  for workdir in (tmp_path / "afile", tmp_path / "afile" / "run"):
+    with pytest.raises(loop.TrainingError) as info:
+      loop.train_model(tiny_config(teacher_file), workdir, log=lambda *_: None)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(str(tmp_path / "afile")), message
+    assert message.endswith("; no checkpoint was written"), message
+    assert "resume" not in message and "kept" not in message, message
+
+
+def _tree_checkpoints(directory, steps):
+  """A RunCheckpoints in `directory` holding a small tree at each of `steps`."""
+  saved = loop.RunCheckpoints(directory, keep=10)
+  for step in steps:
+    saved.save(step, {"x": np.full(3, step, np.float32)})
+  return saved
+
+
+def test_unwritable_workdir_says_which_checkpoints_are_kept(tmp_path, teacher_file, monkeypatch):
+  # A workdir holding an earlier run's checkpoints (and no run record) that cannot be written
+  # now: the line names the latest checkpoint a rerun resumes from.
+  workdir = tmp_path / "run"
+  _tree_checkpoints(workdir / "checkpoints", [2, 4])
+
+  def read_only(path, *args, **kwargs):
+    raise PermissionError(13, "Permission denied", str(path))
+
+  monkeypatch.setattr(loop.files, "atomic_write", read_only)
+  with pytest.raises(loop.TrainingError) as info:
+    loop.train_model(tiny_config(teacher_file), workdir, log=lambda *_: None)
+  assert str(info.value) == (
+      f"{workdir / 'run.json'}: permission denied; the checkpoints written so far are kept "
+      "(the latest: step 4) and a rerun resumes from it")
+
+
+def test_failed_checkpoint_save_says_which_checkpoints_are_kept(tmp_path, monkeypatch):
+  saved = _tree_checkpoints(tmp_path / "checkpoints", [])
+
+  def full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(saved._manager, "save", full)
+  with pytest.raises(loop.TrainingError) as info:
+    saved.save(1, {"x": np.zeros(3, np.float32)})
+  assert str(info.value) == (f"{tmp_path / 'checkpoints'}: cannot save the checkpoint of step 1 "
+                             "(no space left on device); no checkpoint was written")
+  saved = _tree_checkpoints(tmp_path / "more", [1, 2])
+  monkeypatch.setattr(saved._manager, "save", full)
+  with pytest.raises(loop.TrainingError) as info:
+    saved.save(3, {"x": np.zeros(3, np.float32)})
+  assert str(info.value).endswith("(no space left on device); the checkpoints written so far "
+                                  "are kept (the latest: step 2) and a rerun resumes from it")
+
+
+def _tiny_quickstart():
+  """The quickstart at test_faults.py's sizes: the teacher stage trains 2 steps, the student 4.
+
+  Without validation, and the teacher stage without the terms that need VGG-19 (cheaper
+  steps to compile); a student checkpoint every step.
+  """
+  config = quickstart.get_config()
+  config.data.synthetic_pairs = 2
+  config.data.synthetic_height = 32
+  config.data.synthetic_width = 64
+  config.data.patch_size = config.data.patch_stride = 32
+  config.batch_size = 2
+  config.num_epochs = 2
+  config.checkpoint_every_steps = 1
+  config.log_every_steps = 1
+  config.progress_bar = False
+  config.validation.synthetic_pairs = 0
+  config.validation.best_metric = ""
+  teacher = config.teacher_stage
+  teacher.batch_size = 2
+  teacher.num_epochs = 1
+  teacher.checkpoint_every_steps = 1
+  teacher.log_every_steps = 1
+  teacher.loss.w_percep = 0.0
+  teacher.refresh.ssim = teacher.refresh.gmsd = False
+  return config
+
+
+@pytest.mark.slow
+def test_a_moved_workdir_resumes(tmp_path):
+  # The reported case: the run record held the teacher stage's weights by their absolute path,
+  # so a run copied or moved elsewhere (a bigger disk, another mount point) was refused as
+  # "a run with other settings".
+  config = _tiny_quickstart()
+  first = tmp_path / "first" / "run"
+  result = stages.run(config, first, log=lambda *_: None, stop_at_step=2)
+  assert (result.step, result.weights) == (2, None)  # The teacher finished, the student not.
+  record = json.loads((first / "student" / "run.json").read_text())
+  assert record["identity"]["teacher_weights"] == "../teacher/teacher.npz"
+
+  # An older version's record (absolute paths, no format) is read: the run resumes in place,
+  # and its record is rewritten in the new form.
+  record = {"identity": {**record["identity"],
+                         "teacher_weights": str(first / "teacher" / "teacher.npz")}}
+  (first / "student" / "run.json").write_text(json.dumps(record))
+  lines = []
+  result = stages.run(config, first, log=lines.append, stop_at_step=3)
+  assert any(f"resumed from {first / 'student' / 'checkpoints'} at step 2" in line
+             for line in lines), lines
+  assert result.step == 3
+  record = json.loads((first / "student" / "run.json").read_text())
+  assert record["identity"]["teacher_weights"] == "../teacher/teacher.npz"
+
+  moved = tmp_path / "elsewhere" / "run"
+  shutil.copytree(first, moved)
+  shutil.rmtree(tmp_path / "first")  # Moved: nothing may refer to the old place.
+  lines = []
+  result = stages.run(config, moved, log=lines.append)
+  assert any(f"resumed from {moved / 'student' / 'checkpoints'} at step 3" in line
+             for line in lines), lines
+  assert result.step == 4 and result.weights == moved / "student" / "student.npz"
+  assert weight_files.load_params(result.weights, "student")
+  # Another teacher is still another run.
+  config.teacher_weights = str(moved / "teacher" / "other.npz")
+  with pytest.raises(loop.TrainingError, match=r"teacher_weights: '.*/run/teacher/teacher\.npz' "
+                     r"-> '.*/run/teacher/other\.npz'"):
+    loop.train_model(stages.plan(config, moved)[0].config, moved / "student",
+                     log=lambda *_: None)
