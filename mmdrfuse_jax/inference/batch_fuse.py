@@ -83,12 +83,8 @@ def check_output(out_dir: str | os.PathLike, stems: Sequence[str],
   Raises:
     files.OutputError: with a one-line message naming the path and the problem.
   """
-  out_dir = pathlib.Path(out_dir)
-  if out_dir.exists() and not out_dir.is_dir():
-    raise files.OutputError(f"{what} {out_dir}: is a file, not a folder")
-  outputs = [out_dir] + [output_path(out_dir, stem) for stem in stems]
-  files.refuse_overwrites(outputs, inputs, what)
-  return files.prepare_folder(out_dir, what)
+  return files.check_output_folder(out_dir, [output_path(out_dir, stem) for stem in stems],
+                                   inputs, what)
 
 
 def write_output(path: pathlib.Path, image) -> None:

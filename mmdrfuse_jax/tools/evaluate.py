@@ -82,16 +82,11 @@ def _check_outputs(args: argparse.Namespace, triples) -> list[pathlib.Path]:
   created: list[pathlib.Path] = []
   try:
     if args.save_fused is not None:
-      outputs = [pathlib.Path(args.save_fused)] + [
-          pathlib.Path(args.save_fused) / f"{t.name}.png" for t in triples]
-      files.refuse_overwrites(outputs, inputs, "--save_fused")
-      created += files.prepare_folder(args.save_fused, "--save_fused")
+      created += files.check_output_folder(
+          args.save_fused, [pathlib.Path(args.save_fused) / f"{t.name}.png" for t in triples],
+          inputs, "--save_fused")
     if args.csv is not None:
-      path = pathlib.Path(args.csv)
-      files.refuse_overwrites([path], inputs, "--csv")
-      if path.is_dir():
-        raise files.OutputError(f"--csv {path}: is a folder, not a file")
-      created += files.prepare_folder(path.parent, "--csv")
+      created += files.check_output_file(args.csv, inputs, "--csv")
   except files.OutputError:
     files.remove_created_folders(created)
     raise

@@ -98,10 +98,7 @@ def _run(args: argparse.Namespace, stop: interrupts.StopRequest) -> int:
                  ("visible check input (--check_vis)", pathlib.Path(args.check_vis))]
       inputs += [(f"check input file ({stem})", path)
                  for stem, paths in pairing.pairs for path in paths]
-    if out.is_dir():
-      raise files.OutputError(f"--out {out}: is a folder; give the file to write")
-    files.refuse_overwrites([out], inputs, "--out")
-    created = files.prepare_folder(out.parent, "--out folder")
+    created = files.check_output_file(out, inputs, "--out")
   except (weight_files.WeightsError, imageio.ImageError, files.OutputError,
           export.ExportError) as e:
     print(f"error: {e}", file=sys.stderr)
