@@ -34,7 +34,7 @@ from mmdrfuse_jax.inference import batch_fuse, fusion
 from mmdrfuse_jax.io import files, imageio
 from mmdrfuse_jax.models import weight_files
 from mmdrfuse_jax.runtime import interrupts
-from mmdrfuse_jax.train import loop
+from mmdrfuse_jax.train import loop, run_settings
 
 
 class ReproductionError(MMDRFuseError, ValueError):
@@ -204,8 +204,8 @@ def run(recipe: Recipe, workdir: str | os.PathLike, *, log: Callable[[str], None
   """Runs (or continues) the recipe in `workdir`.
 
   Raises:
-    loop.ConfigError, InputError: unusable settings, or a file the recipe needs is missing or
-      unusable; found before anything is written.
+    run_settings.ConfigError, InputError: unusable settings, or a file the recipe needs is
+      missing or unusable; found before anything is written.
     ReproductionError, loop.TrainingError: a stage cannot run (one-line message).
   """
   workdir = pathlib.Path(workdir).expanduser()
@@ -215,7 +215,7 @@ def run(recipe: Recipe, workdir: str | os.PathLike, *, log: Callable[[str], None
                                                            data_dir)
   for config in (teacher, student):  # Every stage's settings before any work.
     if config is not None:
-      loop.check_config(config)
+      run_settings.check_config(config)
   # And every file they read, before hours of building data and training a teacher.
   check_inputs(recipe, student, teacher)
   workdir.mkdir(parents=True, exist_ok=True)

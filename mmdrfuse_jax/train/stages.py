@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from mmdrfuse_jax.train import loop
+from mmdrfuse_jax.train import loop, run_settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,7 @@ def run(config: Any, workdir: str | os.PathLike, *, log: Callable[[str], None] =
   workdir = pathlib.Path(workdir).expanduser()
   stages = plan(config, workdir)
   for stage in stages:  # Every stage's settings before any stage trains.
-    loop.check_config(stage.config)
+    run_settings.check_config(stage.config)
   for number, stage in enumerate(stages, start=1):
     if len(stages) > 1:
       source = f", distilled from {stage.config.teacher_weights}" if stage.name == "student" else ""

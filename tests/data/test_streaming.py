@@ -205,7 +205,7 @@ def test_records_that_disagree_with_the_description(built):
 
 def test_trainer_setting(built):
   from mmdrfuse_jax.configs import default
-  from mmdrfuse_jax.train import loop
+  from mmdrfuse_jax.train import loop, run_record
 
   config = default.get_config("teacher")
   config.data.dataset, config.data.data_dir = "paired_folders", os.fspath(built)
@@ -214,7 +214,7 @@ def test_trainer_setting(built):
   config.data.streaming = "on"
   assert type(loop.load_dataset(config)) is pipeline.StreamingPatchDataset
   # Same batches: not part of the run's identity.
-  assert "data.streaming" not in loop.run_identity(config)
+  assert "data.streaming" not in run_record.run_identity(config)
   config.data.streaming = "sometimes"
   with pytest.raises(loop.TrainingError, match="streaming must be one of"):
     loop.load_dataset(config)

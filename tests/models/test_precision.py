@@ -8,7 +8,7 @@ import pytest
 
 from mmdrfuse_jax.configs import default
 from mmdrfuse_jax.models import networks, precision, vgg
-from mmdrfuse_jax.train import distill, loop, losses, update
+from mmdrfuse_jax.train import distill, loop, losses, run_settings, update
 
 
 def _rel_err(got, ref) -> float:
@@ -61,4 +61,4 @@ def test_unknown_mode_is_refused():
   config = default.get_config("student")
   config.precision = "half"
   with pytest.raises(loop.TrainingError, match="config.precision must be one of"):
-    loop.check_config(config)
+    run_settings.check_config(config)

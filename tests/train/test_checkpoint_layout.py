@@ -17,7 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 _SAVE = textwrap.dedent("""
   import pathlib, sys
   import jax, jax.numpy as jnp, numpy as np
-  from mmdrfuse_jax.train import loop, refresh, update
+  from mmdrfuse_jax.train import loop, refresh, run_checkpoints, update
   assert len(jax.devices()) == 8
   out = pathlib.Path(sys.argv[1])
   mesh = update.make_mesh(8)
@@ -29,7 +29,7 @@ _SAVE = textwrap.dedent("""
   state = state.replace(memory={
       key: jax.device_put(refresh.encode(jnp.asarray(values), "bfloat16"), m.sharding)
       for key, m in state.memory.items()})
-  loop.RunCheckpoints(out / "checkpoints", keep=2).save(3, state)
+  run_checkpoints.RunCheckpoints(out / "checkpoints", keep=2).save(3, state)
   np.savez(out / "expected.npz", memory=np.asarray(
       jnp.asarray(values).astype(jnp.bfloat16).astype(jnp.float32)),
       **{f"params/{layer}/{name}": np.asarray(v) for layer, p in state.params.items()

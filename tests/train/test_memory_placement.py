@@ -30,7 +30,7 @@ import pytest
 from jax.sharding import Mesh
 
 from mmdrfuse_jax.configs import default
-from mmdrfuse_jax.train import loop, refresh, update
+from mmdrfuse_jax.train import loop, refresh, run_record, run_settings, update
 
 # Every test here trains in subprocesses: the full suite only (`-m slow`).
 pytestmark = pytest.mark.slow
@@ -207,23 +207,23 @@ def test_resume_into_another_placement(runs):
 def test_placement_setting(monkeypatch):
   config = default.get_config("student")
   assert config.refresh.placement == "replicated"
-  assert "refresh.placement" not in loop.run_identity(config)  # May change on a rerun.
-  assert "refresh.memory_dtype" in loop.run_identity(config)
+  assert "refresh.placement" not in run_record.run_identity(config)  # May change on a rerun.
+  assert "refresh.memory_dtype" in run_record.run_identity(config)
   assert refresh.RefreshConfig.from_config(config.refresh).placement == "replicated"
   config.refresh.placement = "gpu"
   with pytest.raises(loop.TrainingError,
                      match="config.refresh.placement must be one of replicated, sharded, host"):
-    loop.check_config(config)
+    run_settings.check_config(config)
   with pytest.raises(ValueError, match="placement must be one of"):
     refresh.RefreshConfig(placement="gpu")
   # The CPU backend has pinned host memory (the host runs above use it); a backend without it
   # is refused before the run starts.
   assert update.has_pinned_host()
   config.refresh.placement = "host"
-  loop.check_config(config)
+  run_settings.check_config(config)
   monkeypatch.setattr(update, "has_pinned_host", lambda device=None: False)
   with pytest.raises(loop.TrainingError, match="placement=host needs pinned host memory"):
-    loop.check_config(config)
+    run_settings.check_config(config)
   mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
   assert update.memory_slots(20, mesh, "replicated") == 20  # Never padded.
 

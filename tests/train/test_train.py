@@ -23,7 +23,17 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from mmdrfuse_jax.configs import default, quickstart
 from mmdrfuse_jax.models import networks, vgg, weight_files
-from mmdrfuse_jax.train import distill, loop, losses, refresh, stages, summary, update
+from mmdrfuse_jax.train import (
+  distill,
+  loop,
+  losses,
+  refresh,
+  run_checkpoints,
+  run_settings,
+  stages,
+  summary,
+  update,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -184,8 +194,8 @@ def test_checkpoint_with_bfloat16_memory_arrays_restores_bit_for_bit(tmp_path):
   values = np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32)
   values[0] = np.nan  # An unwritten slot.
   before = like.replace(memory={k: jnp.asarray(values, jnp.bfloat16) for k in like.memory})
-  loop.RunCheckpoints(tmp_path, keep=1).save(3, before)
-  restored, step = loop.RunCheckpoints(tmp_path, keep=1).restore_latest(like, print)
+  run_checkpoints.RunCheckpoints(tmp_path, keep=1).save(3, before)
+  restored, step = run_checkpoints.RunCheckpoints(tmp_path, keep=1).restore_latest(like, print)
   assert step == 3
   for key, memory in restored.memory.items():
     assert memory.dtype == np.uint16
@@ -194,8 +204,8 @@ def test_checkpoint_with_bfloat16_memory_arrays_restores_bit_for_bit(tmp_path):
     assert list(np.asarray(written)) == [False, True, True, True]
     np.testing.assert_array_equal(images[1:], np.asarray(before.memory[key][1:], np.float32))
   # A checkpoint written now restores as it was saved.
-  loop.RunCheckpoints(tmp_path, keep=1).save(4, restored)
-  again, step = loop.RunCheckpoints(tmp_path, keep=1).restore_latest(like, print)
+  run_checkpoints.RunCheckpoints(tmp_path, keep=1).save(4, restored)
+  again, step = run_checkpoints.RunCheckpoints(tmp_path, keep=1).restore_latest(like, print)
   assert step == 4
   _assert_trees_equal(again.memory, restored.memory)
 
@@ -299,12 +309,13 @@ def test_eight_devices_match_one():
 
 
 def test_teacher_cache_setting():
-  assert loop.uses_teacher_cache("auto", "cpu") and loop.uses_teacher_cache("host", "gpu")
-  assert not loop.uses_teacher_cache("auto", "gpu") and not loop.uses_teacher_cache("off")
+  cache = run_settings.uses_teacher_cache
+  assert cache("auto", "cpu") and cache("host", "gpu")
+  assert not cache("auto", "gpu") and not cache("off")
   config = default.get_config("student")
   config.teacher_cache = "yes"
   with pytest.raises(loop.TrainingError, match="config.teacher_cache must be one of"):
-    loop.check_config(config)
+    run_settings.check_config(config)
 
 
 @pytest.mark.slow
@@ -566,8 +577,8 @@ def test_unusable_optimiser_settings_are_refused(key, value, expected):
   # The reported case: a negative learning rate trained by gradient ascent without a word.
   config = default.get_config("student")
   config.optim[key] = value
-  with pytest.raises(loop.ConfigError) as info:
-    loop.check_config(config)
+  with pytest.raises(run_settings.ConfigError) as info:
+    run_settings.check_config(config)
   assert str(info.value) == expected
 
 
@@ -608,7 +619,7 @@ def test_workdir_that_is_a_file_claims_no_checkpoint(tmp_path, teacher_file):
 
 def _tree_checkpoints(directory, steps):
   """A RunCheckpoints in `directory` holding a small tree at each of `steps`."""
-  saved = loop.RunCheckpoints(directory, keep=10)
+  saved = run_checkpoints.RunCheckpoints(directory, keep=10)
   for step in steps:
     saved.save(step, {"x": np.full(3, step, np.float32)})
   return saved

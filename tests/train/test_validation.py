@@ -17,7 +17,7 @@ from mmdrfuse_jax.evaluation import scoring
 from mmdrfuse_jax.inference import fusion
 from mmdrfuse_jax.io import imageio
 from mmdrfuse_jax.models import weight_files
-from mmdrfuse_jax.train import loop, validation
+from mmdrfuse_jax.train import loop, run_settings, validation
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -169,7 +169,7 @@ def test_setting_mistakes_are_one_line(teacher_file, settings, expected):
   config.validation.synthetic_pairs = 0
   config.validation.update(settings)
   with pytest.raises(loop.TrainingError, match=expected) as info:
-    loop.check_config(config)
+    run_settings.check_config(config)
   assert "\n" not in str(info.value)
 
 
