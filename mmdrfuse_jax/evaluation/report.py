@@ -34,7 +34,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from mmdrfuse_jax.evaluation import scoring
+from mmdrfuse_jax.evaluation import metrics, scoring
 from mmdrfuse_jax.evaluation.comparison import Comparison, ImageSet, Method, ReportError
 from mmdrfuse_jax.io import files, imageio
 from mmdrfuse_jax.runtime import interrupts
@@ -51,8 +51,9 @@ THUMB_SIDE = 256  # longest side of a thumbnail, pixels
 ZOOM_CROP = 64  # side of the zoomed crop in image pixels (at most half the shorter side)
 ZOOM_SIDE = 192  # the crop is upscaled by an integer factor to about this many pixels
 JPEG_QUALITY = 85
-# Higher is better for the eleven published metrics; MSE (available with --metrics) is an error.
-LOWER_IS_BETTER = frozenset({"MSE"})
+# Higher is better for the eleven published metrics; MSE (an error) and Floor (a share of
+# collapsed pixels), available with --metrics, are lower-is-better.
+LOWER_IS_BETTER = metrics.LOWER_IS_BETTER
 # Higher is better by the field's convention, but they grow with any pixel-to-pixel change,
 # noise and artefacts included: the page says so beside the means (`means_table`).
 NOISE_REWARDING = ("SF", "AG")
@@ -265,7 +266,8 @@ def means_table(names: Sequence[str], means: Mapping[str, Mapping[str, Optional[
         cells.append(f"<td>{text}{note}</td>")
     rows.append(f'<tr><th scope="row">{_esc(method)}</th>{"".join(cells)}</tr>')
   total = sum(sum(u.values()) for u in undefined.values())
-  lower = "; lower for MSE" if "MSE" in names else ""
+  lowered = [n for n in names if n in LOWER_IS_BETTER]
+  lower = f"; lower for {' and '.join(lowered)}" if lowered else ""
   noisy = " and ".join(n for n in NOISE_REWARDING if n in names)
   caveat = ""
   if noisy:  # The convention is kept (the published tables bold the highest), and qualified.

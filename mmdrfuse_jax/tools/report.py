@@ -40,7 +40,7 @@ def _parser() -> cli.ArgumentParser:
                       help="one method's fused images (repeatable)")
   parser.add_argument("--out", required=True, help="the HTML file to write")
   parser.add_argument("--metrics", help="comma-separated subset, e.g. EN,SD,MI (default: all "
-                      "eleven)")
+                      "eleven and Floor, the share of collapsed pixels)")
   parser.add_argument("--max_images", type=_positive_int, metavar="N",
                       help="compare only the first N images (by name)")
   parser.add_argument("--title", default="Fusion comparison", help="the page's title")
@@ -69,6 +69,8 @@ def _run(fv: argparse.Namespace, stop: interrupts.StopRequest) -> int:
   try:
     methods = comparison.parse_methods(fv.fused)
     names = scoring.parse_metric_names(fv.metrics)
+    if fv.metrics is None:  # The eleven, and whether dark regions collapsed.
+      names = tuple(names) + ("Floor",)
     report.require_matplotlib()
     images, problems = comparison.pair_images(fv.ir, fv.vis, methods, fv.max_images)
     created = comparison.check_output(fv.out, comparison.input_paths(fv.ir, fv.vis, methods))

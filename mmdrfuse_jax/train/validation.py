@@ -26,13 +26,13 @@ import jax
 import numpy as np
 
 from mmdrfuse_jax.errors import MMDRFuseError
-from mmdrfuse_jax.evaluation import metrics, scoring
+from mmdrfuse_jax.evaluation import diagnostics, metrics, scoring
 from mmdrfuse_jax.inference import fusion
 from mmdrfuse_jax.io import imageio
-from mmdrfuse_jax.models import weight_files
+from mmdrfuse_jax.models import networks, weight_files
 
 # Metrics for which a smaller value is better (for `best_metric`); all others: larger.
-LOWER_IS_BETTER = ("MSE",)
+LOWER_IS_BETTER = metrics.LOWER_IS_BETTER
 # How the fused images of a validation are written: min-max stretched, as published.
 OUTPUT = "minmax"
 
@@ -229,16 +229,37 @@ class Validator:
   def __call__(self, params: Any) -> Result:
     """Validates `params` (a student or teacher tree, on any device)."""
     start = time.perf_counter()
-    fuser = fusion.Fuser(jax.device_get(params), output=OUTPUT)
-    result = scoring.evaluate(self.triples, names=self.settings.names,
-                                 fuse_fn=fuser.fuse_images, keep_fused=self._sources)
+    params = jax.device_get(params)
+    fuser = fusion.Fuser(params, output=OUTPUT)
+    # Floor (collapsed dark regions) always: a metric can rise while dark regions go flat.
+    names = tuple(dict.fromkeys(self.settings.names + ("Floor",)))
+    result = scoring.evaluate(self.triples, names=names,
+                              fuse_fn=fuser.fuse_images, keep_fused=self._sources)
     strips = {}
     for name, (ir, vis) in self._sources.items():
       if name in result.fused:  # Else the pair could not be fused (one of `problems`).
         fused = imageio.to_8bit(result.fused[name])
         strips[name] = np.concatenate([ir, vis, fused], axis=1)
     means = {k: v for k, v in result.means().items() if v is not None}
+    if networks.model_of(params) == "student":
+      means["DeadUnits"] = self._dead_units(params)
     return Result(means, strips, result.problems, time.perf_counter() - start)
+
+  def _dead_units(self, params: Any) -> float:
+    """The student's dead-unit share (`diagnostics.dead_unit_share`) over the pairs' pixels."""
+    dead = total = 0.0
+    for t in self.triples:
+      try:
+        ir, vis = (imageio.to_unit_float(imageio.to_gray_published(imageio.read_image(path)))
+                   for path in (t.ir, t.vis))
+      except (imageio.ImageError, OSError):
+        continue  # Reported by the scoring already.
+      if ir.shape != vis.shape:
+        continue
+      share = diagnostics.dead_unit_share(params, ir[None, ..., None], vis[None, ..., None])
+      dead += float(share) * ir.size
+      total += ir.size
+    return dead / total if total else float("nan")
 
 
 class BestParams:
