@@ -120,6 +120,14 @@ class _Patches:
     """Image `image_id`'s gray uint8 infrared and visible pixels, (H, W) each."""
     raise NotImplementedError
 
+  def exclude_images(self, image_ids: Sequence[int]) -> None:
+    """Drops every patch of these images (held out for validation, say); call it before
+    iterating. The other patches keep their order and are numbered 0..num_patches-1 again,
+    so epochs, batches and refresh memory slots cover the kept images alone."""
+    keep = ~np.isin(self.patch_image, np.asarray(list(image_ids), np.int32))
+    self.patch_image, self.patch_y, self.patch_x = (
+        self.patch_image[keep], self.patch_y[keep], self.patch_x[keep])
+
   def _gather(self, patch_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The infrared and visible pixels of these patches, uint8 (B, P, P) each."""
     p = self.patch_size

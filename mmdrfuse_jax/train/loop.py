@@ -69,10 +69,16 @@ def load_dataset(config: Any):
   from mmdrfuse_jax.data import builders  # pylint: disable=g-import-not-at-top
 
   try:
-    return pipeline.PatchDataset.from_tfds(os.path.expanduser(d.data_dir), d.dataset, d.split,
-                                           streaming=d.get("streaming", "auto"), **kwargs)
+    dataset = pipeline.PatchDataset.from_tfds(os.path.expanduser(d.data_dir), d.dataset, d.split,
+                                              streaming=d.get("streaming", "auto"), **kwargs)
   except (builders.DataError, ValueError) as e:
     raise TrainingError(str(e)) from None
+  fraction = float(d.get("holdout", 0.0))
+  if fraction:  # The validation side of the split (`data/holdout.py`) never trains.
+    from mmdrfuse_jax.data import holdout  # pylint: disable=g-import-not-at-top
+
+    dataset.exclude_images(holdout.held_out(dataset.stems, fraction))
+  return dataset
 
 
 def load_vgg(config: Any, log: Callable[[str], None]) -> Any:

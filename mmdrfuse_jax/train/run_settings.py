@@ -56,6 +56,10 @@ def check_config(config: Any) -> None:
     raise ConfigError(
         f"config.model must be one of {sorted(networks.MODELS)}, got {config.model!r}")
   flat = flatten(config)
+  holdout = _real(flat.get("data.holdout", 0.0))
+  if holdout is None or not 0.0 <= holdout < 1.0:
+    raise ConfigError(f"config.data.holdout must be a fraction in [0, 1), got "
+                      f"{flat.get('data.holdout')!r}")
   for key in _POSITIVE_INTS:
     value = flat[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

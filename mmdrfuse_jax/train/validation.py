@@ -82,6 +82,9 @@ def settings(config: Any) -> Settings:
       raise ValidationError(
           f"config.validation.split={v.split!r} is a split of the run's built dataset, but the "
           "run trains on no built dataset (config.data.dataset and data_dir)")
+    if v.split == "holdout" and not float(config.data.get("holdout", 0.0)) > 0:
+      raise ValidationError("config.validation.split='holdout' validates on the pairs that "
+                            "config.data.holdout keeps out of training, but it is 0")
     sources.append("split")
   if int(v.synthetic_pairs) > 0:
     sources.append("synthetic")
@@ -167,17 +170,26 @@ def _generated_pairs(config: Any, s: Settings, limit: Optional[int]
 
   The images: lists of (H, W) arrays for a split, (N, H, W) arrays for procedural pairs.
   """
-  from mmdrfuse_jax.data import builders, pipeline, synthetic  # pylint: disable=g-import-not-at-top
+  from mmdrfuse_jax.data import (  # pylint: disable=g-import-not-at-top
+      builders,
+      holdout,
+      pipeline,
+      synthetic,
+  )
 
   d, v = config.data, config.validation
   if s.source == "split":
     try:
       # Random access to the split's records, decoding only the pairs kept (a test split can
       # be larger than host RAM); a patch larger than any image: no patch index either.
+      split = d.split if v.split == "holdout" else v.split
       data = pipeline.StreamingPatchDataset.from_tfds(
-          os.path.expanduser(d.data_dir), d.dataset, v.split, patch_size=1 << 30,
+          os.path.expanduser(d.data_dir), d.dataset, split, patch_size=1 << 30,
           patch_stride=1 << 30)
-      order = sorted(range(data.num_images), key=lambda i: data.stems[i])[:limit]
+      ids: Sequence[int] = range(data.num_images)
+      if v.split == "holdout":  # Exactly the pairs the training leaves out (loop.load_dataset).
+        ids = holdout.held_out(data.stems, float(d.holdout))
+      order = sorted(ids, key=lambda i: data.stems[i])[:limit]
       pairs = [data.image(i) for i in order]
     except (builders.DataError, ValueError) as e:
       raise ValidationError(f"validation split {v.split!r}: {e}") from None

@@ -218,3 +218,27 @@ def test_due_steps():
   s = validation.Settings("synthetic", 0, ("VIF",), 0, 0, "")
   assert [k for k in range(1, 11) if s.due(k, 10)] == [10]
   assert not validation.Settings("", 3, (), 0, 0, "").due(3, 10)
+
+
+def test_holdout_pairs_validate_and_never_train(tmp_path, teacher_file):
+  from mmdrfuse_jax.data import builders, synthetic
+
+  synthetic.write_pairs(tmp_path / "msrs" / "train", 12, 48, 48, seed=0)
+  builders.prepare("msrs", tmp_path / "msrs", tmp_path / "tfds")
+  config = tiny_config(teacher_file)
+  config.data.synthetic_pairs = 0
+  config.data.dataset, config.data.data_dir = "msrs", str(tmp_path / "tfds")
+  config.data.patch_size = config.data.patch_stride = 16
+  config.data.holdout = 0.3
+  v = config.validation
+  v.synthetic_pairs, v.split, v.max_pairs = 0, "holdout", 0
+  triples = validation.prepare_pairs(config, validation.settings(config), tmp_path / "run",
+                                     log=print)
+  dataset = loop.load_dataset(config)
+  trained = {dataset.stems[i] for i in set(dataset.patch_image.tolist())}
+  validated = {t.name for t in triples}
+  assert validated and trained and not validated & trained
+  assert validated | trained == set(dataset.stems)
+  config.data.holdout = 0.0
+  with pytest.raises(validation.ValidationError, match="config.data.holdout"):
+    validation.settings(config)
