@@ -13,7 +13,13 @@ both files and their values. `frame_count="shorter"` fuses only as many frames a
 video has; `resize=True` scales the visible frames to the infrared size (PIL bicubic). Frame
 rates must always agree: frames are paired by position, so two rates would drift apart.
 The output video is written under a temporary name in its folder and renamed once complete
-(`files.atomic_write`): an error or a stop (`interrupts.Interrupted`) leaves no file.
+(`files.atomic_write`): an error or a stop (`interrupts.Interrupted`) leaves no file, and the
+temporary file of a run that was killed (SIGKILL, power loss) is removed by the next run to the
+same output.
+
+The threads stop within a batch of a stop, and the decoders are freed only after the reader
+thread has ended, in the caller's thread, with FFmpeg's own decoding threads idle
+(`Decoders.close` says why: otherwise a stop could freeze the process for good).
 """
 
 from __future__ import annotations
@@ -21,11 +27,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fractions
+import glob
 import io
 import logging
 import os
 import pathlib
 import queue
+import re
 import threading
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
@@ -38,6 +46,11 @@ from mmdrfuse_jax.errors import MMDRFuseError
 from mmdrfuse_jax.inference import batch_fuse, fusion
 from mmdrfuse_jax.io import files, imageio
 from mmdrfuse_jax.runtime import interrupts
+
+try:
+  import fcntl
+except ImportError:  # Windows: a file open in another process cannot be removed there anyway.
+  fcntl = None  # type: ignore[assignment]
 
 INSTALL_HINT = "pip install 'mmdrfuse-jax[video]' (or pip install av)"
 # Output containers by file extension (FFmpeg's muxer names).
@@ -362,30 +375,67 @@ def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
 _END = object()
 
 
+class _Thread:
+  """A daemon thread running `target`, with a wait for its end that signals cannot cut short.
+
+  `wait` returns once `target` has returned. An exception a signal handler raises meanwhile
+  (KeyboardInterrupt after a second Ctrl-C, `interrupts.Interrupted`) is raised again after
+  that, which is within a batch: what the thread uses (the decoders, the encoder) is freed once
+  `wait` returns, and freeing it under the running thread would crash the process. The wait is
+  on an event of its own: a `Thread.join` cut short by an exception can mark a thread that is
+  still running as ended (Python 3.11).
+  """
+
+  def __init__(self, target: Callable[[], None]):
+    self._target = target
+    self._ended = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+    self._thread.start()
+
+  def _run(self) -> None:
+    try:
+      self._target()
+    finally:
+      self._ended.set()
+
+  def running(self) -> bool:
+    return not self._ended.is_set()
+
+  def wait(self) -> None:
+    pending: Optional[BaseException] = None
+    while True:
+      try:
+        self._ended.wait()
+        self._thread.join()  # only Python's own bookkeeping is left
+        break
+      except BaseException as e:  # pylint: disable=broad-except  (raised again below)
+        pending = pending or e
+    if pending is not None:
+      raise pending
+
+
 class _Ahead:
   """Iterates `items` in a thread, at most `depth` items ahead of the reader.
 
-  An exception in the thread is raised again in the reader; `close` stops the thread (and
-  closes `items` if it is a generator, in that thread).
+  An exception in the thread is raised again in the reader. `close` stops the thread, waits
+  until it has ended, then closes `items` (a generator) in the calling thread, so that nothing
+  is finished or freed in the thread but the items themselves.
   """
 
   def __init__(self, items: Iterator, depth: int):
+    self._items = items
     self._queue: queue.Queue = queue.Queue(depth)
     self._closed = threading.Event()
-    self._thread = threading.Thread(target=self._run, args=(items,), daemon=True)
-    self._thread.start()
+    self._thread = _Thread(self._run)
 
-  def _run(self, items: Iterator) -> None:
+  def _run(self) -> None:
     try:
-      for item in items:
+      for item in self._items:
         if not self._put(("item", item)):
           return
       self._put(("end", None))
     except BaseException as e:  # pylint: disable=broad-except  (handed to the reader)
       self._put(("error", e))
-    finally:
-      if hasattr(items, "close"):
-        items.close()
 
   def _put(self, entry) -> bool:
     while not self._closed.is_set():
@@ -405,7 +455,9 @@ class _Ahead:
 
   def close(self) -> None:
     self._closed.set()
-    self._thread.join()
+    self._thread.wait()
+    if hasattr(self._items, "close"):
+      self._items.close()
 
 
 class _Behind:
@@ -419,11 +471,18 @@ class _Behind:
     self._queue: queue.Queue = queue.Queue(depth)
     self._error: Optional[BaseException] = None
     self._dropping = False
-    self._thread = threading.Thread(target=self._run, daemon=True)
-    self._thread.start()
+    self._thread = _Thread(self._run)
 
   def _run(self) -> None:
-    while (item := self._queue.get()) is not _END:
+    while True:
+      try:
+        item = self._queue.get(timeout=_POLL_S)
+      except queue.Empty:
+        if self._dropping:  # closed, and nothing is left to drop
+          return
+        continue
+      if item is _END:
+        return
       if self._error is None and not self._dropping:
         try:
           self._handle(item)
@@ -440,77 +499,140 @@ class _Behind:
 
   def finish(self) -> None:
     """Waits until every item is handled; raises the thread's exception, if any."""
-    if self._thread.is_alive():
+    if self._thread.running():
       self.put(_END)
-      self._thread.join()
+      self._thread.wait()
     if self._error is not None:
       raise self._error
 
   def close(self) -> None:
-    """Drops the items not yet handled and ends the thread."""
-    self._dropping = True
-    if self._thread.is_alive():
-      self._queue.put(_END)
-      self._thread.join()
+    """Drops the items not yet handled and waits for the thread to end (it finishes the item in
+    hand)."""
+    self._dropping = True  # No blocking put here: the thread sees this within _POLL_S.
+    self._thread.wait()
 
 
 # ---------------------------------------------------------------------------------------------
 # Videos.
 
 
-def decoded_batches(plan_: Plan, batch: int) -> Iterator[tuple[list, list]]:
+class Decoders:
+  """The two videos of a plan, open for decoding, a frame of each at a time (`next_frames`).
+
+  Frames may be decoded in another thread, but `close` belongs to the thread that opened them,
+  once no thread decodes any more (`fuse_frames` keeps both in the caller's thread). Also a
+  context manager that closes them.
+
+  Raises:
+    VideoError: a video cannot be opened.
+  """
+
+  def __init__(self, plan_: Plan):
+    self._av = av = import_av()
+    self._infos = (plan_.ir, plan_.vis)
+    self._containers: list = []
+    self._streams: list = []
+    self._frames: list = []  # PyAV's decoding generators
+    try:
+      for info in self._infos:
+        try:
+          container = av.open(str(info.path))
+          self._containers.append(container)
+          stream = container.streams.video[0]
+          stream.thread_type = "AUTO"  # FFmpeg's own decoding threads
+          self._streams.append(stream)
+          self._frames.append(container.decode(stream))
+        except av.error.FFmpegError as e:
+          raise VideoError(f"{info.path}: cannot read video ({_cause(e)})") from None
+    except BaseException:
+      self.close()
+      raise
+
+  def __enter__(self) -> "Decoders":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def next_frames(self, index: int) -> list:
+    """The next frame of each video (PyAV frames; None where a video has ended).
+
+    Raises:
+      VideoError: a frame cannot be decoded; `index` (from 0) numbers it in the message.
+    """
+    frames = []
+    for info, decoder in zip(self._infos, self._frames):
+      try:
+        frames.append(next(decoder, None))
+      except self._av.error.FFmpegError as e:
+        raise VideoError(f"{info.path}: cannot decode frame {index + 1} ({_cause(e)})") from None
+    return frames
+
+  def close(self) -> None:
+    """Frees the decoders; closing them again does nothing.
+
+    FFmpeg's decoding threads may still be decoding the frames after the last one returned, and
+    what they log passes PyAV's log callback, which takes the interpreter lock. PyAV frees a
+    decoder holding that lock, and the free waits for those threads: one of them logging then
+    waits for the lock for ever, and the process is frozen, deaf to signals (their handlers need
+    the lock too). `flush_buffers` waits for the threads with the lock released, so the free
+    that follows finds them idle.
+    """
+    frames, streams, containers = self._frames, self._streams, self._containers
+    self._frames, self._streams, self._containers = [], [], []
+    for decoder in frames:
+      decoder.close()
+    for stream in streams:
+      stream.codec_context.flush_buffers()
+    for container in containers:
+      container.close()
+    # The last references to the streams go with this frame: their decoders are freed here.
+
+
+def decoded_batches(plan_: Plan, batch: int,
+                    decoders: Optional[Decoders] = None) -> Iterator[tuple[list, list]]:
   """(infrared frames, visible frames) as arrays, `batch` pairs at a time.
 
   Frames are decoded as `VideoInfo.array_format` says; visible frames of another size are
   resized to the infrared size (`resize_image`).
 
+  Args:
+    plan_: from `plan`.
+    batch: frame pairs per item.
+    decoders: `Decoders(plan_)`, for a caller that iterates in another thread and closes them
+      itself once that thread has ended; None: the videos are opened when iteration starts and
+      closed when it ends or the generator is closed.
+
   Raises:
     VideoError: a video cannot be decoded, or has fewer or more frames than its container lists.
   """
-  av = import_av()
+  if decoders is None:
+    with Decoders(plan_) as own:
+      yield from decoded_batches(plan_, batch, own)
+    return
   infos = (plan_.ir, plan_.vis)
-  with contextlib.ExitStack() as stack:
-    decoders = []
-    for info in infos:
-      try:
-        container = stack.enter_context(av.open(str(info.path)))
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"  # FFmpeg's own decoding threads
-        decoders.append(container.decode(stream))
-      except av.error.FFmpegError as e:
-        raise VideoError(f"{info.path}: cannot read video ({_cause(e)})") from None
-
-    def next_frames(index: int) -> list:
-      frames = []
-      for info, decoder in zip(infos, decoders):
-        try:
-          frames.append(next(decoder, None))
-        except av.error.FFmpegError as e:
-          raise VideoError(f"{info.path}: cannot decode frame {index + 1} ({_cause(e)})") from None
-      return frames
-
-    irs, viss = [], []
-    for index in range(plan_.frames):
-      ir_frame, vis_frame = next_frames(index)
-      for info, frame in zip(infos, (ir_frame, vis_frame)):
-        if frame is None:
-          raise VideoError(f"{info.path}: the video ends after {index} frames, but its "
-                           f"container lists {info.frames}")
-      irs.append(ir_frame.to_ndarray(format=plan_.ir.array_format))
-      vis = vis_frame.to_ndarray(format=plan_.vis.array_format)
-      if vis.shape[:2] != irs[-1].shape[:2]:
-        vis = resize_image(vis, *irs[-1].shape[:2])
-      viss.append(vis)
-      if len(irs) == batch:
-        yield irs, viss
-        irs, viss = [], []
-    if irs:
+  irs, viss = [], []
+  for index in range(plan_.frames):
+    ir_frame, vis_frame = decoders.next_frames(index)
+    for info, frame in zip(infos, (ir_frame, vis_frame)):
+      if frame is None:
+        raise VideoError(f"{info.path}: the video ends after {index} frames, but its "
+                         f"container lists {info.frames}")
+    irs.append(ir_frame.to_ndarray(format=plan_.ir.array_format))
+    vis = vis_frame.to_ndarray(format=plan_.vis.array_format)
+    if vis.shape[:2] != irs[-1].shape[:2]:
+      vis = resize_image(vis, *irs[-1].shape[:2])
+    viss.append(vis)
+    if len(irs) == batch:
       yield irs, viss
-    if plan_.ir.frames == plan_.vis.frames:  # Equal by their containers; are they really?
-      for info, frame in zip(infos, next_frames(plan_.frames)):
-        if frame is not None:
-          raise VideoError(f"{info.path}: the video has more frames than the {info.frames} its "
-                           "container lists")
+      irs, viss = [], []
+  if irs:
+    yield irs, viss
+  if plan_.ir.frames == plan_.vis.frames:  # Equal by their containers; are they really?
+    for info, frame in zip(infos, decoders.next_frames(plan_.frames)):
+      if frame is not None:
+        raise VideoError(f"{info.path}: the video has more frames than the {info.frames} its "
+                         "container lists")
 
 
 def fuse_frames(fuser: fusion.Fuser, plan_: Plan, handle: Callable[[list[np.ndarray]], None], *,
@@ -519,7 +641,8 @@ def fuse_frames(fuser: fusion.Fuser, plan_: Plan, handle: Callable[[list[np.ndar
   """Decodes the frame pairs of `plan_`, fuses them and hands the results to `handle`.
 
   Decoding (`decoded_batches`) and `handle` run in threads of their own, two batches ahead of
-  and behind the fusion, so the three overlap.
+  and behind the fusion, so the three overlap. Both threads have ended when this returns or
+  raises (within a batch of a stop); the decoders are opened and freed in the calling thread.
 
   Args:
     fuser: the configured fusion.
@@ -536,21 +659,61 @@ def fuse_frames(fuser: fusion.Fuser, plan_: Plan, handle: Callable[[list[np.ndar
     Whatever `handle` raised.
   """
   batch = batch or default_batch()
-  reader = _Ahead(decoded_batches(plan_, batch), depth=2)
-  writer = _Behind(handle, depth=2)
-  try:
-    for irs, viss in reader:
-      if stop is not None and stop.signum is not None:
-        raise interrupts.Interrupted(stop.signum)
+  # Opened and freed in this thread, after the reader thread has ended (`Decoders.close`).
+  with Decoders(plan_) as decoders:
+    reader = _Ahead(decoded_batches(plan_, batch, decoders), depth=2)
+    writer = _Behind(handle, depth=2)
+    try:
+      for irs, viss in reader:
+        if stop is not None and stop.signum is not None:
+          raise interrupts.Interrupted(stop.signum)
+        try:
+          fused = fuser.fuse_batch(irs, viss, batch_size=batch)
+        except ValueError as e:  # Frames too small for the network.
+          raise VideoError(f"{plan_.ir.path}: {e}") from None
+        writer.put(fused)
+      writer.finish()
+    finally:
       try:
-        fused = fuser.fuse_batch(irs, viss, batch_size=batch)
-      except ValueError as e:  # Frames too small for the network.
-        raise VideoError(f"{plan_.ir.path}: {e}") from None
-      writer.put(fused)
-    writer.finish()
-  finally:
-    reader.close()
-    writer.close()
+        reader.close()
+      finally:  # The encoder thread too, even if a second signal interrupted the above.
+        writer.close()
+
+
+def _hold_while_written(f) -> None:
+  """Locks the temporary file `f` (`atomic_write`'s) while this process writes it, so that
+  `remove_stale_temporaries` in another run leaves it alone; the lock ends with the process,
+  however it ends."""
+  if fcntl is not None:
+    with contextlib.suppress(OSError):  # A file system without locks: it is not held.
+      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def remove_stale_temporaries(out: str | os.PathLike) -> list[pathlib.Path]:
+  """Removes the temporary files that runs killed while writing the video `out` left.
+
+  `fuse_videos` writes `out` as `.NAME.XXXXXXXX.tmp` in its folder (`files.atomic_write`); a run
+  killed with SIGKILL (or by a power loss) leaves that file behind. A run still writing one
+  holds a lock on it (`fcntl.flock`), and its file is kept.
+
+  Returns:
+    The files removed.
+  """
+  out = pathlib.Path(out)
+  name = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]+\.tmp")
+  removed = []
+  for tmp in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+    if not name.fullmatch(tmp.name):
+      continue
+    try:
+      with open(tmp, "rb") as f:
+        if fcntl is not None:  # BlockingIOError: a live run writes it.
+          fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        tmp.unlink()
+    except OSError:  # Being written, gone meanwhile, or not this user's to remove.
+      continue
+    removed.append(tmp)
+  return removed
 
 
 def fuse_videos(fuser: fusion.Fuser, plan_: Plan, out: str | os.PathLike, *,
@@ -560,7 +723,8 @@ def fuse_videos(fuser: fusion.Fuser, plan_: Plan, out: str | os.PathLike, *,
   """Fuses the two videos of `plan_` frame by frame into the video file `out`.
 
   The output has the infrared video's size and frame rate. Run `check_output` and
-  `check_encoding` first.
+  `check_encoding` first. Temporary files that killed runs left for `out` are removed
+  (`remove_stale_temporaries`).
 
   Args:
     fuser: the configured fusion (bucket 0 suits videos: one size, one compilation).
@@ -584,10 +748,12 @@ def fuse_videos(fuser: fusion.Fuser, plan_: Plan, out: str | os.PathLike, *,
   out = pathlib.Path(out)
   array_format = fused_array_format(plan_, fuser.color)
   time_base = 1 / plan_.ir.rate
+  remove_stale_temporaries(out)
   bar = tqdm.tqdm(total=plan_.frames, unit="frame", disable=not progress, dynamic_ncols=True)
   written = 0
   try:
     with files.atomic_write(out) as f:
+      _hold_while_written(f)
       container = av.open(f, "w", format=container_format(out))
       try:
         stream = _add_stream(container, encoding, array_format, plan_)

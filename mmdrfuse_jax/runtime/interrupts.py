@@ -6,7 +6,8 @@ stops at once (KeyboardInterrupt). A job that is one indivisible unit (convertin
 file, building a dataset) runs inside `raise_on_signals()`, which turns either signal into an
 `Interrupted` exception, so its temporary files are removed as the exception unwinds.
 Command-line tools then exit with the shell's code for the signal, `128 + signum` (130 for
-SIGINT, 143 for SIGTERM).
+SIGINT, 143 for SIGTERM). Until a tool enters either, the start-up guard of `startup` handles
+the signals; entering takes over from it, and leaving restores the handlers from before it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import contextlib
 import signal
 import threading
 from typing import Iterator
+
+from mmdrfuse_jax.runtime import startup
 
 SIGINT_EXIT_CODE = 128 + signal.SIGINT  # 130: also the exit code after a KeyboardInterrupt.
 
@@ -46,7 +49,7 @@ class StopRequest:
   def __enter__(self) -> "StopRequest":
     if threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
-        self._old[sig] = signal.signal(sig, self._handle)
+        self._old[sig] = startup.handed_over(sig, signal.signal(sig, self._handle))
     return self
 
   def _handle(self, signum, frame):
@@ -80,7 +83,8 @@ def raise_on_signals() -> Iterator[None]:
     del frame
     raise Interrupted(signum)
 
-  old = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+  old = {sig: startup.handed_over(sig, signal.signal(sig, handle))
+         for sig in (signal.SIGTERM, signal.SIGINT)}
   try:
     yield
   finally:

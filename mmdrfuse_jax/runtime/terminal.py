@@ -2,7 +2,8 @@
 
 A file named `ESC ] 0;title BEL x.png` sets the terminal's title when printed raw, and one
 with `ESC [2J` clears the screen. Every message naming a file would need escaping at every
-place it is built; instead each tool writes through `safe_output()`, which escapes such
+place it is built; instead a process started to run a tool writes through `SafeStream`s
+(`install`, called by `mmdrfuse_jax.tools`; `safe_output()` within a block), which escape such
 characters on their way out, whatever line they are in.
 
 Kept as they are: newline and tab, and carriage return (progress bars redraw with it). Shown
@@ -42,6 +43,15 @@ class SafeStream:
 
   def __getattr__(self, name: str):  # flush, fileno, isatty, encoding, ...: the wrapped stream's
     return getattr(self._stream, name)
+
+
+def install() -> None:
+  """For the rest of the process, `sys.stdout` and `sys.stderr` escape what a terminal would
+  obey (`mmdrfuse_jax.tools` does this in a process started to run a tool)."""
+  if not isinstance(sys.stdout, SafeStream):
+    sys.stdout = cast(TextIO, SafeStream(sys.stdout))
+  if not isinstance(sys.stderr, SafeStream):
+    sys.stderr = cast(TextIO, SafeStream(sys.stderr))
 
 
 @contextlib.contextmanager

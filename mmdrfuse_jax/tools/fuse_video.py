@@ -13,10 +13,11 @@ Two videos must agree in frame count, size and frame rate; otherwise one line sa
 differ and nothing is written (exit 1). --frame_count shorter fuses only as many frames as the
 shorter video has; --resize scales the visible frames to the infrared size. The video is
 written under a temporary name and renamed once complete: a failure (exit 1) or SIGINT/SIGTERM
-(exit 130/143) leaves no file. Frame folders behave as in bin/fuse.py: each problem is one
-`skipped:` line, the other frames are fused, and the exit code is 1; SIGINT/SIGTERM stop after
-the current batch (the images written stay). Exit 2: nothing could start (unusable weights,
-inputs, options or --out).
+(exit 130/143, within a batch) leaves no file, and the temporary file of a run killed with
+SIGKILL is removed by the next run to the same --out. Frame folders behave as in bin/fuse.py:
+each problem is one `skipped:` line, the other frames are fused, and the exit code is 1;
+SIGINT/SIGTERM stop after the current batch (the images written stay). Exit 2: nothing could
+start (unusable weights, inputs, options or --out).
 """
 
 import argparse

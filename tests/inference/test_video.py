@@ -5,12 +5,17 @@ folders and fused by bin/fuse.py: every frame of a fused video (or folder) must 
 gray level of those. Mismatched videos, bad options and stops must leave no file.
 """
 
+import dataclasses
+import fcntl
 import fractions
 import json
 import os
 import signal
 import subprocess
 import sys
+import textwrap
+import threading
+import time
 
 import av
 import numpy as np
@@ -21,6 +26,7 @@ from PIL import Image
 from mmdrfuse_jax.benchmarks import suite
 from mmdrfuse_jax.inference import fusion, video
 from mmdrfuse_jax.models import weight_files
+from mmdrfuse_jax.runtime import interrupts
 
 fuse_video = load_script("fuse_video")
 fuse_cli = load_script("fuse")
@@ -275,8 +281,8 @@ def test_sigterm_stops_without_a_file(clips, weights, tmp_path, capsys, monkeypa
 def test_failure_midway_leaves_no_file(clips, weights, tmp_path, capsys, monkeypatch):
   batches = video.decoded_batches
 
-  def fail_after_one_batch(plan, batch):
-    iterator = batches(plan, batch)
+  def fail_after_one_batch(plan, batch, *decoders):
+    iterator = batches(plan, batch, *decoders)
     yield next(iterator)
     raise video.VideoError(f"{plan.vis.path}: cannot decode frame 3 (test)")
 
@@ -329,3 +335,199 @@ def test_bench_video_reports_frames_per_second(capsys):
   assert result["output_bytes"] > 0
   names = [name for name, _ in suite.items(reduced=False)]
   assert "video-640x480" in names and "video-1280x1024" in names
+
+
+# Stops: the reader thread, FFmpeg's decoding threads and the interpreter lock (the issue: a
+# SIGINT/SIGTERM sometimes froze bin/fuse_video.py for good, leaving its temporary file).
+
+
+class CopyFuser:
+  """Stands in for `fusion.Fuser` where the threads are under test: returns the infrared frames."""
+
+  color = False
+
+  def fuse_batch(self, irs, viss, batch_size):
+    del viss, batch_size
+    return list(irs)
+
+
+@pytest.mark.parametrize("ending", ["completed", "stopped", "failed"])
+def test_decoders_are_freed_in_the_calling_thread(clips, monkeypatch, ending):
+  # Freeing a decoder waits for FFmpeg's decoding threads while PyAV holds the interpreter lock;
+  # from the reader thread, that froze a stopped bin/fuse_video.py (`video.Decoders.close`).
+  plan = video.plan(video.probe(clips["ir"]), video.probe(clips["vis"]))
+  stop = None
+  if ending == "stopped":
+    stop = interrupts.StopRequest()  # not entered: a flag, already set
+    stop.signum = signal.SIGTERM
+  elif ending == "failed":  # the container promises more frames than the video has
+    plan = dataclasses.replace(plan, frames=FRAMES + 2)
+  closed_in = []
+  real_open = av.open
+
+  class Recorded:
+    """A container that notes which thread closes it."""
+
+    def __init__(self, container):
+      self._container = container
+
+    def __getattr__(self, name):
+      return getattr(self._container, name)
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      self.close()
+
+    def close(self):
+      closed_in.append(threading.current_thread().name)
+      self._container.close()
+
+  monkeypatch.setattr(av, "open", lambda *args, **kwargs: Recorded(real_open(*args, **kwargs)))
+  fused = []
+  expected = {"completed": None, "stopped": interrupts.Interrupted,
+              "failed": video.VideoError}[ending]
+  try:
+    video.fuse_frames(CopyFuser(), plan, fused.extend, batch=2, stop=stop)
+  except BaseException as e:  # pylint: disable=broad-except
+    assert expected is not None and isinstance(e, expected), e
+  else:
+    assert expected is None and len(fused) == FRAMES
+  assert closed_in and set(closed_in) == {threading.main_thread().name}, closed_in
+
+
+def test_a_second_signal_while_stopping_still_waits_for_the_reader(clips, monkeypatch):
+  # A second Ctrl-C raises KeyboardInterrupt in the main thread; if that ended the wait for the
+  # reader thread, the decoders would be freed while it still decodes with them.
+  plan = video.plan(video.probe(clips["ir"]), video.probe(clips["vis"]))
+  pair = ([np.zeros((HEIGHT, WIDTH), np.uint8)], [np.zeros((HEIGHT, WIDTH, 3), np.uint8)])
+  decoding, second_signal, decoded = threading.Event(), threading.Event(), threading.Event()
+
+  def slow_batches(plan_, batch, *decoders):
+    yield pair
+    yield pair
+    decoding.set()
+    second_signal.wait(10)  # a slow third batch: under way when both signals come
+    time.sleep(0.2)
+    decoded.set()
+    yield pair
+
+  def signal_again():
+    os.kill(os.getpid(), signal.SIGINT)
+    second_signal.set()
+
+  monkeypatch.setattr(video, "decoded_batches", slow_batches)
+  with interrupts.StopRequest() as stop:
+
+    class SignallingFuser(CopyFuser):
+      def fuse_batch(self, irs, viss, batch_size):
+        if decoding.wait(10) and stop.signum is None:
+          os.kill(os.getpid(), signal.SIGTERM)  # stops before the next batch...
+          threading.Timer(0.3, signal_again).start()  # ...and once more
+        return super().fuse_batch(irs, viss, batch_size)
+
+    with pytest.raises(KeyboardInterrupt):
+      video.fuse_frames(SignallingFuser(), plan, lambda images: None, batch=1, stop=stop)
+    assert decoded.is_set()  # the reader thread had ended
+
+
+def write_h264(path, count, height=240, width=320, seed=0, preset="medium"):
+  """An H.264 (libx264, yuv420p) clip of smooth moving colour patterns."""
+  with av.open(str(path), "w") as out:
+    stream = out.add_stream("libx264", rate=RATE)
+    stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
+    stream.options = {"preset": preset}
+    for image in make_frames(count, height, width, color=True, seed=seed):
+      out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+    out.mux(stream.encode(None))
+  return path
+
+
+# Runs in a subprocess (a freeze would hang pytest): decodes the first frame pair of two H.264
+# clips and frees the decoders at once, while FFmpeg's frame threads still decode the next
+# frames and log through PyAV's callback (VERBOSE makes each of them log as it starts).
+_FREE_BUSY_DECODERS = textwrap.dedent("""
+    import logging, sys
+    import av
+    logging.getLogger("libav").addHandler(logging.NullHandler())
+    logging.getLogger("libav").propagate = False
+    av.logging.set_level(av.logging.VERBOSE)
+    from mmdrfuse_jax.inference import video
+    plan = video.plan(video.probe(sys.argv[1]), video.probe(sys.argv[2]))
+    for _ in range(int(sys.argv[3])):
+      decoders = video.Decoders(plan)
+      decoders.next_frames(0)
+      decoders.close()
+    print("freed")
+    """)
+
+
+def test_freeing_busy_decoders_does_not_freeze(tmp_path):
+  # PyAV frees a decoder holding the interpreter lock and the free waits for FFmpeg's threads:
+  # one of them logging then waits for the lock forever. Without the flush in `Decoders.close`
+  # this froze within the first few of these tries (in the main thread as well).
+  ir, vis = write_h264(tmp_path / "ir.mp4", 12, seed=1), write_h264(tmp_path / "vis.mp4", 12)
+  run = subprocess.run([sys.executable, "-c", _FREE_BUSY_DECODERS, str(ir), str(vis), "30"],
+                       capture_output=True, text=True, timeout=30)  # about 2 s when it works
+  assert run.returncode == 0 and run.stdout.strip() == "freed", run.stderr
+
+
+def _temporaries(folder):
+  return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+@pytest.mark.slow
+def test_signals_stop_fuse_video_at_once_and_a_rerun_removes_a_killed_runs_file(weights,
+                                                                                 tmp_path):
+  ir = write_h264(tmp_path / "ir.mp4", 150, 120, 160, seed=1, preset="ultrafast")
+  vis = write_h264(tmp_path / "vis.mp4", 150, 120, 160, seed=2, preset="ultrafast")
+  folder = tmp_path / "out"
+  folder.mkdir()
+  out = folder / "OUT.mp4"
+  command = [sys.executable, str(REPO_ROOT / "bin" / "fuse_video.py"), "--weights", str(weights),
+             "--ir", str(ir), "--vis", str(vis), "--out", str(out), "--batch", "1",
+             "--no_progress"]
+  for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+      deadline = time.monotonic() + 120
+      while not _temporaries(folder):  # the video is being written: decoding and fusing
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+      time.sleep(0.3)
+      proc.send_signal(sig)
+      sent = time.monotonic()
+      _, err = proc.communicate(timeout=30)
+      took = time.monotonic() - sent
+    finally:
+      proc.kill()
+    if sig == signal.SIGKILL:  # what a frozen run ended with: its temporary file stays
+      assert proc.returncode == -signal.SIGKILL and len(_temporaries(folder)) == 1
+      continue
+    assert proc.returncode == 128 + sig, err
+    assert took < 10, f"{signal.Signals(sig).name}: exited {took:.1f} s after the signal"
+    assert err.splitlines()[-1] == (f"stopped by {signal.Signals(sig).name}: {out} not "
+                                    "written"), err
+    assert "Traceback" not in err and os.listdir(folder) == []
+  rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr
+  assert os.listdir(folder) == ["OUT.mp4"]  # the killed run's temporary file is gone
+
+
+def test_rerun_removes_a_stale_temporary_file_but_not_one_being_written(clips, weights,
+                                                                        tmp_path, capsys):
+  out = tmp_path / "out.mkv"
+  stale = tmp_path / ".out.mkv.k1ll3d_9.tmp"  # left by a run killed with SIGKILL
+  stale.write_bytes(b"half a video")
+  live = tmp_path / ".out.mkv.wr1t1ng_.tmp"  # another run still writing it holds its lock
+  live.write_bytes(b"a video being written")
+  other = tmp_path / ".out.mkv.old.tmp.txt"  # not a temporary file of out.mkv
+  other.write_bytes(b"notes")
+  with open(live, "rb") as held:
+    fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert fuse_video.main(["--weights", str(weights), "--ir", str(clips["ir"]),
+                            "--vis", str(clips["vis"]), "--out", str(out), "--codec", "ffv1",
+                            "--batch", BATCH, "--no_progress"]) == 0
+  assert sorted(os.listdir(tmp_path)) == sorted([out.name, live.name, other.name])
+  assert capsys.readouterr().out.startswith(f"fused 6 frame(s) into {out}")
