@@ -26,6 +26,13 @@ def get_config(model: str = "student") -> ml_collections.ConfigDict:
   # A fraction of the split's pairs (by a stable hash of their stems, data/holdout.py) kept
   # out of training, for `validation.split = "holdout"`: choose on it, never on a test set.
   config.data.holdout = 0.0
+  # Photometric augmentation of the training patches (data/augment.py): each image its own
+  # exposure, gamma and contrast; off in the published recipes.
+  config.data.augment = ml_collections.ConfigDict()
+  config.data.augment.enabled = False
+  config.data.augment.exposure = 1.0  # log2 gain spread: from half to twice as bright
+  config.data.augment.gamma = 0.5  # log2 gamma spread
+  config.data.augment.contrast = 0.3
   config.data.patch_size = 128
   config.data.patch_stride = 128
   config.data.synthetic_pairs = 0

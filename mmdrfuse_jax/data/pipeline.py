@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from mmdrfuse_jax.data import augment
 from mmdrfuse_jax.io import imageio
 
 DEFAULT_PATCH_SIZE = 128
@@ -93,6 +94,8 @@ class _Patches:
   """
 
   stems: list[str]  # the images' names, set by the subclass
+  # Photometric augmentation of the batches `iterate` yields (data/augment.py); None: off.
+  augmentation: augment.Photometric | None = None
 
   # Grain threads assembling host batches when `iterate` is not told: slicing images held in
   # memory is cheap, so one.
@@ -236,9 +239,13 @@ class _Patches:
       order = self.epoch_order(seed, epoch, shuffle)[:steps * batch_size].reshape(steps, batch_size)
       local_ids = order[:, place.rows]
 
-      def host_batch(s, local_ids=local_ids, epoch=epoch):
+      def host_batch(s, local_ids=local_ids, epoch=epoch, rows=place.rows):
         nxt = {"epoch": epoch, "step": s + 1} if s + 1 < steps else {"epoch": epoch + 1, "step": 0}
-        return self.patches(local_ids[s]), nxt
+        batch = self.patches(local_ids[s])
+        if self.augmentation is not None:  # Drawn per (seed, epoch, step): resumable.
+          batch = augment.augment_batch(batch, self.augmentation, seed=seed, epoch=epoch, step=s,
+                                        rows=rows)
+        return batch, nxt
 
       # Grain keeps the batches in step order whatever the number of threads.
       host = grain.MapDataset.range(step, steps).map(host_batch).to_iter_dataset(

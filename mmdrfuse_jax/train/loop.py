@@ -25,6 +25,7 @@ from mmdrfuse_jax.train import distill, distributed, refresh, summary, update, v
 from mmdrfuse_jax.train.run_checkpoints import RunCheckpoints, kept_checkpoints
 from mmdrfuse_jax.train.run_record import claim_workdir
 from mmdrfuse_jax.train.run_settings import (
+  ConfigError,
   TrainingError,
   check_config,
   uses_teacher_cache,
@@ -56,7 +57,22 @@ def _check_data_named(config: Any) -> None:
 
 
 def load_dataset(config: Any):
-  """The training patches the config names (built dataset, or procedural pairs)."""
+  """The training patches the config names (built dataset, or procedural pairs), with the
+  augmentation it asks for."""
+  dataset = _load_patches(config)
+  a = config.data.get("augment")
+  if a is not None and a.enabled:
+    from mmdrfuse_jax.data import augment  # pylint: disable=g-import-not-at-top
+
+    try:
+      dataset.augmentation = augment.Photometric(float(a.exposure), float(a.gamma),
+                                                 float(a.contrast))
+    except ValueError as e:
+      raise ConfigError(f"config.data.augment: {e}") from None
+  return dataset
+
+
+def _load_patches(config: Any):
   from mmdrfuse_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   d = config.data
