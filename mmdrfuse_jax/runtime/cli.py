@@ -27,6 +27,17 @@ def add_weights_arguments(parser) -> None:
   parser.add_argument("--model", choices=("student", "teacher"), default=None, help=MODEL_HELP)
 
 
+def add_output_arguments(parser, unit: str = "image") -> None:
+  """`--output minmax|clip` and `--color`, as the fusion tools take them (`unit`: "image" or
+  "frame", for the help)."""
+  parser.add_argument("--output", choices=("minmax", "clip"), default="minmax",
+                      help=f"minmax: stretch each {unit} to 0..255 (published); clip: clip to "
+                      "[0, 1]")
+  parser.add_argument("--color", action="store_true",
+                      help="fuse the luma and put back the chroma of the input that has colour "
+                      "(the visible one's when both have; gray when neither has)")
+
+
 class UsageError(MMDRFuseError, ValueError):
   """A command line that the tool cannot use; the message is one line."""
 

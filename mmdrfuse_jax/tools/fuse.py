@@ -27,10 +27,7 @@ def main(argv=None) -> int:
   parser.add_argument("--vis", required=True, help="visible (or MRI) image or folder")
   parser.add_argument("--out", required=True,
                       help="output folder (created when the first image is written)")
-  parser.add_argument("--output", choices=fusion.OUTPUT_MODES, default="minmax",
-                      help="minmax: stretch each image to 0..255 (published); clip: clip to [0, 1]")
-  parser.add_argument("--color", action="store_true",
-                      help="fuse the luma of the colour input and keep its colours (YCbCr)")
+  cli.add_output_arguments(parser, "image")
   parser.add_argument("--bucket", type=int, default=128,
                       help=("canvases are multiples of this (one compile per bucket; even for "
                             "the teacher); 0: exact sizes"))

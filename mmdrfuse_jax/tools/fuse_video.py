@@ -39,10 +39,7 @@ def main(argv=None) -> int:
   parser.add_argument("--vis", required=True, help="visible (or MRI) video, or folder of frames")
   parser.add_argument("--out", required=True,
                       help="output video (two videos) or folder (two folders of frames)")
-  parser.add_argument("--output", choices=fusion.OUTPUT_MODES, default="minmax",
-                      help="minmax: stretch each frame to 0..255 (published); clip: clip to [0, 1]")
-  parser.add_argument("--color", action="store_true",
-                      help="fuse the luma of the colour input and keep its colours (YCbCr)")
+  cli.add_output_arguments(parser, "frame")
   parser.add_argument("--codec", default=video.DEFAULT_CODEC,
                       help="FFmpeg video encoder: libx264, libx265, libvpx-vp9, ffv1 (lossless)...")
   parser.add_argument("--crf", type=int, default=video.DEFAULT_CRF,

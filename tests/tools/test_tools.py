@@ -48,3 +48,14 @@ def test_unknown_flag_is_one_line_exit_2(capsys):
   assert train.main(["--config=configs/student.py", "--workdir=/nonexistent", "--work=x"]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and err.startswith("error: unexpected arguments: --work=x")
+
+
+def test_output_choices_are_the_library_modes():
+  import argparse
+
+  from mmdrfuse_jax.inference import fusion
+  from mmdrfuse_jax.runtime import cli
+  parser = argparse.ArgumentParser()
+  cli.add_output_arguments(parser)
+  choices = next(a.choices for a in parser._actions if a.dest == "output")  # pylint: disable=protected-access
+  assert tuple(choices) == fusion.OUTPUT_MODES
