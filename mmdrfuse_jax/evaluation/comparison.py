@@ -10,13 +10,12 @@ turns the result into the page.
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 from typing import Optional, Sequence
 
 from mmdrfuse_jax.errors import MMDRFuseError
 from mmdrfuse_jax.evaluation import metrics, scoring
-from mmdrfuse_jax.io import files, imageio
+from mmdrfuse_jax.io import imageio
 from mmdrfuse_jax.runtime import interrupts
 
 
@@ -102,12 +101,6 @@ def input_paths(ir_dir, vis_dir, methods: Sequence[Method]) -> list[tuple[str, p
       inputs += [(label.replace(" folder", ""), p) for p in sorted(folder.iterdir())
                  if p.is_file()]
   return inputs
-
-
-def check_output(out: str | os.PathLike,
-                 inputs: Sequence[tuple[str, pathlib.Path]]) -> list[pathlib.Path]:
-  """`files.check_output_file` for the page: replaces no input, not a folder, writable."""
-  return files.check_output_file(out, inputs, "--out")
 
 
 def pair_images(ir_dir, vis_dir, methods: Sequence[Method],

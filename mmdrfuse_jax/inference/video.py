@@ -313,8 +313,7 @@ def check_output(out: str | os.PathLike,
   if out.is_dir():
     raise files.OutputError(f"--out {out}: is a folder; two videos give a video file")
   container_format(out)
-  files.refuse_overwrites([out], inputs, "--out")
-  return files.prepare_folder(out.parent, "--out folder")
+  return files.check_output_file(out, inputs, "--out")
 
 
 def _add_stream(container, encoding: Encoding, array_format: str, plan_: Plan):

@@ -138,6 +138,20 @@ def exit_after_error(message: str) -> NoReturn:
   os._exit(1)
 
 
+def run_until_stopped(run: Callable[[Any, Any], int], args: Any, *, at_once: str) -> int:
+  """`run(args, stop)` under an `interrupts.StopRequest`: a first SIGINT/SIGTERM sets `stop`
+  (the tool ends after its current unit of work), a second raises KeyboardInterrupt here,
+  which prints `stopped at once by a second interrupt; <at_once>` and gives exit code 130."""
+  from mmdrfuse_jax.runtime import interrupts  # pylint: disable=g-import-not-at-top
+
+  try:
+    with interrupts.StopRequest() as stop:
+      return run(args, stop)
+  except KeyboardInterrupt:  # A second signal: stopped at once (no file is half-written).
+    print(f"stopped at once by a second interrupt; {at_once}", file=sys.stderr)
+    return interrupts.SIGINT_EXIT_CODE
+
+
 def finish_folder_fusion(result, earlier_problems: int, out_dir, stop) -> int:
   """Prints how a folder fusion ended (`batch_fuse.fuse_pairs`' result); returns the exit code.
 

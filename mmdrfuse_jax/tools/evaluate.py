@@ -55,12 +55,7 @@ def main(argv=None) -> int:
   if args.fused is not None and (args.save_fused or args.model is not None
                                  or args.output != "minmax"):
     parser.error("--model, --output and --save_fused go with --weights, not --fused")
-  try:
-    with interrupts.StopRequest() as stop:
-      return _run(args, stop)
-  except KeyboardInterrupt:  # A second signal: stopped at once (no file is half-written).
-    print("stopped at once by a second interrupt; no scores written", file=sys.stderr)
-    return interrupts.SIGINT_EXIT_CODE
+  return cli.run_until_stopped(_run, args, at_once="no scores written")
 
 
 def _inputs(args: argparse.Namespace, triples) -> list[tuple[str, pathlib.Path]]:

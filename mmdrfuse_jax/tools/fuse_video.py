@@ -60,12 +60,7 @@ def main(argv=None) -> int:
                       help="frames of different sizes: resize the visible ones (bicubic)")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
-  try:
-    with interrupts.StopRequest() as stop:
-      return _run(args, stop)
-  except KeyboardInterrupt:  # A second signal: stopped at once (no file is half-written).
-    print("stopped at once by a second interrupt; no file is half-written", file=sys.stderr)
-    return interrupts.SIGINT_EXIT_CODE
+  return cli.run_until_stopped(_run, args, at_once="no file is half-written")
 
 
 def _run(args: argparse.Namespace, stop: interrupts.StopRequest) -> int:

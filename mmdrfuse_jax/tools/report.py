@@ -56,12 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if isinstance(parsed, int):
     return parsed
   args, _ = parsed
-  try:
-    with interrupts.StopRequest() as stop:
-      return _run(args, stop)
-  except KeyboardInterrupt:  # A second signal: stopped at once (the page is never half-written).
-    print("stopped at once by a second interrupt; no report written", file=sys.stderr)
-    return interrupts.SIGINT_EXIT_CODE
+  return cli.run_until_stopped(_run, args, at_once="no report written")
 
 
 def _run(fv: argparse.Namespace, stop: interrupts.StopRequest) -> int:
@@ -73,7 +68,7 @@ def _run(fv: argparse.Namespace, stop: interrupts.StopRequest) -> int:
       names = tuple(names) + ("Floor",)
     report.require_matplotlib()
     images, problems = comparison.pair_images(fv.ir, fv.vis, methods, fv.max_images)
-    created = comparison.check_output(fv.out, comparison.input_paths(fv.ir, fv.vis, methods))
+    created = files.check_output_file(fv.out, comparison.input_paths(fv.ir, fv.vis, methods))
   except (ValueError, OSError) as e:  # options, folders, the output location
     print(f"error: {e}", file=sys.stderr)
     return 2
