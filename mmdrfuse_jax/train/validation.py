@@ -243,35 +243,41 @@ class Validator:
     start = time.perf_counter()
     params = jax.device_get(params)
     fuser = fusion.Fuser(params, output=OUTPUT)
+    fuse_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] = fuser.fuse_images
+    dead_units: Optional[list[float]] = None
+    if networks.model_of(params) == "student":
+      fuse_fn, dead_units = _counting_dead_units(fuser, params)
     # Floor (collapsed dark regions) always: a metric can rise while dark regions go flat.
     names = tuple(dict.fromkeys(self.settings.names + ("Floor",)))
-    result = scoring.evaluate(self.triples, names=names,
-                              fuse_fn=fuser.fuse_images, keep_fused=self._sources)
+    result = scoring.evaluate(self.triples, names=names, fuse_fn=fuse_fn,
+                              keep_fused=self._sources)
     strips = {}
     for name, (ir, vis) in self._sources.items():
       if name in result.fused:  # Else the pair could not be fused (one of `problems`).
         fused = imageio.to_8bit(result.fused[name])
         strips[name] = np.concatenate([ir, vis, fused], axis=1)
     means = {k: v for k, v in result.means().items() if v is not None}
-    if networks.model_of(params) == "student":
-      means["DeadUnits"] = self._dead_units(params)
+    if dead_units is not None:
+      means["DeadUnits"] = dead_units[0] / dead_units[1] if dead_units[1] else float("nan")
     return Result(means, strips, result.problems, time.perf_counter() - start)
 
-  def _dead_units(self, params: Any) -> float:
-    """The student's dead-unit share (`diagnostics.dead_unit_share`) over the pairs' pixels."""
-    dead = total = 0.0
-    for t in self.triples:
-      try:
-        ir, vis = (imageio.to_unit_float(imageio.to_gray_published(imageio.read_image(path)))
-                   for path in (t.ir, t.vis))
-      except (imageio.ImageError, OSError):
-        continue  # Reported by the scoring already.
-      if ir.shape != vis.shape:
-        continue
-      share = diagnostics.dead_unit_share(params, ir[None, ..., None], vis[None, ..., None])
-      dead += float(share) * ir.size
-      total += ir.size
-    return dead / total if total else float("nan")
+
+def _counting_dead_units(fuser: fusion.Fuser, params: Any
+                         ) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], list[float]]:
+  """`fuser.fuse_images`, also adding up the student's dead pixels
+  (`diagnostics.dead_unit_share`) of every pair it fuses: the diagnostic reads the images the
+  scoring reads, once. Returns the function and its running [dead, total] pixel counts."""
+  counts = [0.0, 0.0]
+
+  def fuse_images(ir: np.ndarray, vis: np.ndarray) -> np.ndarray:
+    fused = fuser.fuse_images(ir, vis)  # Raises for a pair it cannot fuse: nothing counted.
+    gray = [imageio.to_unit_float(imageio.to_gray_published(x))[None, ..., None]
+            for x in (ir, vis)]
+    counts[0] += float(diagnostics.dead_unit_share(params, *gray)) * gray[0].size
+    counts[1] += gray[0].size
+    return fused
+
+  return fuse_images, counts
 
 
 class BestParams:

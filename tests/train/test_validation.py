@@ -242,3 +242,27 @@ def test_holdout_pairs_validate_and_never_train(tmp_path, teacher_file):
   config.data.holdout = 0.0
   with pytest.raises(validation.ValidationError, match="config.data.holdout"):
     validation.settings(config)
+
+
+def test_validation_reports_the_collapse_diagnostics(run):
+  """val/Floor always, and for a student val/DeadUnits: the dead-pixel share over the pairs,
+  computed on the images the scoring read (each pair read and fused once)."""
+  from mmdrfuse_jax.evaluation import diagnostics
+
+  workdir, _, _ = run
+  triples, _ = scoring.pair_triples(workdir / "validation_pairs" / "ir",
+                                    workdir / "validation_pairs" / "vi")
+  s = validation.Settings("synthetic", 2, ("SD",), 0, 0, "")
+  params = weight_files.load_params(workdir / "student.npz", "student")
+  result = validation.Validator(triples, s)(params)
+  assert set(result.means) == {"SD", "Floor", "DeadUnits"}
+  dead = total = 0.0
+  for t in triples:
+    ir, vis = (imageio.to_unit_float(imageio.to_gray_published(imageio.read_image(p)))
+               [None, ..., None] for p in (t.ir, t.vis))
+    dead += float(diagnostics.dead_unit_share(params, ir, vis)) * ir.size
+    total += ir.size
+  assert result.means["DeadUnits"] == pytest.approx(dead / total)
+  # All conv1 biases far below zero: every pixel is dead.
+  blind = {**params, "conv1": {**params["conv1"], "bias": np.full(4, -1e3, np.float32)}}
+  assert validation.Validator(triples, s)(blind).means["DeadUnits"] == 1.0
