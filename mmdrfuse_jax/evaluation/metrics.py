@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional, Sequence, cast
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mmdrfuse_jax.evaluation import filters
 
 Array = jax.Array
 
@@ -104,27 +106,6 @@ def _corr(x: Array, y: Array, mask: Array, count: Array) -> Array:
 # Separable 'valid' filters.
 
 
-def _filter_axis(x: Array, taps: Sequence[float], axis: int, stride: int = 1) -> Array:
-  """'valid' correlation along `axis` with the 1-D window `taps`.
-
-  Keeps every `stride`-th output.
-  """
-  n = len(taps)
-  out_len = (x.shape[axis] - n) // stride + 1
-
-  def tap(k):
-    return jax.lax.slice_in_dim(x, k, k + (out_len - 1) * stride + 1, stride, axis=axis)
-
-  acc: Optional[Array] = None
-  for k in range((n + 1) // 2):
-    # Symmetric windows: add the mirrored taps first, then multiply once.
-    term = tap(k) if k == n - 1 - k else tap(k) + tap(n - 1 - k)
-    if taps[k] != 1.0:
-      term = term * np.float32(taps[k])
-    acc = term if acc is None else acc + term
-  return cast(Array, acc)  # Every window has taps, so the loop ran.
-
-
 def _filter_valid(x: Array, taps: Sequence[float], stride: int = 1) -> Array:
   """'valid' 2-D correlation with the separable window outer(taps, taps).
 
@@ -135,8 +116,8 @@ def _filter_valid(x: Array, taps: Sequence[float], stride: int = 1) -> Array:
   does not prevent that fusion on CPU).
   """
   def one(m):
-    y = _filter_axis(m, taps, m.ndim - 1, stride)
-    y = _filter_axis(jnp.swapaxes(y, -1, -2), taps, m.ndim - 1, stride)
+    y = filters.filter_axis(m, taps, m.ndim - 1, stride)
+    y = filters.filter_axis(jnp.swapaxes(y, -1, -2), taps, m.ndim - 1, stride)
     return jnp.swapaxes(y, -1, -2)
 
   if x.ndim == 2:

@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmdrfuse_jax.evaluation import filters
+
 Taps = Sequence[jax.Array]
 
-_LAPLACIAN = np.array([[1, 1, 1], [1, -8, 1], [1, 1, 1]], np.float32) / 8
-_PREWITT_X = np.array([[1, 0, -1]] * 3, np.float32) / 3
+_PREWITT = (1 / 3, 0.0, -1 / 3)  # The Prewitt kernel [[1, 0, -1]] * 3 / 3 is outer(ones, this).
 _GMSD_C = 170.0
 
 
@@ -30,16 +31,16 @@ def _per_sample_mean(x: jax.Array) -> jax.Array:
   return jnp.mean(x, axis=tuple(range(1, x.ndim)))
 
 
-def _depthwise(x: jax.Array, kernel: np.ndarray | jax.Array, padding, strides=(1, 1)
-               ) -> jax.Array:
-  """Cross-correlates every channel of NHWC `x` with the same 2-D `kernel`."""
-  channels = x.shape[-1]
-  k = jnp.asarray(kernel, x.dtype)[:, :, None, None]
-  k = jnp.broadcast_to(k, k.shape[:2] + (1, channels))
-  return jax.lax.conv_general_dilated(
-      x, k, window_strides=strides, padding=padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels,
-      precision=jax.lax.Precision.HIGHEST)
+def _filter_planes(x: jax.Array, taps: Sequence[float], *, stride: int = 1,
+                   taps_h: Sequence[float] | None = None) -> jax.Array:
+  """'valid' separable filter of every channel of NHWC `x` (see `evaluation.filters`).
+
+  The channels move to the front so that the filter runs along contiguous rows: on a CPU
+  that is several times faster than filtering NHWC in place.
+  """
+  planes = jnp.moveaxis(x, -1, 0)
+  out = filters.filter_valid(planes, taps, stride=stride, taps_h=taps_h)
+  return jnp.moveaxis(out, 0, -1)
 
 
 # ----------------------------------------------------------------------------- basic terms
@@ -52,7 +53,9 @@ def intensity_loss(out: jax.Array, ir: jax.Array, vi: jax.Array) -> jax.Array:
 
 def gradient(x: jax.Array) -> jax.Array:
   """Laplacian-like response: [[1,1,1],[1,-8,1],[1,1,1]] / 8, zero padding 1, per channel."""
-  return _depthwise(x, _LAPLACIAN, padding=((1, 1), (1, 1)))
+  # The kernel is a 3x3 box sum minus 9 times the centre: a separable filter and a product.
+  box = _filter_planes(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (1.0, 1.0, 1.0))
+  return (box - 9 * x) / 8
 
 
 def gradient_mse(out: jax.Array, ir: jax.Array, vi: jax.Array, form: str = "code"
@@ -138,12 +141,11 @@ def ssim_data_range(x: jax.Array, axis=None) -> jax.Array:
 def _ssim_map(x: jax.Array, y: jax.Array, data_range: jax.Array) -> jax.Array:
   """SSIM map, 11x11 Gaussian (sigma 1.5), 'valid'; data_range broadcasts against (B,1,1,1)."""
   size = min(11, x.shape[1], x.shape[2])  # The published window shrinks for tiny images.
-  g = _gaussian_1d(size)
+  g = [float(t) for t in _gaussian_1d(size)]
   c = x.shape[-1]
   # One separable filtering pass over the five moments stacked as channels.
   stacked = jnp.concatenate([x, y, x * x, y * y, x * y], axis=-1)
-  filt = _depthwise(stacked, g[:, None], padding="VALID")
-  filt = _depthwise(filt, g[None, :], padding="VALID")
+  filt = _filter_planes(stacked, g)
   mu_x, mu_y, e_xx, e_yy, e_xy = (filt[..., i * c:(i + 1) * c] for i in range(5))
   mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
   var_x, var_y, cov = e_xx - mu_xx, e_yy - mu_yy, e_xy - mu_xy
@@ -186,9 +188,9 @@ def _gradient_magnitude(x: jax.Array) -> jax.Array:
   scale = jnp.where(jnp.max(x, axis=(1, 2, 3), keepdims=True) <= 1, 255.0, 1.0)
   x = x * scale
   # 2x2 mean filter ('valid') then every second row/column from 0 == 2x2 filter with stride 2.
-  x = _depthwise(x, np.full((2, 2), 0.25, np.float32), padding="VALID", strides=(2, 2))
-  gx = _depthwise(x, _PREWITT_X, padding="VALID")
-  gy = _depthwise(x, _PREWITT_X.T, padding="VALID")
+  x = _filter_planes(x, (0.5, 0.5), stride=2)
+  gx = _filter_planes(x, _PREWITT, taps_h=(1.0, 1.0, 1.0))
+  gy = _filter_planes(x, (1.0, 1.0, 1.0), taps_h=_PREWITT)
   return _safe_sqrt(gx * gx + gy * gy)
 
 
