@@ -21,6 +21,10 @@ def get_config(model: str = "student") -> ml_collections.ConfigDict:
   # package's procedural pairs when `synthetic_pairs` > 0.
   config.data = ml_collections.ConfigDict()
   config.data.dataset = ""  # A builder config name, e.g. "llvip", "msrs", "roadscene".
+  # Several, comma-separated ("roadscene,llvip"), train on their mixture (data/pipeline.py's
+  # `PatchMixture`): `weights` ("1,1") gives each its share of every epoch; empty: in
+  # proportion to their patches. Each is held out (`holdout`) and validated on its own pairs.
+  config.data.weights = ""
   config.data.data_dir = ""  # The --data_dir given to bin/prepare_data.py.
   config.data.split = "train"
   # A fraction of the split's pairs (by a stable hash of their stems, data/holdout.py) kept
@@ -54,6 +58,16 @@ def get_config(model: str = "student") -> ml_collections.ConfigDict:
   config.optim.b1 = 0.9
   config.optim.b2 = 0.999
   config.optim.eps = 1e-8
+  # "constant" (published) or "cosine" (down to final_lr_fraction * lr at the last step);
+  # either after `warmup_steps` rising linearly from 0.
+  config.optim.schedule = "constant"
+  config.optim.warmup_steps = 0
+  config.optim.final_lr_fraction = 0.0
+
+  # The student's first convolution's biases at the start (Flax's default is 0; conv2 starts
+  # from the teacher's conv00). Above 0, its ReLUs start on for dark patches too.
+  config.init = ml_collections.ConfigDict()
+  config.init.conv1_bias = 0.0
 
   # The loss weights (`w_int`, `w_percep`, `w_grad`, `w_distill`, `w_refresh`) of the published
   # code for this model (SPEC section 3). A term with weight 0 is not computed at all.

@@ -472,6 +472,123 @@ class StreamingPatchDataset(_Patches):
     return pair
 
 
+def mixture_spec(datasets: str, weights: str = "") -> tuple[list[str], list[float] | None]:
+  """Dataset names and their epoch shares from the config's text fields.
+
+  Args:
+    datasets: builder config names, comma-separated ("roadscene,llvip").
+    weights: their shares, comma-separated ("1,1"); empty: in proportion to their patches.
+
+  Raises:
+    ValueError: an empty name, a repeated name, or weights that do not match the names.
+  """
+  names = [n.strip() for n in str(datasets).split(",")]
+  if not all(names):
+    raise ValueError(f"dataset names must be comma-separated and non-empty, got {datasets!r}")
+  if len(set(names)) != len(names):
+    raise ValueError(f"a dataset is named twice in {datasets!r}")
+  if not str(weights).strip():
+    return names, None
+  try:
+    shares = [float(w) for w in str(weights).split(",")]
+  except ValueError:
+    raise ValueError(f"weights must be numbers, comma-separated, got {weights!r}") from None
+  if len(shares) != len(names):
+    raise ValueError(f"{len(names)} dataset(s) ({datasets}) but {len(shares)} weight(s) "
+                     f"({weights})")
+  return names, shares
+
+
+class PatchMixture(_Patches):
+  """Several datasets' patches as one, each contributing a fixed share of every epoch.
+
+  Patch ids run over the sources in order (source 0's patches first), so per-patch refresh
+  memories cover every source. Without `weights` an epoch is a permutation of all patches,
+  as for one dataset. With them, an epoch still delivers as many patches as the sources hold
+  together, of which source d gives `round(share_d * total)` (largest remainders): a small
+  source's patches then come several times an epoch, a large one's a different subset each
+  epoch (whole permutations first, so every patch comes before any comes twice). The draw
+  depends on (seed, epoch) and the sources' patch counts alone, so runs resume exactly.
+
+  Args:
+    sources: the datasets (all with the same patch size and stride).
+    weights: each source's share of an epoch (normalised; None: in proportion to its
+      patches, i.e. plain concatenation).
+    names: the sources' names; a stem becomes "name-stem" (default: "0", "1", ...).
+
+  Raises:
+    ValueError: no sources, differing patch settings, or bad weights.
+  """
+
+  def __init__(self, sources: Sequence[_Patches], weights: Sequence[float] | None = None,
+               names: Sequence[str] | None = None):
+    if not sources:
+      raise ValueError("a mixture needs at least one dataset")
+    names = [str(i) for i in range(len(sources))] if names is None else list(names)
+    if len(names) != len(sources):
+      raise ValueError(f"{len(sources)} datasets but {len(names)} names")
+    settings = {(src.patch_size, src.patch_stride) for src in sources}
+    if len(settings) != 1:
+      raise ValueError(f"the mixture's datasets differ in patch size and stride: {settings}")
+    if weights is not None:
+      weights = [float(w) for w in weights]
+      if len(weights) != len(sources):
+        raise ValueError(f"{len(sources)} datasets but {len(weights)} weights")
+      if any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"mixture weights must be finite, non-negative and not all 0, got "
+                         f"{weights}")
+    self.sources, self.names, self.weights = list(sources), names, weights
+    self.patch_size, self.patch_stride = sources[0].patch_size, sources[0].patch_stride
+    self.stems = [f"{name}-{stem}" for name, src in zip(names, sources) for stem in src.stems]
+    counts = [src.num_images for src in sources]
+    self._image_offsets = np.cumsum([0] + counts)
+    self.patch_image = np.concatenate(
+        [src.patch_image + off for src, off in zip(sources, self._image_offsets)]).astype(np.int32)
+    self.patch_y = np.concatenate([src.patch_y for src in sources])
+    self.patch_x = np.concatenate([src.patch_x for src in sources])
+    self.default_threads = max(src.default_threads for src in sources)
+
+  def image(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
+    d = int(np.searchsorted(self._image_offsets, image_id, side="right")) - 1
+    return self.sources[d].image(int(image_id - self._image_offsets[d]))
+
+  def source_of_patches(self) -> np.ndarray:
+    """The source index of every patch id, (N,)."""
+    return (np.searchsorted(self._image_offsets, self.patch_image, side="right") - 1)
+
+  def epoch_quotas(self) -> np.ndarray:
+    """How many patches each source gives an epoch: the shares of `num_patches`."""
+    available = np.bincount(self.source_of_patches(), minlength=len(self.sources))
+    if self.weights is None:
+      return available
+    share = np.asarray(self.weights) / sum(self.weights)
+    exact = share * self.num_patches
+    quotas = np.floor(exact).astype(np.int64)
+    # Largest remainders: the quotas add up to the total; ties go to the earlier source.
+    extra = np.argsort(-(exact - quotas), kind="stable")[:self.num_patches - quotas.sum()]
+    quotas[extra] += 1
+    quotas[available == 0] = 0  # A source with every image held out gives nothing.
+    return quotas
+
+  def epoch_order(self, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    if self.weights is None:
+      return super().epoch_order(seed, epoch, shuffle)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(
+        [int(seed) & 0xFFFFFFFF, int(epoch), len(self.sources)])))
+    source = self.source_of_patches()
+    picks = []
+    for d, quota in enumerate(self.epoch_quotas()):
+      ids = np.flatnonzero(source == d)
+      if quota == 0:
+        continue
+      full, part = divmod(int(quota), len(ids))
+      orders = [rng.permutation(len(ids)) if shuffle else np.arange(len(ids))
+                for _ in range(full + (part > 0))]
+      picks.append(ids[np.concatenate(orders)[:quota]])
+    order = np.concatenate(picks)
+    return rng.permutation(order) if shuffle else order
+
+
 class _ImageCache:
   """Decoded image pairs by image id, the least recently used dropped beyond `max_bytes`.
 

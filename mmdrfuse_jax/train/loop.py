@@ -85,16 +85,28 @@ def _load_patches(config: Any):
   from mmdrfuse_jax.data import builders  # pylint: disable=g-import-not-at-top
 
   try:
-    dataset = pipeline.PatchDataset.from_tfds(os.path.expanduser(d.data_dir), d.dataset, d.split,
-                                              streaming=d.get("streaming", "auto"), **kwargs)
-  except (builders.DataError, ValueError) as e:
-    raise TrainingError(str(e)) from None
+    names, weights = pipeline.mixture_spec(d.dataset, d.get("weights", ""))
+  except ValueError as e:
+    raise ConfigError(f"config.data.dataset / config.data.weights: {e}") from None
   fraction = float(d.get("holdout", 0.0))
-  if fraction:  # The validation side of the split (`data/holdout.py`) never trains.
-    from mmdrfuse_jax.data import holdout  # pylint: disable=g-import-not-at-top
+  sources = []
+  for name in names:
+    try:
+      dataset = pipeline.PatchDataset.from_tfds(os.path.expanduser(d.data_dir), name, d.split,
+                                                streaming=d.get("streaming", "auto"), **kwargs)
+    except (builders.DataError, ValueError) as e:
+      raise TrainingError(str(e)) from None
+    if fraction:  # The validation side of the split (`data/holdout.py`) never trains.
+      from mmdrfuse_jax.data import holdout  # pylint: disable=g-import-not-at-top
 
-    dataset.exclude_images(holdout.held_out(dataset.stems, fraction))
-  return dataset
+      dataset.exclude_images(holdout.held_out(dataset.stems, fraction))
+    sources.append(dataset)
+  if len(sources) == 1:
+    return sources[0]
+  try:
+    return pipeline.PatchMixture(sources, weights, names)
+  except ValueError as e:
+    raise ConfigError(f"config.data.weights: {e}") from None
 
 
 def load_vgg(config: Any, log: Callable[[str], None]) -> Any:
@@ -298,9 +310,14 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
 
   o = config.optim
   state = update.create_train_state(
-      config.model, update.make_optimizer(float(o.lr), float(o.b1), float(o.b2), float(o.eps)),
+      config.model,
+      update.make_optimizer(float(o.lr), float(o.b1), float(o.b2), float(o.eps),
+                            schedule=o.get("schedule", "constant"),
+                            warmup_steps=int(o.get("warmup_steps", 0)), total_steps=total_steps,
+                            final_lr_fraction=float(o.get("final_lr_fraction", 0.0))),
       jax.random.PRNGKey(int(config.seed)), dataset.num_patches, dataset.patch_size,
-      cfg.refresh, teacher_params=teacher, precision=cfg.precision, mesh=mesh)
+      cfg.refresh, teacher_params=teacher, precision=cfg.precision, mesh=mesh,
+      conv1_bias=float(config.get("init", {}).get("conv1_bias", 0.0)))
   state = update.place_state(state, mesh, cfg.refresh.placement)
   frozen = update.replicate(update.Frozen(vgg=vgg_params, teacher=teacher), mesh)
 

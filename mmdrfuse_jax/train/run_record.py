@@ -22,7 +22,7 @@ from mmdrfuse_jax.train.run_settings import TrainingError, flatten
 # on them, so a rerun in the same workdir must keep them. The others (logging, checkpoint
 # frequency, progress bar, teacher cache) may change between reruns, and `num_epochs` may
 # grow (the run continues); `start_fresh=True` moves the old run aside and starts over.
-IDENTITY_KEYS = ("model", "seed", "data", "batch_size", "optim", "loss", "refresh",
+IDENTITY_KEYS = ("model", "seed", "data", "batch_size", "optim", "init", "loss", "refresh",
                  "vgg_weights", "allow_random_vgg", "random_vgg_seed", "teacher_weights")
 
 # Under the keys above but free to change: where the refresh memories live and whether the

@@ -72,6 +72,20 @@ def check_config(config: Any) -> None:
     real = _real(flat[key])
     if real is None or not 0 <= real < 1:
       raise ConfigError(f"config.{key} must be in [0, 1), got {flat[key]!r}")
+  if flat.get("optim.schedule", "constant") not in update.SCHEDULES:
+    raise ConfigError(f"config.optim.schedule must be one of {', '.join(update.SCHEDULES)}, "
+                      f"got {flat['optim.schedule']!r}")
+  warmup = flat.get("optim.warmup_steps", 0)
+  if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+    raise ConfigError(f"config.optim.warmup_steps must be a non-negative integer, got {warmup!r}")
+  final = _real(flat.get("optim.final_lr_fraction", 0.0))
+  if final is None or not 0.0 <= final <= 1.0:
+    raise ConfigError(f"config.optim.final_lr_fraction must be in [0, 1], got "
+                      f"{flat.get('optim.final_lr_fraction')!r}")
+  bias = _real(flat.get("init.conv1_bias", 0.0))
+  if bias is None:
+    raise ConfigError(f"config.init.conv1_bias must be a finite number, got "
+                      f"{flat.get('init.conv1_bias')!r}")
   if config.get("precision", "exact") not in precision_lib.MODES:
     raise ConfigError(f"config.precision must be one of {', '.join(precision_lib.MODES)}, "
                       f"got {config.precision!r}")

@@ -119,19 +119,48 @@ class StepConfig:
     return max(needed, default=0)
 
 
-def make_optimizer(lr: float = 1e-4, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
-                   ) -> optax.GradientTransformation:
+SCHEDULES = ("constant", "cosine")
+
+
+def make_optimizer(lr: float = 1e-4, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
+                   schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 0,
+                   final_lr_fraction: float = 0.0) -> optax.GradientTransformation:
   """Adam, by default with PyTorch's defaults (optax.adam matches torch.optim.Adam).
+
+  Args:
+    lr: the step size (the peak of a schedule).
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's denominator offset.
+    schedule: "constant" (published) or "cosine": from `lr` down to `final_lr_fraction * lr`
+      at `total_steps` along a half cosine.
+    warmup_steps: first steps rising linearly from 0 to `lr` (either schedule).
+    total_steps: the run's steps (for "cosine").
+    final_lr_fraction: where "cosine" ends, as a fraction of `lr`.
 
   Equal settings give the same object: the optimiser is a static part of the `TrainState`
   pytree, so a jitted step is reused across states (stages, resumes, tests) only then.
   """
-  return _adam(float(lr), float(b1), float(b2), float(eps))
+  if schedule not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+  return _adam(float(lr), float(b1), float(b2), float(eps), schedule, int(warmup_steps),
+               int(total_steps), float(final_lr_fraction))
 
 
 @functools.lru_cache(maxsize=32)
-def _adam(lr: float, b1: float, b2: float, eps: float) -> optax.GradientTransformation:
-  return optax.adam(lr, b1=b1, b2=b2, eps=eps)
+def _adam(lr: float, b1: float, b2: float, eps: float, schedule: str = "constant",
+          warmup_steps: int = 0, total_steps: int = 0, final_lr_fraction: float = 0.0
+          ) -> optax.GradientTransformation:
+  if schedule == "constant" and warmup_steps == 0:
+    return optax.adam(lr, b1=b1, b2=b2, eps=eps)  # A float: the published optimiser's state.
+  if schedule == "cosine":
+    decay = optax.cosine_decay_schedule(lr, max(total_steps - warmup_steps, 1),
+                                        alpha=final_lr_fraction)
+  else:
+    decay = optax.constant_schedule(lr)
+  rate = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), decay],
+                              [warmup_steps])
+  return optax.adam(rate, b1=b1, b2=b2, eps=eps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,7 +172,8 @@ def _network(model: str, precision: str):
 def create_train_state(model: str, tx: optax.GradientTransformation, rng: jax.Array,
                        num_patches: int, patch_size: int, refresh_cfg: refresh.RefreshConfig,
                        teacher_params: Any = None, params: Any = None,
-                       precision: str = "exact", mesh: Mesh | None = None) -> TrainState:
+                       precision: str = "exact", mesh: Mesh | None = None,
+                       conv1_bias: float = 0.0) -> TrainState:
   """A fresh train state.
 
   Args:
@@ -160,6 +190,7 @@ def create_train_state(model: str, tx: optax.GradientTransformation, rng: jax.Ar
       on this mesh (never whole on one device), with `memory_slots` slots; the rest of the
       state still has to be placed with `place_state`. Without a mesh: N slots on the default
       device.
+    conv1_bias: a fresh student's conv1 biases (`config.init.conv1_bias`).
   """
   if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.key_data(rng)  # Raw uint32 keys checkpoint as plain arrays.
@@ -169,6 +200,10 @@ def create_train_state(model: str, tx: optax.GradientTransformation, rng: jax.Ar
     params = net.init(init_rng, jnp.zeros((1, patch_size, patch_size, 2), jnp.float32))["params"]
     if model == "student" and teacher_params is not None:
       params = distill.init_student_from_teacher(params, teacher_params)
+    if model == "student" and conv1_bias:
+      params = dict(params)
+      params["conv1"] = {**params["conv1"],
+                         "bias": jnp.full_like(params["conv1"]["bias"], conv1_bias)}
   if mesh is None:
     memory = refresh.init_memory(num_patches, patch_size, patch_size, refresh_cfg)
   else:

@@ -180,20 +180,26 @@ def _generated_pairs(config: Any, s: Settings, limit: Optional[int]
   d, v = config.data, config.validation
   if s.source == "split":
     try:
-      # Random access to the split's records, decoding only the pairs kept (a test split can
-      # be larger than host RAM); a patch larger than any image: no patch index either.
+      names, _ = pipeline.mixture_spec(d.dataset, d.get("weights", ""))
       split = d.split if v.split == "holdout" else v.split
-      data = pipeline.StreamingPatchDataset.from_tfds(
-          os.path.expanduser(d.data_dir), d.dataset, split, patch_size=1 << 30,
-          patch_stride=1 << 30)
-      ids: Sequence[int] = range(data.num_images)
-      if v.split == "holdout":  # Exactly the pairs the training leaves out (loop.load_dataset).
-        ids = holdout.held_out(data.stems, float(d.holdout))
-      order = sorted(ids, key=lambda i: data.stems[i])[:limit]
-      pairs = [data.image(i) for i in order]
+      found: list[tuple[str, Any, int]] = []  # (stem, its dataset, its image id)
+      for name in names:
+        # Random access to the split's records, decoding only the pairs kept (a test split
+        # can be larger than host RAM); a patch larger than any image: no patch index either.
+        data = pipeline.StreamingPatchDataset.from_tfds(
+            os.path.expanduser(d.data_dir), name, split, patch_size=1 << 30,
+            patch_stride=1 << 30)
+        ids: Sequence[int] = range(data.num_images)
+        if v.split == "holdout":  # Exactly the pairs the training leaves out (loop.load_dataset).
+          ids = holdout.held_out(data.stems, float(d.holdout))
+        # A mixture's stems name their dataset (a file name: no "/"), as `PatchMixture`'s do.
+        found += [(data.stems[i] if len(names) == 1 else f"{name}-{data.stems[i]}", data, i)
+                  for i in ids]
+      found = sorted(found, key=lambda f: f[0])[:limit]
+      pairs = [data.image(i) for _, data, i in found]
     except (builders.DataError, ValueError) as e:
       raise ValidationError(f"validation split {v.split!r}: {e}") from None
-    return [data.stems[i] for i in order], [p[0] for p in pairs], [p[1] for p in pairs]
+    return [f[0] for f in found], [p[0] for p in pairs], [p[1] for p in pairs]
   # Procedural pairs after the training pairs of the same seed (pair i depends only on the
   # seed, i and the size), so that they are never training pairs.
   first = max(int(d.synthetic_pairs), 0)
