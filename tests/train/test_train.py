@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -580,6 +581,57 @@ def test_unusable_optimiser_settings_are_refused(key, value, expected):
   with pytest.raises(run_settings.ConfigError) as info:
     run_settings.check_config(config)
   assert str(info.value) == expected
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("optim.schedule", "linear", "config.optim.schedule must be one of constant, cosine"),
+    ("optim.warmup_steps", -1, "config.optim.warmup_steps must be a non-negative integer"),
+    ("optim.final_lr_fraction", 1.5, "config.optim.final_lr_fraction must be in [0, 1]"),
+    ("init.conv1_bias", float("nan"), "config.init.conv1_bias must be a finite number"),
+])
+def test_unusable_schedule_and_init_are_refused(key, value, expected):
+  config = default.get_config("student")
+  group, name = key.split(".")
+  config[group][name] = value
+  with pytest.raises(run_settings.ConfigError, match=re.escape(expected)):
+    run_settings.check_config(config)
+
+
+def test_schedules_follow_their_settings():
+  """Adam's steps scale with the schedule: warm-up from 0, cosine down to the final fraction."""
+  grads = {"w": jnp.ones(3)}
+
+  def steps(tx, n):
+    opt, sizes = tx.init(grads), []
+    for _ in range(n):
+      delta, opt = tx.update(grads, opt)
+      sizes.append(-float(delta["w"][0]))
+    return np.array(sizes)
+
+  # With constant gradients Adam's step is the learning rate itself (bias-corrected).
+  np.testing.assert_allclose(steps(update.make_optimizer(1e-3), 3), 1e-3, rtol=1e-4)
+  warm = steps(update.make_optimizer(1e-3, warmup_steps=4), 6)
+  np.testing.assert_allclose(warm, [0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3], rtol=1e-4, atol=1e-9)
+  cos = steps(update.make_optimizer(1e-3, schedule="cosine", total_steps=5,
+                                    final_lr_fraction=0.1), 6)
+  want = [1e-4 + 9e-4 * (1 + np.cos(np.pi * min(k, 5) / 5)) / 2 for k in range(6)]
+  np.testing.assert_allclose(cos, want, rtol=1e-4)
+  assert update.make_optimizer(1e-3) is update.make_optimizer(1e-3)  # One jitted step.
+  with pytest.raises(ValueError, match="schedule"):
+    update.make_optimizer(1e-3, schedule="step")
+
+
+def test_conv1_bias_starts_where_the_config_says(teacher_file):
+  teacher = weight_files.load_params(teacher_file, "teacher")
+  cfg = refresh.RefreshConfig()
+  state = update.create_train_state("student", update.make_optimizer(1e-3), jax.random.PRNGKey(0),
+                                    4, 16, cfg, teacher_params=teacher, conv1_bias=0.1)
+  np.testing.assert_array_equal(state.params["conv1"]["bias"], np.full(4, 0.1, np.float32))
+  plain = update.create_train_state("student", update.make_optimizer(1e-3),
+                                    jax.random.PRNGKey(0), 4, 16, cfg, teacher_params=teacher)
+  np.testing.assert_array_equal(plain.params["conv1"]["bias"], np.zeros(4, np.float32))
+  np.testing.assert_array_equal(state.params["conv1"]["kernel"], plain.params["conv1"]["kernel"])
+  np.testing.assert_array_equal(state.params["conv2"]["kernel"], teacher["conv00"]["kernel"])
 
 
 def test_cli_refuses_a_negative_learning_rate_in_one_line(tmp_path, monkeypatch, capsys):

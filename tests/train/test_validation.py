@@ -244,6 +244,35 @@ def test_holdout_pairs_validate_and_never_train(tmp_path, teacher_file):
     validation.settings(config)
 
 
+def test_mixture_holds_out_each_dataset_and_never_trains_on_it(tmp_path, teacher_file):
+  from mmdrfuse_jax.data import builders, pipeline, synthetic
+
+  for name, seed in (("msrs", 0), ("llvip", 1)):
+    synthetic.write_pairs(tmp_path / name / "train", 10, 48, 48, seed=seed)
+  builders.prepare("msrs", tmp_path / "msrs", tmp_path / "tfds")
+  builders.prepare("llvip", tmp_path / "llvip", tmp_path / "tfds")
+  config = tiny_config(teacher_file)
+  config.data.synthetic_pairs = 0
+  config.data.dataset, config.data.data_dir = "msrs,llvip", str(tmp_path / "tfds")
+  config.data.weights = "1,2"
+  config.data.patch_size = config.data.patch_stride = 16
+  config.data.holdout = 0.3
+  v = config.validation
+  v.synthetic_pairs, v.split, v.max_pairs = 0, "holdout", 0
+  triples = validation.prepare_pairs(config, validation.settings(config), tmp_path / "run",
+                                     log=print)
+  dataset = loop.load_dataset(config)
+  assert isinstance(dataset, pipeline.PatchMixture) and dataset.weights == [1.0, 2.0]
+  trained = {dataset.stems[i] for i in set(dataset.patch_image.tolist())}
+  validated = {t.name for t in triples}
+  assert {n.split("-")[0] for n in validated} == {"msrs", "llvip"}  # Both datasets' pairs.
+  assert validated and trained and not validated & trained
+  assert validated | trained == set(dataset.stems)
+  config.data.weights = "1"
+  with pytest.raises(run_settings.ConfigError, match="config.data.weights"):
+    loop.load_dataset(config)
+
+
 def test_validation_reports_the_collapse_diagnostics(run):
   """val/Floor always, and for a student val/DeadUnits: the dead-pixel share over the pairs,
   computed on the images the scoring read (each pair read and fused once)."""
