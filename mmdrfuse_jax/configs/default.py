@@ -74,6 +74,9 @@ def get_config(model: str = "student") -> ml_collections.ConfigDict:
   config.loss = ml_collections.ConfigDict(dataclasses.asdict(losses.PUBLISHED_WEIGHTS[model]))
   config.loss.gradient_form = "code"  # "code" (published) or "paper" (Eq. 3).
   config.loss.distill_normalize = "batch"  # "batch" (published code) or "sample" (paper Eq. 1).
+  # The perception term's features: "vgg" (VGG-19, published) or, for a student, "teacher"
+  # (its frozen teacher's first two encoder maps: no download, train/distill.py).
+  config.loss.perception = "vgg"
 
   # Dynamic refresh (SPEC section 4): one switch per memory kind (`refresh.MEMORY_KINDS`).
   config.refresh = ml_collections.ConfigDict()

@@ -3,6 +3,8 @@
 * `init_student_from_teacher`: the student's `conv2` starts from the teacher's `conv00`.
 * `teacher_targets`: the two maps the distillation loss reads of the teacher's forward pass.
 * `TeacherCache`: those targets kept per patch in host RAM after their first computation.
+* `teacher_features`: the teacher's first encoder maps of one image, a perception space that
+  needs no download (`config.loss.perception = "teacher"`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,31 @@ def init_student_from_teacher(student_params: Any, teacher_params: Any) -> Any:
   params["conv2"] = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True),
                                            dict(teacher_params["conv00"]))
   return params
+
+
+TEACHER_FEATURE_LAYERS = ("conv1", "conv2")  # G1 and G2: 2 -> 32 -> 32 at full resolution.
+
+
+def teacher_features(teacher_params: Any, x: jax.Array, precision: str = "exact"
+                     ) -> tuple[jax.Array, ...]:
+  """The frozen teacher's G1 and G2 maps of single-channel images, (B, H, W, 32) each.
+
+  The teacher reads (infrared, visible); a lone image `x` (B, H, W, 1) goes in as both, so
+  its features say what the teacher's first layers, trained for fusion, see in it. Only
+  these two full-resolution layers run (about 10k multiply-adds a pixel), the published
+  teacher's own padding and convolutions. Differentiable in `x`.
+  """
+  del precision  # Two small layers: always float32, highest precision.
+  y = jnp.concatenate([x, x], axis=-1)
+  maps = []
+  for name in TEACHER_FEATURE_LAYERS:
+    layer = teacher_params[name]
+    y = jax.lax.conv_general_dilated(
+        networks.reflect_pad(y), jnp.asarray(layer["kernel"], jnp.float32), (1, 1), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST)
+    y = jax.nn.relu(y + jnp.asarray(layer["bias"], jnp.float32))
+    maps.append(y)
+  return tuple(maps)
 
 
 def teacher_targets(teacher_params: Any, x: jax.Array, precision: str = "exact") -> jax.Array:

@@ -82,6 +82,13 @@ def check_config(config: Any) -> None:
   if final is None or not 0.0 <= final <= 1.0:
     raise ConfigError(f"config.optim.final_lr_fraction must be in [0, 1], got "
                       f"{flat.get('optim.final_lr_fraction')!r}")
+  perception = flat.get("loss.perception", "vgg")
+  if perception not in update.PERCEPTION_SPACES:
+    raise ConfigError(f"config.loss.perception must be one of "
+                      f"{', '.join(update.PERCEPTION_SPACES)}, got {perception!r}")
+  if perception == "teacher" and config.model != "student":
+    raise ConfigError("config.loss.perception=teacher is for students (a teacher run has no "
+                      "teacher to see with); use vgg")
   bias = _real(flat.get("init.conv1_bias", 0.0))
   if bias is None:
     raise ConfigError(f"config.init.conv1_bias must be a finite number, got "

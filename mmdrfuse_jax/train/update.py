@@ -78,6 +78,8 @@ class StepConfig:
     steps_per_epoch: batches per epoch (advances `TrainState.epoch`).
     precision: how VGG-19 and the teacher compute: "exact", "default" or "bfloat16" (see
       `precision.py`).
+    perception: the perception loss's feature space: "vgg" (VGG-19's five taps, published) or
+      "teacher" (a student's frozen teacher's G1 and G2, `distill.teacher_features`).
   """
 
   model: str
@@ -87,9 +89,15 @@ class StepConfig:
   distill_normalize: str = "batch"
   steps_per_epoch: int = 1
   precision: str = "exact"
+  perception: str = "vgg"
 
   def __post_init__(self):
     precision_lib.check(self.precision)
+    if self.perception not in PERCEPTION_SPACES:
+      raise ValueError(f"perception must be one of {', '.join(PERCEPTION_SPACES)}, got "
+                       f"{self.perception!r}")
+    if self.perception == "teacher" and self.model != "student":
+      raise ValueError("perception 'teacher' is for students: the teacher has no teacher")
 
   @classmethod
   def from_config(cls, config: Any, steps_per_epoch: int) -> "StepConfig":
@@ -99,12 +107,18 @@ class StepConfig:
         refresh=refresh.RefreshConfig.from_config(config.refresh),
         gradient_form=str(config.loss.gradient_form),
         distill_normalize=str(config.loss.distill_normalize),
-        steps_per_epoch=int(steps_per_epoch), precision=str(config.get("precision", "exact")))
+        steps_per_epoch=int(steps_per_epoch), precision=str(config.get("precision", "exact")),
+        perception=str(config.loss.get("perception", "vgg")))
 
   @property
   def uses_teacher(self) -> bool:
     """Whether the step reads the frozen teacher's targets (a student with distillation on)."""
     return self.model == "student" and self.weights.w_distill != 0
+
+  @property
+  def vgg_perception(self) -> bool:
+    """Whether the perception term is on and reads VGG-19."""
+    return self.weights.w_percep != 0 and self.perception == "vgg"
 
   @property
   def refresh_loss_on(self) -> bool:
@@ -113,13 +127,14 @@ class StepConfig:
   @property
   def output_taps(self) -> int:
     """How many VGG-19 taps of the fused output the terms that are on need (0: no VGG pass)."""
-    needed = [vgg.NUM_TAPS] if self.weights.w_percep != 0 else []
+    needed = [vgg.NUM_TAPS] if self.vgg_perception else []
     if self.refresh_loss_on:
       needed += [kind.num_taps for kind in self.refresh.kinds]
     return max(needed, default=0)
 
 
 SCHEDULES = ("constant", "cosine")
+PERCEPTION_SPACES = ("vgg", "teacher")
 
 
 def make_optimizer(lr: float = 1e-4, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
@@ -261,8 +276,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Frozen, *
   weights, rcfg = cfg.weights, cfg.refresh
   # Constants w.r.t. the parameters are computed outside the differentiated function.
   if weights.w_percep != 0:
-    taps_sources = vgg_taps(frozen.vgg, jnp.concatenate([ir, vi], 0), vgg.NUM_TAPS,
-                             cfg.precision)
+    sources = jnp.concatenate([ir, vi], 0)
+    taps_sources = (vgg_taps(frozen.vgg, sources, vgg.NUM_TAPS, cfg.precision)
+                    if cfg.vgg_perception else distill.teacher_features(frozen.teacher, sources))
     b = ir.shape[0]
     taps_ir, taps_vi = tuple(t[:b] for t in taps_sources), tuple(t[b:] for t in taps_sources)
   if cfg.uses_teacher:
@@ -286,7 +302,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Frozen, *
     if weights.w_int != 0:
       terms["l_int"] = losses.intensity_loss(out, ir, vi)
     if weights.w_percep != 0:
-      terms["l_percep"] = losses.perception_loss(taps_out, taps_ir, taps_vi)
+      percept_out = (taps_out[:vgg.NUM_TAPS] if cfg.vgg_perception
+                     else distill.teacher_features(frozen.teacher, out))
+      terms["l_percep"] = losses.perception_loss(percept_out, taps_ir, taps_vi)
     if weights.w_grad != 0:
       terms["l_grad"] = losses.gradient_loss(out, ir, vi, form=cfg.gradient_form)
     if cfg.uses_teacher:

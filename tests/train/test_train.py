@@ -393,6 +393,41 @@ def test_terms_that_are_off_run_no_vgg(straight_run, teacher_file):
   assert nonfinite == {0.0: 0.0, 2.0: 1.0}  # Only the step that needs VGG sees its NaNs.
 
 
+def test_teacher_features_are_the_teachers_first_encoder_maps(teacher_file):
+  teacher = weight_files.load_params(teacher_file, "teacher")
+  x = jnp.asarray(np.random.default_rng(4).random((2, 16, 20, 1), dtype=np.float32))
+  got = distill.teacher_features(teacher, x)
+  encoder = networks.Teacher().apply({"params": teacher}, jnp.concatenate([x, x], -1))["encoder"]
+  assert len(got) == 2
+  for g, want in zip(got, encoder[:2]):
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_perception_runs_no_vgg(teacher_file):
+  """perception="teacher": the term is on, reads the teacher's G1 and G2, and never VGG-19."""
+  config = tiny_config(teacher_file)
+  config.loss.w_percep, config.loss.perception = 2.0, "teacher"
+  config.refresh.ssim = config.refresh.gmsd = False
+  mesh = update.make_mesh(2)
+  teacher = weight_files.load_params(teacher_file, "teacher")
+  poisoned = jax.tree_util.tree_map(lambda a: np.full_like(a, np.nan), vgg.random_params())
+  frozen = update.replicate(update.Frozen(vgg=poisoned, teacher=teacher), mesh)
+  cfg = update.StepConfig.from_config(config, steps_per_epoch=2)
+  assert cfg.output_taps == 0 and not loop.needs_vgg(config)
+  batch = _random_batch(5, [0, 1])
+  state = _fresh_state(cfg, teacher, mesh)
+  out = networks.Student().apply({"params": state.params}, jnp.concatenate(
+      [batch["ir"], batch["vis"]], -1))["out"]
+  want = losses.perception_loss(distill.teacher_features(teacher, out),
+                                *(distill.teacher_features(teacher, batch[k]) for k in ("ir", "vis")))
+  _, metrics = update.make_train_step(cfg, mesh)(state, batch, frozen)  # Donates `state`.
+  assert float(metrics["nonfinite"]) == 0.0 and float(metrics["l_percep"]) > 0
+  np.testing.assert_allclose(metrics["l_percep"], want, rtol=1e-5)
+  config.model = "teacher"
+  with pytest.raises(run_settings.ConfigError, match="for students"):
+    run_settings.check_config(config)
+
+
 def test_quickstart_is_two_explicit_stages(tmp_path):
   teacher, student = stages.plan(quickstart.get_config(), tmp_path)
   assert (teacher.name, teacher.workdir, teacher.config.model) == (
