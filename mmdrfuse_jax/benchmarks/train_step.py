@@ -59,6 +59,11 @@ def add_parser(subparsers) -> None:
   parser.add_argument("--num_patches", type=int, default=None,
                       help="N, the patches the refresh memories hold (default: the batch, or "
                       "one batch per step with --first_epoch)")
+  parser.add_argument("--perception", choices=update.PERCEPTION_SPACES, default="vgg",
+                      help="the perception term's features (config.loss.perception)")
+  parser.add_argument("--profile", metavar="DIR", default=None,
+                      help="also report XLA's cost analysis of the compiled step and its top "
+                      "operations from a jax.profiler trace of --repeats steps written to DIR")
   parser.add_argument("--repeats", type=int, default=3)
   parser.set_defaults(run=run)
 
@@ -143,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
   if args.w_percep is not None:
     weights = dataclasses.replace(weights, w_percep=args.w_percep)
   cfg = update.StepConfig(args.model, weights, refresh=rcfg, steps_per_epoch=10**6,
-                         precision=args.precision)
+                         precision=args.precision, perception=args.perception)
   rng = np.random.default_rng(0)
   ir = rng.random((b, s, s, 1), dtype=np.float32)
   vi = rng.random((b, s, s, 1), dtype=np.float32)
@@ -201,6 +206,19 @@ def run(args: argparse.Namespace) -> dict:
 
   timing = common.time_call(one_step, repeats=args.repeats, warmup=1)
   metrics = jax.device_get(box["metrics"])
+  profile = {}
+  if args.profile:
+    ids_now = ids[box["calls"] % id_sets]
+    state_now = box["state"]
+    cost = step.jitted.lower(state_now.replace(memory={}), state_now.memory,  # type: ignore
+                             {**batch, "patch_id": ids_now}, frozen).compile()
+    analysis = cost.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    profile = {
+        "xla_flops": float(analysis.get("flops", float("nan"))),
+        "xla_bytes_accessed": float(analysis.get("bytes accessed", float("nan"))),
+        "top_operations": common.profile_operations(one_step, args.profile, calls=args.repeats),
+    }
   pipeline_bytes = pipeline_host_bytes(num_patches, s)
   return {
     "benchmark": "train-step",
@@ -213,6 +231,7 @@ def run(args: argparse.Namespace) -> dict:
     "teacher_in_step": bool(cfg.uses_teacher and teacher_in_step),
     "memories": list(rcfg.memories),
     "w_percep": weights.w_percep,
+    "perception": args.perception,
     "vgg_taps_of_output": cfg.output_taps,
     "first_epoch": args.first_epoch,
     "ms_per_step": 1e3 * timing["median_s"],
@@ -233,4 +252,5 @@ def run(args: argparse.Namespace) -> dict:
     "published_refresh_bytes_per_sample": 2 * s * s * 8,
     **{f"refresh_{kind.name}_loss_on": float(metrics[f"refresh/{kind.name}_loss_on"])
        for kind in rcfg.kinds},
+    **profile,
   }
