@@ -2,7 +2,7 @@
 
 `run(recipe, workdir)` runs, in `workdir`:
 
-1. **data**: the training dataset is built by `builders.prepare` into `WORKDIR/data` (reused
+1. **data**: the training dataset is built by `prepare.prepare` into `WORKDIR/data` (reused
    while its source folder is unchanged);
 2. **teacher**: trained with the teacher config into `WORKDIR/teacher`, unless a teacher's
    weights are given (the published `teacher.model`, say);
@@ -135,7 +135,7 @@ def check_inputs(recipe: Recipe, student: Any, teacher: Optional[Any]) -> None:
 
   The VGG-19 weights of each stage with a term that reads them, the given teacher, the
   validation folders, the pairs of every test set and the weights of every reference. The
-  training pairs are checked by `builders.prepare`, before it builds anything.
+  training pairs are checked by `prepare.prepare`, before it builds anything.
 
   Args:
     recipe: the recipe.
@@ -223,11 +223,11 @@ def run(recipe: Recipe, workdir: str | os.PathLike, *, log: Callable[[str], None
 
   start = time.perf_counter()
   log(f"== data: {recipe.dataset} from {recipe.manual_dir}")
-  from mmdrfuse_jax.data import builders  # pylint: disable=g-import-not-at-top
+  from mmdrfuse_jax.data import prepare, sources  # pylint: disable=g-import-not-at-top
 
   try:
-    built = builders.prepare(recipe.dataset, recipe.manual_dir, data_dir, report=log)
-  except (builders.DataError, builders.BuildError, ValueError) as e:
+    built = prepare.prepare(recipe.dataset, recipe.manual_dir, data_dir, report=log)
+  except (sources.DataError, prepare.BuildError, ValueError) as e:
     raise ReproductionError(f"data: {e}") from None
   times.add("data", time.perf_counter() - start,
             images={k: len(v) for k, v in built.images.items()})

@@ -144,13 +144,13 @@ def test_cli_mistakes_are_one_line(tmp_path):
 
 @pytest.fixture
 def unbuilt(tmp_path, monkeypatch, teacher_file):
-  """A tiny recipe whose data must not be built: `builders.prepare` fails the test."""
-  from mmdrfuse_jax.data import builders
+  """A tiny recipe whose data must not be built: `prepare.prepare` fails the test."""
+  from mmdrfuse_jax.data import prepare
 
   def build(*args, **kwargs):
     raise AssertionError("the data was built before the recipe's files were checked")
 
-  monkeypatch.setattr(builders, "prepare", build)
+  monkeypatch.setattr(prepare, "prepare", build)
   synthetic.write_pairs(tmp_path / "train", 1, 32, 32, seed=0)
   synthetic.write_pairs(tmp_path / "test", 1, 48, 48, seed=1)
   return reproduce.Recipe(

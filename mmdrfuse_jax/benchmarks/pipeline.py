@@ -80,7 +80,7 @@ def make_dataset(num_pairs: int, size: int, data_dir: str) -> None:
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  from mmdrfuse_jax.data import builders, synthetic  # pylint: disable=g-import-not-at-top
+  from mmdrfuse_jax.data import prepare, synthetic  # pylint: disable=g-import-not-at-top
 
   tfds.disable_progress_bar()
   folder = pathlib.Path(data_dir) / "pairs"
@@ -91,7 +91,7 @@ def make_dataset(num_pairs: int, size: int, data_dir: str) -> None:
     print(f"wrote {num_pairs} pairs of {size}x{size} to {folder} "
           f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
   start = time.perf_counter()
-  built = builders.prepare("paired_folders", folder, data_dir)
+  built = prepare.prepare("paired_folders", folder, data_dir)
   print(f"{built.status}: {built.data_dir} ({time.perf_counter() - start:.0f} s)",
         file=sys.stderr)
 

@@ -4,7 +4,7 @@ Writes a procedural clip pair to a temporary folder (one `data.synthetic` scene,
 and visible colour, panned by two pixels a frame; H.264, yuv420p, crf 18, as a camera would
 store it), then times three runs of the same frames, each after a warm-up run that compiles:
 
-- `decode`: decoding the two videos into frame arrays (`video.decoded_batches`);
+- `decode`: decoding the two videos into frame arrays (`video_codecs.decoded_batches`);
 - `fuse`: decoding and fusing, the fused frames dropped (`video.fuse_frames`);
 - `encode`: the whole of `video.fuse_videos`: decoding, fusing, encoding (`--codec`, `--crf`,
   `--preset`) and writing the file.
@@ -24,7 +24,7 @@ import numpy as np
 
 from mmdrfuse_jax.benchmarks import common
 from mmdrfuse_jax.data import synthetic
-from mmdrfuse_jax.inference import fusion
+from mmdrfuse_jax.inference import fusion, video_codecs
 from mmdrfuse_jax.inference import video as video_fusion
 from mmdrfuse_jax.models import networks
 
@@ -40,8 +40,8 @@ def add_parser(subparsers) -> None:
                       help="frames per network call (default: as bin/fuse_video.py)")
   parser.add_argument("--model", choices=sorted(networks.MODELS), default="student")
   parser.add_argument("--color", action="store_true", help="colour fusion (as fuse_video.py)")
-  parser.add_argument("--codec", default=video_fusion.DEFAULT_CODEC)
-  parser.add_argument("--crf", type=int, default=video_fusion.DEFAULT_CRF)
+  parser.add_argument("--codec", default=video_codecs.DEFAULT_CODEC)
+  parser.add_argument("--crf", type=int, default=video_codecs.DEFAULT_CRF)
   parser.add_argument("--preset", default="", help="libx264 speed preset (default: medium)")
   parser.add_argument("--repeats", type=int, default=3)
   parser.set_defaults(run=run)
@@ -50,7 +50,7 @@ def add_parser(subparsers) -> None:
 def write_clip_pair(folder: pathlib.Path, frames: int, height: int,
                     width: int) -> tuple[pathlib.Path, pathlib.Path]:
   """Writes `folder/ir.mp4` and `folder/vis.mp4`: one procedural scene panned 2 pixels a frame."""
-  av = video_fusion.import_av()
+  av = video_codecs.import_av()
   ir, vis = synthetic.make_pairs(1, height, width, seed=0, color=True)
   paths = (folder / "ir.mp4", folder / "vis.mp4")
   for path, scene in zip(paths, (ir[0], vis[0])):
@@ -75,16 +75,16 @@ def run(args: argparse.Namespace) -> dict:
   params = jax.device_put(networks.init_params(args.model, jax.random.key(0)))
   batch = args.batch or video_fusion.default_batch()
   fuser = fusion.Fuser(params, color=args.color, bucket=0)
-  encoding = video_fusion.Encoding(codec=args.codec, crf=args.crf, preset=args.preset)
+  encoding = video_codecs.Encoding(codec=args.codec, crf=args.crf, preset=args.preset)
   with tempfile.TemporaryDirectory(prefix="bench-video-") as tmp:
     folder = pathlib.Path(tmp)
     ir, vis = write_clip_pair(folder, args.frames, args.height, args.width)
-    plan = video_fusion.plan(video_fusion.probe(ir), video_fusion.probe(vis))
+    plan = video_codecs.plan(video_codecs.probe(ir), video_codecs.probe(vis))
     out = folder / "fused.mp4"
-    pixel_format = video_fusion.check_encoding(out, encoding, plan, args.color)
+    pixel_format = video_codecs.check_encoding(out, encoding, plan, args.color)
     runs = {
         "decode": lambda: sum(len(irs) for irs, _ in
-                              video_fusion.decoded_batches(plan, batch)),
+                              video_codecs.decoded_batches(plan, batch)),
         "fuse": lambda: video_fusion.fuse_frames(fuser, plan, lambda images: None,
                                                  batch=batch),
         "encode": lambda: video_fusion.fuse_videos(fuser, plan, out, encoding=encoding,

@@ -327,7 +327,7 @@ class PatchDataset(_Patches):
   def from_tfds(cls, data_dir: str | os.PathLike, dataset: str, split: str = "train", *,
                 streaming: bool | str = False, num_threads: int | None = None,
                 check_source: bool = True, **kwargs) -> "PatchDataset | StreamingPatchDataset":
-    """Loads a split built by `bin/prepare_data.py` (`builders.prepare`) into memory.
+    """Loads a split built by `bin/prepare_data.py` (`prepare.prepare`) into memory.
 
     Records are read with `tfds.data_source` and decoded in `num_threads` grain threads
     (None: 4); the colour copies are not decoded.
@@ -344,7 +344,7 @@ class PatchDataset(_Patches):
     build) is used as it is.
 
     Raises:
-      builders.DataError: the dataset or split is not built in `data_dir`, or (with
+      sources.DataError: the dataset or split is not built in `data_dir`, or (with
         `check_source`) its source folder has changed since the build.
       ValueError: `streaming` is none of True, False, "auto", "on", "off".
     """
@@ -352,7 +352,7 @@ class PatchDataset(_Patches):
     if use_streaming(streaming, [(h, w) for _, h, w in images]):
       return StreamingPatchDataset.from_tfds(data_dir, dataset, split, num_threads=num_threads,
                                              built=(built, images), **kwargs)
-    from mmdrfuse_jax.data import builders  # pylint: disable=g-import-not-at-top
+    from mmdrfuse_jax.data import sources  # pylint: disable=g-import-not-at-top
 
     source = _data_source(data_dir, dataset, split, ("ir_color", "vis_color"))
     num_threads = 4 if num_threads is None else num_threads
@@ -365,7 +365,7 @@ class PatchDataset(_Patches):
         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * max(num_threads, 1)))
     records = sorted(ds, key=lambda r: r[0])
     if [r[0] for r in records] != list(range(len(records))):
-      raise builders.DataError(
+      raise sources.DataError(
           f"{built.data_dir}: image ids of split {split!r} are not 0..{len(records) - 1}")
     return cls([r[2] for r in records], [r[3] for r in records], stems=[r[1] for r in records],
                **kwargs)
@@ -432,19 +432,19 @@ class StreamingPatchDataset(_Patches):
       dataset: the builder config name.
       split: the split.
       check_source: refuse a build whose source folder has changed since.
-      built: (`builders.BuiltDataset`, its rows of `split`) already looked up.
+      built: (`prepare.BuiltDataset`, its rows of `split`) already looked up.
       **kwargs: for the constructor (patch_size, patch_stride, num_threads, cache_bytes).
 
     Raises:
-      builders.DataError: as `PatchDataset.from_tfds`, or the records do not match the
+      sources.DataError: as `PatchDataset.from_tfds`, or the records do not match the
         build's description (a build damaged since).
     """
-    from mmdrfuse_jax.data import builders  # pylint: disable=g-import-not-at-top
+    from mmdrfuse_jax.data import sources  # pylint: disable=g-import-not-at-top
 
     built, images = built or _open_split(data_dir, dataset, split, check_source)
     source = _data_source(data_dir, dataset, split, ("ir", "vis", "ir_color", "vis_color"))
     if len(source) != len(images):
-      raise builders.DataError(
+      raise sources.DataError(
           f"{built.data_dir}: split {split!r} has {len(source)} records but its description "
           f"lists {len(images)} images; rebuild it with bin/prepare_data.py")
     return cls(source, [(h, w) for _, h, w in images], stems=[s for s, _, _ in images],
@@ -454,7 +454,7 @@ class StreamingPatchDataset(_Patches):
     """Image `image_id`'s gray uint8 infrared and visible pixels, from the cache or the records.
 
     Raises:
-      builders.DataError: the record does not match the build's description.
+      sources.DataError: the record does not match the build's description.
     """
     pair = self._cache.get(image_id)
     if pair is not None:
@@ -462,9 +462,9 @@ class StreamingPatchDataset(_Patches):
     record = self._source[image_id]
     pair = (_gray_uint8(_decode(record["ir"])), _gray_uint8(_decode(record["vis"])))
     if int(record["image_id"]) != image_id or any(x.shape != self.sizes[image_id] for x in pair):
-      from mmdrfuse_jax.data import builders  # pylint: disable=g-import-not-at-top
+      from mmdrfuse_jax.data import sources  # pylint: disable=g-import-not-at-top
 
-      raise builders.DataError(
+      raise sources.DataError(
           f"{self._where}: record {image_id} holds image {int(record['image_id'])} of sizes "
           f"{pair[0].shape} and {pair[1].shape}, where the build's description has image "
           f"{image_id} of {self.sizes[image_id]}; rebuild it with bin/prepare_data.py")
@@ -647,16 +647,16 @@ def use_streaming(setting: bool | str, sizes: Sequence[tuple[int, int]]) -> bool
 
 def _open_split(data_dir, dataset: str, split: str, check_source: bool):
   """The build of `dataset` in `data_dir` and the rows (stem, height, width) of `split`."""
-  from mmdrfuse_jax.data import builders  # pylint: disable=g-import-not-at-top
+  from mmdrfuse_jax.data import prepare, sources  # pylint: disable=g-import-not-at-top
 
-  built = builders.load_built(dataset, data_dir)
-  stale = builders.source_changes(built) if check_source else None
+  built = prepare.load_built(dataset, data_dir)
+  stale = prepare.source_changes(built) if check_source else None
   if stale:
-    raise builders.DataError(
+    raise sources.DataError(
         f"{built.data_dir}: its source {built.source} changed since the build ({stale}); "
         "rebuild it with bin/prepare_data.py (or pass check_source=False to use it as built)")
   if split not in built.images:
-    raise builders.DataError(
+    raise sources.DataError(
         f"{built.data_dir}: no split {split!r} (built: {', '.join(sorted(built.images))})")
   return built, built.images[split]
 

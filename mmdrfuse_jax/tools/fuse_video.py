@@ -24,7 +24,7 @@ import argparse
 import pathlib
 import sys
 
-from mmdrfuse_jax.inference import batch_fuse, fusion, video
+from mmdrfuse_jax.inference import batch_fuse, fusion, video, video_codecs
 from mmdrfuse_jax.io import files, imageio
 from mmdrfuse_jax.models import weight_files
 from mmdrfuse_jax.runtime import backend, cli, interrupts
@@ -40,9 +40,9 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True,
                       help="output video (two videos) or folder (two folders of frames)")
   cli.add_output_arguments(parser, "frame")
-  parser.add_argument("--codec", default=video.DEFAULT_CODEC,
+  parser.add_argument("--codec", default=video_codecs.DEFAULT_CODEC,
                       help="FFmpeg video encoder: libx264, libx265, libvpx-vp9, ffv1 (lossless)...")
-  parser.add_argument("--crf", type=int, default=video.DEFAULT_CRF,
+  parser.add_argument("--crf", type=int, default=video_codecs.DEFAULT_CRF,
                       help=("quality of libx264/libx264rgb/libx265/libvpx-vp9: lower is better "
                             "(libx264rgb: 0 is lossless); other codecs ignore it"))
   parser.add_argument("--preset", default="",
@@ -50,11 +50,11 @@ def main(argv=None) -> int:
                             "codec's (medium); veryfast encodes several times faster"))
   parser.add_argument("--pix_fmt", default="auto",
                       help=("stored pixel format; auto: gray or RGB as fused for lossless codecs "
-                            f"({', '.join(video.EXACT_CODECS)}), else yuv420p"))
+                            f"({', '.join(video_codecs.EXACT_CODECS)}), else yuv420p"))
   parser.add_argument("--batch", type=int,
                       help=(f"frames fused per network call (default: {video.CPU_BATCH} on a CPU, "
                             f"{video.ACCELERATOR_BATCH} on a GPU or TPU)"))
-  parser.add_argument("--frame_count", choices=video.FRAME_COUNT_MODES, default="error",
+  parser.add_argument("--frame_count", choices=video_codecs.FRAME_COUNT_MODES, default="error",
                       help="videos of different lengths: error, or fuse as many as the shorter has")
   parser.add_argument("--resize", action="store_true",
                       help="frames of different sizes: resize the visible ones (bicubic)")
@@ -81,27 +81,27 @@ def _run(args: argparse.Namespace, stop: interrupts.StopRequest) -> int:
 def _videos(args: argparse.Namespace, params, stop: interrupts.StopRequest) -> int:
   out = pathlib.Path(args.out)
   try:
-    ir, vis = video.probe(args.ir), video.probe(args.vis)
-  except video.VideoError as e:
+    ir, vis = video_codecs.probe(args.ir), video_codecs.probe(args.vis)
+  except video_codecs.VideoError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   try:
-    plan = video.plan(ir, vis, frame_count=args.frame_count, resize=args.resize)
-  except video.MismatchError as e:
+    plan = video_codecs.plan(ir, vis, frame_count=args.frame_count, resize=args.resize)
+  except video_codecs.MismatchError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  encoding = video.Encoding(codec=args.codec, crf=args.crf, pixel_format=args.pix_fmt,
-                            preset=args.preset)
+  encoding = video_codecs.Encoding(codec=args.codec, crf=args.crf, pixel_format=args.pix_fmt,
+                                   preset=args.preset)
   try:
-    created = video.check_output(out, [("infrared input video (--ir)", ir.path),
-                                       ("visible input video (--vis)", vis.path)])
+    created = video_codecs.check_output(out, [("infrared input video (--ir)", ir.path),
+                                              ("visible input video (--vis)", vis.path)])
   except files.OutputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   try:
     try:
-      pixel_format = video.check_encoding(out, encoding, plan, args.color)
-    except video.VideoError as e:
+      pixel_format = video_codecs.check_encoding(out, encoding, plan, args.color)
+    except video_codecs.VideoError as e:
       print(f"error: {e}", file=sys.stderr)
       return 2
     backend.report(backend.stderr_log)  # what jax runs on, once the run will fuse
@@ -109,7 +109,7 @@ def _videos(args: argparse.Namespace, params, stop: interrupts.StopRequest) -> i
     try:
       frames = video.fuse_videos(fuser, plan, out, encoding=encoding, batch=args.batch,
                                  progress=not args.no_progress, stop=stop)
-    except video.VideoError as e:
+    except video_codecs.VideoError as e:
       print(f"error: {e}", file=sys.stderr)
       return 1
     except interrupts.Interrupted as e:  # The video is written atomically: nothing is left.
@@ -121,7 +121,7 @@ def _videos(args: argparse.Namespace, params, stop: interrupts.StopRequest) -> i
   shorter = (f"; the first {frames} frames (infrared has {ir.frames}, visible {vis.frames})"
              if ir.frames != vis.frames else "")
   print(f"fused {frames} frame(s) into {out} ({args.codec}, {pixel_format}, "
-        f"{video.format_rate(ir.rate)} fps){shorter}")
+        f"{video_codecs.format_rate(ir.rate)} fps){shorter}")
   return 0
 
 

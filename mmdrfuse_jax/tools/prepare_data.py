@@ -18,14 +18,14 @@ import os
 import sys
 import tempfile
 
-from mmdrfuse_jax.data import builders
+from mmdrfuse_jax.data import builders, catalog, prepare, sources
 from mmdrfuse_jax.runtime import interrupts
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--dataset", required=True, choices=builders.CONFIG_NAMES)
+  parser.add_argument("--dataset", required=True, choices=catalog.CONFIG_NAMES)
   parser.add_argument("--manual_dir",
                       help="the folder holding the downloaded pairs (required to build)")
   parser.add_argument("--data_dir",
@@ -67,14 +67,14 @@ def main(argv=None) -> int:
   absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS warns about its own temporary folders.
   try:
     with interrupts.raise_on_signals():
-      built = builders.prepare(
+      built = prepare.prepare(
           args.dataset, os.path.expanduser(args.manual_dir), os.path.expanduser(args.data_dir),
           skip_bad=args.skip_bad, resize_visible=args.resize_visible, ir_folder=args.ir_folder,
           vis_folder=args.vis_folder, report=print)
-  except builders.BuildError as e:
+  except prepare.BuildError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  except builders.DataError as e:
+  except sources.DataError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except interrupts.Interrupted as e:
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     return interrupts.exit_code(e.signum)
   print(f"{built.status}: {built.data_dir}")
   if built.skipped:
-    print(builders.format_report(built.skipped, skipped=True))
+    print(sources.format_report(built.skipped, skipped=True))
   for split, stems in sorted(built.resized.items()):
     if stems:
       print(f"{split}: {len(stems)} visible image(s) resized to their infrared size")

@@ -82,7 +82,7 @@ def _load_patches(config: Any):
         int(d.synthetic_pairs), int(d.synthetic_height), int(d.synthetic_width),
         seed=int(config.seed), **kwargs)
   _check_data_named(config)
-  from mmdrfuse_jax.data import builders  # pylint: disable=g-import-not-at-top
+  from mmdrfuse_jax.data import sources as data_sources  # pylint: disable=g-import-not-at-top
 
   try:
     names, weights = pipeline.mixture_spec(d.dataset, d.get("weights", ""))
@@ -94,7 +94,7 @@ def _load_patches(config: Any):
     try:
       dataset = pipeline.PatchDataset.from_tfds(os.path.expanduser(d.data_dir), name, d.split,
                                                 streaming=d.get("streaming", "auto"), **kwargs)
-    except (builders.DataError, ValueError) as e:
+    except (data_sources.DataError, ValueError) as e:
       raise TrainingError(str(e)) from None
     if fraction:  # The validation side of the split (`data/holdout.py`) never trains.
       from mmdrfuse_jax.data import holdout  # pylint: disable=g-import-not-at-top

@@ -171,9 +171,9 @@ def _generated_pairs(config: Any, s: Settings, limit: Optional[int]
   The images: lists of (H, W) arrays for a split, (N, H, W) arrays for procedural pairs.
   """
   from mmdrfuse_jax.data import (  # pylint: disable=g-import-not-at-top
-      builders,
       holdout,
       pipeline,
+      sources,
       synthetic,
   )
 
@@ -197,7 +197,7 @@ def _generated_pairs(config: Any, s: Settings, limit: Optional[int]
                   for i in ids]
       found = sorted(found, key=lambda f: f[0])[:limit]
       pairs = [data.image(i) for _, data, i in found]
-    except (builders.DataError, ValueError) as e:
+    except (sources.DataError, ValueError) as e:
       raise ValidationError(f"validation split {v.split!r}: {e}") from None
     return [f[0] for f in found], [p[0] for p in pairs], [p[1] for p in pairs]
   # Procedural pairs after the training pairs of the same seed (pair i depends only on the

@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO_ROOT
 from PIL import Image
 
-from mmdrfuse_jax.data import builders, pipeline, synthetic
+from mmdrfuse_jax.data import catalog, pipeline, prepare, sources, synthetic
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,7 +62,7 @@ def _check_pixels(ds: pipeline.PatchDataset, folder: pathlib.Path, image_ids, re
 @pytest.fixture(scope="module")
 def roadscene(shared, tmp_path_factory):
   folder = shared / "data" / "RoadScene_train"
-  built = builders.prepare("roadscene", folder, tmp_path_factory.mktemp("tfds_roadscene"))
+  built = prepare.prepare("roadscene", folder, tmp_path_factory.mktemp("tfds_roadscene"))
   return folder, built
 
 
@@ -70,7 +70,7 @@ def roadscene(shared, tmp_path_factory):
 def llvip(shared, tmp_path_factory):
   folder = shared / "data" / "LLVIP_train"
   data_dir = tmp_path_factory.mktemp("tfds_llvip")
-  built = builders.prepare("llvip", folder, data_dir)
+  built = prepare.prepare("llvip", folder, data_dir)
   return folder, built, data_dir
 
 
@@ -116,7 +116,7 @@ def test_rebuild_gives_same_ids_and_order(shared, tmp_path):
       (subset / sub / p.name).symlink_to(p)
   loaded = []
   for name in ("a", "b"):
-    builders.prepare("paired_folders", subset, tmp_path / name)
+    prepare.prepare("paired_folders", subset, tmp_path / name)
     loaded.append(pipeline.PatchDataset.from_tfds(tmp_path / name, "paired_folders"))
   a, b = loaded
   assert a.num_patches == b.num_patches == 320
@@ -225,22 +225,22 @@ def _layout_tree(root: pathlib.Path, dirs):
 ])
 def test_layouts(tmp_path, config, dirs, expected):
   root = _layout_tree(tmp_path / "d", dirs)
-  cfg = next(c for c in builders.CONFIGS if c.name == config)
-  got = builders.find_layout(root, cfg)
+  cfg = next(c for c in catalog.CONFIGS if c.name == config)
+  got = sources.find_layout(root, cfg)
   assert {s: (str(a.relative_to(root)), str(b.relative_to(root)))
           for s, (a, b) in got.items()} == expected
-  assert cfg.name in builders.CONFIG_NAMES and "Get it from" in cfg.instructions()
+  assert cfg.name in catalog.CONFIG_NAMES and "Get it from" in cfg.instructions()
 
 
 def test_every_config_accepts_ir_vi_and_custom_folders(tmp_path):
   root = _layout_tree(tmp_path / "d", ["ir", "vi"])
-  for cfg in builders.CONFIGS:
-    assert list(builders.find_layout(root, cfg)) == ["train"]
+  for cfg in catalog.CONFIGS:
+    assert list(sources.find_layout(root, cfg)) == ["train"]
   custom = _layout_tree(tmp_path / "c", ["thermal", "rgb"])
-  got = builders.find_layout(custom, builders.paired_folders_config("thermal", "rgb"))
+  got = sources.find_layout(custom, catalog.paired_folders_config("thermal", "rgb"))
   assert got["train"] == (custom / "thermal", custom / "rgb")
-  with pytest.raises(builders.DataError, match="no infrared and visible folders"):
-    builders.find_layout(custom, next(c for c in builders.CONFIGS if c.name == "msrs"))
+  with pytest.raises(sources.DataError, match="no infrared and visible folders"):
+    sources.find_layout(custom, next(c for c in catalog.CONFIGS if c.name == "msrs"))
 
 
 def _bad_folder(root: pathlib.Path) -> pathlib.Path:
@@ -260,8 +260,8 @@ def _bad_folder(root: pathlib.Path) -> pathlib.Path:
 
 def test_bad_folder_report_and_skip(tmp_path):
   folder = _bad_folder(tmp_path / "bad")
-  with pytest.raises(builders.DataError) as err:
-    builders.prepare("paired_folders", folder, tmp_path / "out")
+  with pytest.raises(sources.DataError) as err:
+    prepare.prepare("paired_folders", folder, tmp_path / "out")
   report = str(err.value)
   assert report.startswith("4 problem(s)")
   for stem, what in (("0003", "no partner"), ("0004", "different sizes"), ("0005", "cannot read"),
@@ -270,7 +270,7 @@ def test_bad_folder_report_and_skip(tmp_path):
   assert not (tmp_path / "out" / "fusion_pairs" / "paired_folders" / "1.0.0"
               / "dataset_info.json").exists()
 
-  built = builders.prepare("paired_folders", folder, tmp_path / "out", skip_bad=True)
+  built = prepare.prepare("paired_folders", folder, tmp_path / "out", skip_bad=True)
   assert [s for s, _, _ in built.images["train"]] == ["0000", "0001", "0002"]
   assert len(built.skipped) == 4
   ds = pipeline.PatchDataset.from_tfds(tmp_path / "out", "paired_folders")
@@ -313,7 +313,7 @@ def test_build_leaves_no_temporary_folders_and_asks_no_bucket(tmp_path, monkeypa
 
   monkeypatch.setattr(gcs_utils, "gcs_dataset_info_files", no_bucket)
   synthetic.write_pairs(tmp_path / "pairs", 2, 128, 128, seed=0)
-  builders.prepare("paired_folders", tmp_path / "pairs", tmp_path / "out")
+  prepare.prepare("paired_folders", tmp_path / "pairs", tmp_path / "out")
   assert list(scratch.iterdir()) == []
 
 
@@ -352,9 +352,9 @@ def test_no_tensorflow_and_two_device_sharding(tmp_path):
       import jax, numpy as np
       import tensorflow_datasets as tfds
       tfds.disable_progress_bar()
-      from mmdrfuse_jax.data import builders, pipeline, synthetic
+      from mmdrfuse_jax.data import pipeline, prepare, synthetic
       synthetic.write_pairs({str(tmp_path / 'src')!r}, 3, 128, 256, seed=0)
-      builders.prepare("paired_folders", {str(tmp_path / 'src')!r}, {str(tmp_path / 'out')!r})
+      prepare.prepare("paired_folders", {str(tmp_path / 'src')!r}, {str(tmp_path / 'out')!r})
       ds = pipeline.PatchDataset.from_tfds({str(tmp_path / 'out')!r}, "paired_folders")
       mesh = jax.make_mesh((2,), ("data",))
       n = 0

@@ -1,6 +1,6 @@
 """Building datasets when things go wrong: stale builds, bad paths, full or read-only disks.
 
-Each test reproduces one user-visible case of bin/prepare_data.py, `builders.prepare` or
+Each test reproduces one user-visible case of bin/prepare_data.py, `prepare.prepare` or
 `PatchDataset.from_tfds` on 2-3 tiny pairs. Disk-full and read-only cases use a real tmpfs
 when this process may mount one (root), and are skipped otherwise; in-process simulations
 of the same errors always run.
@@ -23,7 +23,7 @@ import tensorflow_datasets as tfds
 from conftest import REPO_ROOT, load_script, tmpfs
 from PIL import Image
 
-from mmdrfuse_jax.data import builders, pipeline, synthetic
+from mmdrfuse_jax.data import builders, pipeline, prepare, sources, synthetic
 from mmdrfuse_jax.io import files
 
 DATASET = "paired_folders"
@@ -90,7 +90,7 @@ def test_unchanged_source_is_already_built(cli, capsys, tmp_path):
   synthetic.write_pairs(src, 3, 64, 64, seed=0)
   code, stdout, _ = _run(cli, capsys, src, out)
   assert code == 0 and stdout.startswith(f"built: {_version_dir(out)}")
-  record = builders.read_source_record(_version_dir(out))
+  record = sources.read_source_record(_version_dir(out))
   assert record["options"] == {"config": DATASET, "ir_folders": ["ir"], "vis_folders": ["vi"],
                                "resize_visible": False, "skip_bad": False}
   assert sorted(record["files"]) == [f"{s}/{i:04d}.png" for s in ("ir", "vi") for i in range(3)]
@@ -121,7 +121,7 @@ def test_paired_folders_with_named_folders(cli, capsys, tmp_path):
   assert (code, err) == (0, ""), err
   assert stdout.startswith(f"built: {_version_dir(out)}\n")
   assert "train: 2 images, 8 patches" in stdout
-  record = builders.read_source_record(_version_dir(out))
+  record = sources.read_source_record(_version_dir(out))
   assert record["options"]["ir_folders"] == ["thermal", "ir"]
   assert record["options"]["vis_folders"] == ["rgb", "vi"]
   assert sorted(record["files"]) == [f"{sub}/{i:04d}.png" for sub in ("rgb", "thermal")
@@ -175,18 +175,18 @@ def test_build_without_record_is_rebuilt(cli, capsys, tmp_path):
   src, out = tmp_path / "src", tmp_path / "out"
   synthetic.write_pairs(src, 2, 64, 64, seed=0)
   assert _run(cli, capsys, src, out)[0] == 0
-  (_version_dir(out) / builders.SOURCE_RECORD).unlink()
+  (_version_dir(out) / sources.SOURCE_RECORD).unlink()
   assert pipeline.PatchDataset.from_tfds(out, DATASET, patch_size=32).num_images == 2
   code, stdout, _ = _run(cli, capsys, src, out)
   assert code == 0 and stdout.startswith(
       "no record of the files it was built from (built by an earlier version): rebuilding\n")
-  assert (_version_dir(out) / builders.SOURCE_RECORD).is_file()
+  assert (_version_dir(out) / sources.SOURCE_RECORD).is_file()
 
 
 def test_training_refuses_a_stale_build(tmp_path):
   src, out = tmp_path / "src", tmp_path / "out"
   synthetic.write_pairs(src, 2, 64, 64, seed=0)
-  builders.prepare(DATASET, src, out)
+  prepare.prepare(DATASET, src, out)
   assert pipeline.PatchDataset.from_tfds(out, DATASET, patch_size=32).num_images == 2
   # A copy of the folder (new modification times, same contents) is not a change.
   for path in sorted(src.rglob("*.png")):
@@ -197,7 +197,7 @@ def test_training_refuses_a_stale_build(tmp_path):
   data = bytearray(path.read_bytes())
   data[-20] ^= 0xFF
   path.write_bytes(bytes(data))
-  with pytest.raises(builders.DataError) as err:
+  with pytest.raises(sources.DataError) as err:
     pipeline.PatchDataset.from_tfds(out, DATASET, patch_size=32)
   message = str(err.value)
   assert "\n" not in message
@@ -238,7 +238,7 @@ def test_bad_data_dir_and_manual_dir(cli, capsys, tmp_path, monkeypatch):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
       return real_scandir(path)
 
-    monkeypatch.setattr(builders.os, "scandir", scandir)
+    monkeypatch.setattr(prepare.os, "scandir", scandir)
   try:
     assert _run(cli, capsys, unreadable, out) == (
         2, "", f"error: {unreadable}: permission denied\n")
@@ -392,7 +392,7 @@ def test_failed_rebuild_keeps_the_earlier_build(cli, capsys, tmp_path, monkeypat
   assert err == (f"error: {out}: no space left on device while building '{DATASET}'; "
                  "the earlier build is kept\n")
   assert _is_built(out) and _leftovers(out) == []
-  assert builders.read_source_record(_version_dir(out)) is not None
+  assert sources.read_source_record(_version_dir(out)) is not None
 
 
 def test_killed_build_is_not_taken_as_built(cli, capsys, tmp_path):
@@ -403,7 +403,7 @@ def test_killed_build_is_not_taken_as_built(cli, capsys, tmp_path):
       import os, signal
       import tensorflow_datasets as tfds
       tfds.disable_progress_bar()
-      from mmdrfuse_jax.data import builders
+      from mmdrfuse_jax.data import builders, prepare
       real_png, calls = builders._png, []
 
       def png(image):
@@ -413,7 +413,7 @@ def test_killed_build_is_not_taken_as_built(cli, capsys, tmp_path):
         return real_png(image)
 
       builders._png = png
-      builders.prepare({DATASET!r}, {str(src)!r}, {str(out)!r})
+      prepare.prepare({DATASET!r}, {str(src)!r}, {str(out)!r})
   """)
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -422,7 +422,7 @@ def test_killed_build_is_not_taken_as_built(cli, capsys, tmp_path):
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
   leftovers = _leftovers(out)
   assert len(leftovers) == 1 and not _is_built(out)
-  with pytest.raises(builders.DataError, match="no built 'paired_folders' dataset"):
+  with pytest.raises(sources.DataError, match="no built 'paired_folders' dataset"):
     pipeline.PatchDataset.from_tfds(out, DATASET)
   code, stdout, _ = _run(cli, capsys, src, out)
   assert code == 0
@@ -440,8 +440,8 @@ def test_os_error_messages():
       "/d: input/output error")
   wrapped = RuntimeError("Failed: wrapped")
   wrapped.__cause__ = OSError(errno.EROFS, os.strerror(errno.EROFS))
-  assert builders._as_os_error(wrapped).errno == errno.EROFS
-  assert builders._as_os_error(ValueError("no")) is None
+  assert prepare._as_os_error(wrapped).errno == errno.EROFS
+  assert prepare._as_os_error(ValueError("no")) is None
 
 
 def test_sigterm_during_a_build_keeps_nothing_half_written(cli, capsys, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
-from mmdrfuse_jax.data import builders, pipeline, synthetic
+from mmdrfuse_jax.data import pipeline, prepare, sources, synthetic
 from mmdrfuse_jax.io import imageio
 
 PATCH = dict(patch_size=64, patch_stride=48)
@@ -31,7 +31,7 @@ def built(tmp_path_factory):
     imageio.write_image_atomic(src / "ir" / f"{stem}.png", ir[0])
     imageio.write_image_atomic(src / "vi" / f"{stem}.png", vis[0])
   data_dir = tmp_path_factory.mktemp("tfds")
-  builders.prepare("paired_folders", src, data_dir)
+  prepare.prepare("paired_folders", src, data_dir)
   return data_dir
 
 
@@ -196,7 +196,7 @@ def test_records_that_disagree_with_the_description(built):
   sizes[2] = (224, 160)
   bad = pipeline.StreamingPatchDataset(good._source, sizes, stems=good.stems, where="the build",
                                        **PATCH)
-  with pytest.raises(builders.DataError, match=r"the build: record 2 holds image 2 of sizes "
+  with pytest.raises(sources.DataError, match=r"the build: record 2 holds image 2 of sizes "
                      r"\(160, 224\) and \(160, 224\), where .* \(224, 160\); rebuild it"):
     list(bad.iterate(7, seed=0, num_epochs=1, num_threads=2))
   with pytest.raises(ValueError, match="7 records but 6 image sizes"):

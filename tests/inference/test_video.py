@@ -24,7 +24,7 @@ from conftest import REPO_ROOT, load_script, save_image, tmpfs
 from PIL import Image
 
 from mmdrfuse_jax.benchmarks import suite
-from mmdrfuse_jax.inference import fusion, video
+from mmdrfuse_jax.inference import fusion, video, video_codecs
 from mmdrfuse_jax.models import weight_files
 from mmdrfuse_jax.runtime import interrupts
 
@@ -109,11 +109,11 @@ def assert_within_one_level(frames, expected):
 @pytest.mark.slow
 def test_video_frames_match_fuse_py(clips, weights, tmp_path):
   params = weight_files.load_params(weights, "student")
-  plan = video.plan(video.probe(clips["ir"]), video.probe(clips["vis"]))
+  plan = video_codecs.plan(video_codecs.probe(clips["ir"]), video_codecs.probe(clips["vis"]))
   assert (plan.frames, plan.ir.array_format, plan.vis.array_format) == (6, "gray", "rgb24")
   out = tmp_path / "fused.mkv"
   written = video.fuse_videos(fusion.Fuser(params, bucket=0), plan, out, batch=int(BATCH),
-                              encoding=video.Encoding(codec="ffv1"), progress=False)
+                              encoding=video_codecs.Encoding(codec="ffv1"), progress=False)
   assert written == FRAMES
   frames, rate = read_clip(out, "gray")
   assert rate == RATE
@@ -126,12 +126,12 @@ def test_sources_of_more_than_8_bits_give_16_bits(clips, weights, tmp_path):
   ir = write_clip(tmp_path / "ir16.mkv", ir16)
   vis = write_clip(tmp_path / "vis10.mkv", make_frames(4, HEIGHT, WIDTH, True, 5),
                    pix_fmt="yuv444p10le")
-  plan = video.plan(video.probe(ir), video.probe(vis))
+  plan = video_codecs.plan(video_codecs.probe(ir), video_codecs.probe(vis))
   assert (plan.ir.array_format, plan.vis.array_format) == ("gray16le", "rgb48le")
   params = weight_files.load_params(weights, "student")
   out = tmp_path / "fused.mkv"
   video.fuse_videos(fusion.Fuser(params, bucket=0, color=True), plan, out, batch=int(BATCH),
-                    encoding=video.Encoding(codec="ffv1"), progress=False)
+                    encoding=video_codecs.Encoding(codec="ffv1"), progress=False)
   frames, _ = read_clip(out, "rgb48le")
   fuser = fusion.Fuser(params, color=True)
   assert_within_one_level(frames, [fuser.fuse_images(a, b) for a, b in
@@ -220,8 +220,9 @@ def test_shorter_and_resize(clips, weights, tmp_path, capsys):
   wide, _ = read_clip(clips["wide"], "rgb24")
   irs, _ = read_clip(clips["ir"], "gray")
   fuser = fusion.Fuser(weight_files.load_params(weights, "student"))
-  assert_within_one_level(frames, [fuser.fuse_images(ir, video.resize_image(vis, HEIGHT, WIDTH))
-                                   for ir, vis in zip(irs, wide)])
+  assert_within_one_level(
+      frames, [fuser.fuse_images(ir, video_codecs.resize_image(vis, HEIGHT, WIDTH))
+               for ir, vis in zip(irs, wide)])
 
 
 @pytest.mark.parametrize("out_name, extra, message", [
@@ -279,14 +280,14 @@ def test_sigterm_stops_without_a_file(clips, weights, tmp_path, capsys, monkeypa
 
 
 def test_failure_midway_leaves_no_file(clips, weights, tmp_path, capsys, monkeypatch):
-  batches = video.decoded_batches
+  batches = video_codecs.decoded_batches
 
   def fail_after_one_batch(plan, batch, *decoders):
     iterator = batches(plan, batch, *decoders)
     yield next(iterator)
-    raise video.VideoError(f"{plan.vis.path}: cannot decode frame 3 (test)")
+    raise video_codecs.VideoError(f"{plan.vis.path}: cannot decode frame 3 (test)")
 
-  monkeypatch.setattr(video, "decoded_batches", fail_after_one_batch)
+  monkeypatch.setattr(video_codecs, "decoded_batches", fail_after_one_batch)
   out = tmp_path / "out.mkv"
   code = fuse_video.main(["--weights", str(weights), "--ir", str(clips["ir"]),
                           "--vis", str(clips["vis"]), "--out", str(out), "--codec", "ffv1",
@@ -315,13 +316,13 @@ def test_without_pyav_videos_are_one_line(clips, weights, tmp_path, capsys, monk
                           "--vis", str(clips["vis"]), "--out", str(tmp_path / "out.mkv")])
   assert code == 2
   (line,) = capsys.readouterr().err.splitlines()
-  assert line == f"error: reading and writing videos needs PyAV: {video.INSTALL_HINT}"
+  assert line == f"error: reading and writing videos needs PyAV: {video_codecs.INSTALL_HINT}"
   assert os.listdir(tmp_path) == []
 
 
 def test_rates_in_messages():
-  assert video.format_rate(fractions.Fraction(25)) == "25"
-  assert video.format_rate(fractions.Fraction(30000, 1001)) == "30000/1001 (29.97)"
+  assert video_codecs.format_rate(fractions.Fraction(25)) == "25"
+  assert video_codecs.format_rate(fractions.Fraction(30000, 1001)) == "30000/1001 (29.97)"
 
 
 def test_bench_video_reports_frames_per_second(capsys):
@@ -354,8 +355,8 @@ class CopyFuser:
 @pytest.mark.parametrize("ending", ["completed", "stopped", "failed"])
 def test_decoders_are_freed_in_the_calling_thread(clips, monkeypatch, ending):
   # Freeing a decoder waits for FFmpeg's decoding threads while PyAV holds the interpreter lock;
-  # from the reader thread, that froze a stopped bin/fuse_video.py (`video.Decoders.close`).
-  plan = video.plan(video.probe(clips["ir"]), video.probe(clips["vis"]))
+  # from the reader thread, that froze a stopped bin/fuse_video.py (`video_codecs.Decoders.close`).
+  plan = video_codecs.plan(video_codecs.probe(clips["ir"]), video_codecs.probe(clips["vis"]))
   stop = None
   if ending == "stopped":
     stop = interrupts.StopRequest()  # not entered: a flag, already set
@@ -387,7 +388,7 @@ def test_decoders_are_freed_in_the_calling_thread(clips, monkeypatch, ending):
   monkeypatch.setattr(av, "open", lambda *args, **kwargs: Recorded(real_open(*args, **kwargs)))
   fused = []
   expected = {"completed": None, "stopped": interrupts.Interrupted,
-              "failed": video.VideoError}[ending]
+              "failed": video_codecs.VideoError}[ending]
   try:
     video.fuse_frames(CopyFuser(), plan, fused.extend, batch=2, stop=stop)
   except BaseException as e:  # pylint: disable=broad-except
@@ -400,7 +401,7 @@ def test_decoders_are_freed_in_the_calling_thread(clips, monkeypatch, ending):
 def test_a_second_signal_while_stopping_still_waits_for_the_reader(clips, monkeypatch):
   # A second Ctrl-C raises KeyboardInterrupt in the main thread; if that ended the wait for the
   # reader thread, the decoders would be freed while it still decodes with them.
-  plan = video.plan(video.probe(clips["ir"]), video.probe(clips["vis"]))
+  plan = video_codecs.plan(video_codecs.probe(clips["ir"]), video_codecs.probe(clips["vis"]))
   pair = ([np.zeros((HEIGHT, WIDTH), np.uint8)], [np.zeros((HEIGHT, WIDTH, 3), np.uint8)])
   decoding, second_signal, decoded = threading.Event(), threading.Event(), threading.Event()
 
@@ -417,7 +418,7 @@ def test_a_second_signal_while_stopping_still_waits_for_the_reader(clips, monkey
     os.kill(os.getpid(), signal.SIGINT)
     second_signal.set()
 
-  monkeypatch.setattr(video, "decoded_batches", slow_batches)
+  monkeypatch.setattr(video_codecs, "decoded_batches", slow_batches)
   with interrupts.StopRequest() as stop:
 
     class SignallingFuser(CopyFuser):
@@ -453,10 +454,10 @@ _FREE_BUSY_DECODERS = textwrap.dedent("""
     logging.getLogger("libav").addHandler(logging.NullHandler())
     logging.getLogger("libav").propagate = False
     av.logging.set_level(av.logging.VERBOSE)
-    from mmdrfuse_jax.inference import video
-    plan = video.plan(video.probe(sys.argv[1]), video.probe(sys.argv[2]))
+    from mmdrfuse_jax.inference import video_codecs
+    plan = video_codecs.plan(video_codecs.probe(sys.argv[1]), video_codecs.probe(sys.argv[2]))
     for _ in range(int(sys.argv[3])):
-      decoders = video.Decoders(plan)
+      decoders = video_codecs.Decoders(plan)
       decoders.next_frames(0)
       decoders.close()
     print("freed")

@@ -192,11 +192,11 @@ def test_unusable_pairs_stop_before_training(tmp_path, teacher_file):
 def test_split_pairs_are_the_built_images(tmp_path, teacher_file):
   # A split of the run's built dataset: only the first `max_pairs` pairs by stem, read from
   # the records one by one, with the pixels the training pipeline reads.
-  from mmdrfuse_jax.data import builders, pipeline, synthetic
+  from mmdrfuse_jax.data import pipeline, prepare, synthetic
 
   synthetic.write_pairs(tmp_path / "msrs" / "train", 1, 64, 64, seed=0)
   synthetic.write_pairs(tmp_path / "msrs" / "test", 3, 64, 80, seed=1)
-  builders.prepare("msrs", tmp_path / "msrs", tmp_path / "tfds")
+  prepare.prepare("msrs", tmp_path / "msrs", tmp_path / "tfds")
   config = tiny_config(teacher_file)
   config.data.synthetic_pairs = 0
   config.data.dataset, config.data.data_dir = "msrs", str(tmp_path / "tfds")
@@ -221,10 +221,10 @@ def test_due_steps():
 
 
 def test_holdout_pairs_validate_and_never_train(tmp_path, teacher_file):
-  from mmdrfuse_jax.data import builders, synthetic
+  from mmdrfuse_jax.data import prepare, synthetic
 
   synthetic.write_pairs(tmp_path / "msrs" / "train", 12, 48, 48, seed=0)
-  builders.prepare("msrs", tmp_path / "msrs", tmp_path / "tfds")
+  prepare.prepare("msrs", tmp_path / "msrs", tmp_path / "tfds")
   config = tiny_config(teacher_file)
   config.data.synthetic_pairs = 0
   config.data.dataset, config.data.data_dir = "msrs", str(tmp_path / "tfds")
@@ -245,12 +245,12 @@ def test_holdout_pairs_validate_and_never_train(tmp_path, teacher_file):
 
 
 def test_mixture_holds_out_each_dataset_and_never_trains_on_it(tmp_path, teacher_file):
-  from mmdrfuse_jax.data import builders, pipeline, synthetic
+  from mmdrfuse_jax.data import pipeline, prepare, synthetic
 
   for name, seed in (("msrs", 0), ("llvip", 1)):
     synthetic.write_pairs(tmp_path / name / "train", 10, 48, 48, seed=seed)
-  builders.prepare("msrs", tmp_path / "msrs", tmp_path / "tfds")
-  builders.prepare("llvip", tmp_path / "llvip", tmp_path / "tfds")
+  prepare.prepare("msrs", tmp_path / "msrs", tmp_path / "tfds")
+  prepare.prepare("llvip", tmp_path / "llvip", tmp_path / "tfds")
   config = tiny_config(teacher_file)
   config.data.synthetic_pairs = 0
   config.data.dataset, config.data.data_dir = "msrs,llvip", str(tmp_path / "tfds")
