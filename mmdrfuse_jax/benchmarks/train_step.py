@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
   metrics = jax.device_get(box["metrics"])
   profile = {}
   if args.profile:
-    ids_now = ids[box["calls"] % id_sets]
+    ids_now = ids[0]
     state_now = box["state"]
     cost = step.jitted.lower(state_now.replace(memory={}), state_now.memory,  # type: ignore
                              {**batch, "patch_id": ids_now}, frozen).compile()

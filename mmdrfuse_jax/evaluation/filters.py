@@ -14,7 +14,7 @@ its VJP: pad the cotangent, filter again (forward pass's cost).
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, cast
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +47,7 @@ def _correlate_axis(x: Array, taps: Sequence[float], axis: int, stride: int = 1)
     acc = term if acc is None else acc + term
   if acc is None:
     return jnp.zeros_like(tap(0))
-  return cast(Array, acc)
+  return acc
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))

@@ -418,8 +418,8 @@ def test_teacher_perception_runs_no_vgg(teacher_file):
   state = _fresh_state(cfg, teacher, mesh)
   out = networks.Student().apply({"params": state.params}, jnp.concatenate(
       [batch["ir"], batch["vis"]], -1))["out"]
-  want = losses.perception_loss(distill.teacher_features(teacher, out),
-                                *(distill.teacher_features(teacher, batch[k]) for k in ("ir", "vis")))
+  sources = (distill.teacher_features(teacher, batch[k]) for k in ("ir", "vis"))
+  want = losses.perception_loss(distill.teacher_features(teacher, out), *sources)
   _, metrics = update.make_train_step(cfg, mesh)(state, batch, frozen)  # Donates `state`.
   assert float(metrics["nonfinite"]) == 0.0 and float(metrics["l_percep"]) > 0
   np.testing.assert_allclose(metrics["l_percep"], want, rtol=1e-5)
