@@ -1,5 +1,10 @@
 """`bench.py infer`: time the jitted `fuse` on random images of a given size.
 
+Beside it, the memory bound: the time of the cheapest jitted function that moves the same
+bytes (reads both inputs, writes one output of the same size: their element-wise maximum).
+No fusion can run faster than that on the same device; the ratio says how far from it the
+network is.
+
 `--engine stablehlo|onnxruntime` times the exported file instead (`mmdrfuse_jax.inference.export`):
 the StableHLO file through `jax.export.deserialize(...).call` (jitted), the ONNX file through
 an onnxruntime CPU session; the result then also gives the file's size.
@@ -17,6 +22,12 @@ from mmdrfuse_jax.inference import fusion
 from mmdrfuse_jax.models import networks
 
 ENGINES = ("jax", "stablehlo", "onnxruntime")
+
+
+@jax.jit
+def _same_bytes(ir: jax.Array, vis: jax.Array) -> jax.Array:
+  """Reads both images and writes one of their size: the traffic of a fusion, no network."""
+  return jax.numpy.maximum(ir, vis)
 
 
 def add_parser(subparsers) -> None:
@@ -63,6 +74,11 @@ def run(args: argparse.Namespace) -> dict:
       extra["device"] = (f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider, "
                          f"{common.device_description()}")
   timing = common.time_call(fn, repeats=args.repeats)
+  if engine == "jax":
+    bound = common.time_call(lambda: _same_bytes(ir, vis), repeats=args.repeats)
+    extra["bound_ms_per_image"] = 1e3 * bound["median_s"] / args.batch
+    extra["bound_bytes_per_image"] = 3 * args.height * args.width * ir.dtype.itemsize
+    extra["times_the_bound"] = timing["median_s"] / bound["median_s"]
   return {
       "benchmark": "infer",
       "engine": engine,
