@@ -2,11 +2,19 @@
 
 Runs inference (student and teacher; 640x480 and 1280x1024; batch 1 and 32), the metrics,
 the patch pipeline, video fusion (640x480 and 1280x1024: decoded and fused, and encoded too)
-and the training step (student and teacher; each precision mode), one after another in this
-process, and writes `DIR/bench.json` (every result, with the device, the jax version and the
-date) and `DIR/bench.md` (one table). Each result is also written as soon as it is measured,
-so an interrupted suite keeps what it finished. `--reduced` runs the same items at tiny sizes
-(for a CPU, and for the tests); `--only` picks items by name.
+and the training step (student and teacher; each precision mode; the student's also with the
+teacher in the step), one after another in this process, and writes `DIR/bench.json` (every
+result, with the device, the jax version and the date) and `DIR/bench.md` (one table). Each
+result is also written as soon as it is measured, so an interrupted suite keeps what it
+finished. `--reduced` runs the same items at tiny sizes (for a CPU, and for the tests);
+`--only` picks items by name.
+
+Where PyTorch is installed (the `bench` extra), the suite ends with the PyTorch baseline
+(`torch_baseline`, items `torch-*`): the student's inference at both sizes, the teacher's at
+640x480 and the student's train step (batch 25 of 128x128, teacher in the step), eager and
+through `torch.compile`, each printed beside the JAX item that does the same work, with the
+ratio of the times (`torch_baseline` in bench.json, a second table in bench.md). Without
+PyTorch those items are skipped with one line.
 """
 
 from __future__ import annotations
@@ -21,12 +29,21 @@ from typing import Any
 
 import jax
 
-from mmdrfuse_jax.benchmarks import common, infer, metrics, pipeline, train_step, video
+from mmdrfuse_jax.benchmarks import (
+  common,
+  infer,
+  metrics,
+  pipeline,
+  torch_baseline,
+  train_step,
+  video,
+)
 from mmdrfuse_jax.io import files
 from mmdrfuse_jax.models import precision
 
 SCHEMA_VERSION = 1
-_BENCHMARKS = (infer, metrics, pipeline, train_step, video)
+_BENCHMARKS = (infer, metrics, pipeline, train_step, video, torch_baseline)
+TORCH_PREFIX = "torch-"  # The PyTorch baseline's items.
 
 
 def add_parser(subparsers) -> None:
@@ -69,11 +86,32 @@ def items(reduced: bool) -> list[tuple[str, list[str]]]:
     for mode in precision.MODES:
       chosen.append((f"train-step-{model}-{mode}",
                      ["train-step", "--model", model, "--precision", mode, *step]))
+  # The work of the PyTorch baseline's step (the published code's: the teacher in every step).
+  chosen.append(("train-step-student-teacher-in-step",
+                 ["train-step", "--model", "student", "--precision", "exact", "--teacher_in_step",
+                  *step]))
+  # The PyTorch baseline last, each beside the JAX item above that does the same work.
+  for workload in torch_baseline.workloads(reduced):
+    chosen.append((TORCH_PREFIX + workload.name,
+                   ["torch-baseline", "--only", workload.name, "--precision", "exact",
+                    *(["--reduced"] if reduced else [])]))
   return chosen
+
+
+def _torch_figure(result: dict, mode: str) -> str:
+  """One PyTorch figure of a workload's result: the time, or why it is missing."""
+  ms = torch_baseline.figure(result, mode)
+  if ms is not None:
+    return f"{ms:,.4g} ms"
+  return str(result.get(mode, {}).get("skipped", "not measured"))
 
 
 def _figure(result: dict) -> str:
   """The headline number of a benchmark's result."""
+  if result.get("benchmark") == "torch-baseline":
+    return "; ".join(
+        f"{w['name']}: eager {_torch_figure(w, 'eager')}, compiled {_torch_figure(w, 'compiled')}"
+        f" per {'image' if w['kind'] == 'infer' else 'step'}" for w in result["workloads"])
   if "fps_encode" in result:
     return (f"{result['fps_fuse']:,.4g} frames/s decoded and fused, "
             f"{result['fps_encode']:,.4g} also encoded")
@@ -84,13 +122,89 @@ def _figure(result: dict) -> str:
   return ""
 
 
+def torch_comparisons(report: dict) -> list[dict]:
+  """Each measured PyTorch workload beside the JAX item that does the same work.
+
+  Returns:
+    One dict per workload: `workload`, `unit` (ms per image or per step), `jax_item`, `jax`
+    (None where that item was not run or failed), `torch_eager`, `torch_compiled` (None where
+    skipped; `compiled_skipped` says why) and the ratios `eager_over_jax` and
+    `compiled_over_jax` (PyTorch's time over JAX's: above 1, JAX is faster).
+  """
+  jax_results = {item["name"]: item["result"] for item in report["items"] if "result" in item}
+  rows = []
+  for item in report["items"]:
+    result = item.get("result", {})
+    if result.get("benchmark") != "torch-baseline":
+      continue
+    for workload in result["workloads"]:
+      jax_result = jax_results.get(workload["jax_item"], {})
+      unit = "ms per image" if workload["kind"] == "infer" else "ms per step"
+      jax_ms = jax_result.get("ms_per_image" if workload["kind"] == "infer" else "ms_per_step")
+      eager = torch_baseline.figure(workload, "eager")
+      compiled = torch_baseline.figure(workload, "compiled")
+      row = {"workload": workload["name"], "unit": unit, "jax_item": workload["jax_item"],
+             "jax": jax_ms, "torch_eager": eager, "torch_compiled": compiled,
+             "eager_over_jax": torch_baseline.ratio(eager, jax_ms),
+             "compiled_over_jax": torch_baseline.ratio(compiled, jax_ms)}
+      if compiled is None:
+        row["compiled_skipped"] = _torch_figure(workload, "compiled")
+      rows.append(row)
+  return rows
+
+
+def _comparison_text(row: dict) -> str:
+  """One line: the JAX figure, then each PyTorch figure with its ratio."""
+  def fig(value):
+    return "not run" if value is None else f"{value:,.4g} {row['unit']}"
+
+  def torch_fig(value, over, skipped=""):
+    if value is None:
+      return skipped or "not measured"
+    return fig(value) + ("" if over is None else f" ({over:.3g}x JAX's time)")
+
+  compiled = torch_fig(row["torch_compiled"], row["compiled_over_jax"],
+                       row.get("compiled_skipped", ""))
+  return (f"JAX {fig(row['jax'])} ({row['jax_item']}); PyTorch eager "
+          f"{torch_fig(row['torch_eager'], row['eager_over_jax'])}, compiled {compiled}")
+
+
+def _platform(device: str) -> str:
+  """"cpu", "gpu" or "tpu" from a JAX or PyTorch device description ("cuda: ..." is a GPU)."""
+  name = device.split()[0].rstrip(":")
+  return "gpu" if name == "cuda" else name
+
+
 def to_markdown(report: dict) -> str:
-  """The suite's results as one markdown table, headed by the device."""
+  """The suite's results as one markdown table, headed by the device; then the PyTorch
+  baseline beside JAX (or the line that says why it was skipped)."""
   lines = [f"Device: {report['device']}; jax {report['jax']}; {report['date']}", "",
            "| item | result | seconds (incl. compilation) |", "|---|---|---|"]
   for item in report["items"]:
     result = _figure(item["result"]) if "result" in item else f"failed: {item['error']}"
     lines.append(f"| {item['name']} | {result} | {item['seconds']:.1f} |")
+  baseline = report.get("torch_baseline")
+  if baseline and "skipped" in baseline:
+    lines += ["", f"PyTorch baseline skipped: {baseline['skipped']}."]
+  elif baseline and baseline["comparisons"]:
+    tf32 = "no TF32" if baseline["precision"] == "exact" else "PyTorch's default TF32 settings"
+    lines += ["", f"PyTorch baseline ({baseline['device']}; torch {baseline['torch']}; "
+              f"float32, {tf32}). Ratio: PyTorch's time over JAX's (above 1: JAX is faster).",
+              *([f"Note: JAX ran on {report['device']}, PyTorch on {baseline['device']}: the "
+                 "ratios compare different devices (a CPU-only torch beside a GPU jax?)."]
+                if _platform(report["device"]) != _platform(baseline["device"]) else []),
+              "", "| workload | JAX | PyTorch eager | eager / JAX | PyTorch compiled | "
+              "compiled / JAX |", "|---|---|---|---|---|---|"]
+
+    def cell(value, fmt="{:,.4g}"):
+      return "" if value is None else fmt.format(value)
+
+    for row in baseline["comparisons"]:
+      compiled = cell(row["torch_compiled"]) or row.get("compiled_skipped", "").replace("|", "/")
+      lines.append(f"| {row['workload']} ({row['unit']}) | {cell(row['jax']) or 'not run'} "
+                   f"({row['jax_item']}) | {cell(row['torch_eager'])} | "
+                   f"{cell(row['eager_over_jax'], '{:.3g}')} | {compiled} | "
+                   f"{cell(row['compiled_over_jax'], '{:.3g}')} |")
   return "\n".join(lines) + "\n"
 
 
@@ -106,11 +220,27 @@ def run(args: argparse.Namespace) -> dict:
     raise SystemExit(f"error: --only {args.only!r} names no item of the suite")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  report = {"schema": SCHEMA_VERSION, "benchmark": "suite", "reduced": args.reduced,
-            "device": common.device_description(), "jax": jax.__version__,
-            "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "items": []}
+  report: dict[str, Any] = {
+      "schema": SCHEMA_VERSION, "benchmark": "suite", "reduced": args.reduced,
+      "device": common.device_description(), "jax": jax.__version__,
+      "python": platform.python_version(),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "items": []}
+  if any(name.startswith(TORCH_PREFIX) for name, _ in chosen):
+    if torch_baseline.available():
+      report["torch_baseline"] = {"comparisons": []}
+    else:
+      chosen = [(name, argv) for name, argv in chosen if not name.startswith(TORCH_PREFIX)]
+      report["torch_baseline"] = {"skipped": torch_baseline.MISSING}
+      print(f"PyTorch baseline skipped: {torch_baseline.MISSING}", flush=True)
+
+  def write() -> None:
+    with files.atomic_write(out / "bench.json", "w") as f:
+      json.dump(report, f, indent=2, sort_keys=True)
+    with files.atomic_write(out / "bench.md", "w") as f:
+      f.write(to_markdown(report))
+
+  write()  # Whatever is measured, a report exists (if only the skip).
   for name, argv in chosen:
     start = time.perf_counter()
     item: dict[str, Any] = {"name": name, "argv": argv}  # a JSON record of the report
@@ -124,10 +254,14 @@ def run(args: argparse.Namespace) -> dict:
     report["items"].append(item)
     print(f"{name}: {_figure(item['result']) if 'result' in item else item['error']} "
           f"({item['seconds']:.0f} s)", flush=True)
-    with files.atomic_write(out / "bench.json", "w") as f:
-      json.dump(report, f, indent=2, sort_keys=True)
-    with files.atomic_write(out / "bench.md", "w") as f:
-      f.write(to_markdown(report))
+    if "result" in item and item["result"].get("benchmark") == "torch-baseline":
+      baseline = report["torch_baseline"]
+      baseline.update({key: item["result"][key] for key in ("torch", "device", "precision")},
+                      comparisons=torch_comparisons(report))
+      for row in baseline["comparisons"]:
+        if row["workload"] in {w["name"] for w in item["result"]["workloads"]}:
+          print(f"  {row['workload']}: {_comparison_text(row)}", flush=True)
+    write()
   failed = [item["name"] for item in report["items"] if "error" in item]
   return {"benchmark": "suite", "out": str(out), "items": len(report["items"]),
           "failed": failed}

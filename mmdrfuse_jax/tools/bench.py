@@ -15,13 +15,15 @@ from mmdrfuse_jax.benchmarks import (
   pipeline,
   precision_error,
   suite,
+  torch_baseline,
   train_step,
   video,
 )
 from mmdrfuse_jax.runtime import backend, interrupts
 
 # Each module has add_parser(subparsers) that registers its subcommand with a `run` default.
-BENCHMARKS = [infer, pipeline, metrics, train_step, memory_write, precision_error, video, suite]
+BENCHMARKS = [infer, pipeline, metrics, train_step, memory_write, precision_error, video,
+              torch_baseline, suite]
 
 
 def main(argv=None) -> int:
