@@ -75,6 +75,13 @@ def run(args: argparse.Namespace) -> dict:
                          f"{common.device_description()}")
   timing = common.time_call(fn, repeats=args.repeats)
   if engine == "jax":
+    # What the compiled fusion holds on the device: inputs, output and XLA's scratch.
+    memory = jax.jit(fusion.fuse).lower(params, ir, vis).compile().memory_analysis()
+    if memory is not None:
+      held = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+              + memory.temp_size_in_bytes)
+      extra["device_bytes_per_image"] = held // args.batch
+      extra["temp_bytes_per_image"] = memory.temp_size_in_bytes // args.batch
     bound = common.time_call(lambda: _same_bytes(ir, vis), repeats=args.repeats)
     extra["bound_ms_per_image"] = 1e3 * bound["median_s"] / args.batch
     extra["bound_bytes_per_image"] = 3 * args.height * args.width * ir.dtype.itemsize
@@ -88,6 +95,7 @@ def run(args: argparse.Namespace) -> dict:
       "batch": args.batch,
       "ms_per_image": 1e3 * timing["median_s"] / args.batch,
       "ms_per_image_min": 1e3 * timing["min_s"] / args.batch,
+      "images_per_second": args.batch / timing["median_s"],
       "runs": timing["runs"],
       **extra,
   }

@@ -115,6 +115,12 @@ def _figure(result: dict) -> str:
   if "fps_encode" in result:
     return (f"{result['fps_fuse']:,.4g} frames/s decoded and fused, "
             f"{result['fps_encode']:,.4g} also encoded")
+  if "bound_ms_per_image" in result:  # Fusion beside its memory bound (infer.py).
+    held = result.get("device_bytes_per_image")
+    memory = "" if held is None else f", {held / 2**20:,.3g} MiB per image"
+    return (f"{result['ms_per_image']:,.4g} ms per image ({result['images_per_second']:,.4g} "
+            f"images/s{memory}; memory bound {result['bound_ms_per_image']:,.3g} ms, "
+            f"{result['times_the_bound']:.3g}x)")
   for key, unit in (("ms_per_image", "ms per image"), ("ms_per_step", "ms per step"),
                     ("patches_per_s", "patches/s")):
     if key in result:
