@@ -28,13 +28,16 @@ import pathlib
 import time
 from typing import Any, Callable, Optional, Sequence
 
+import ml_collections
+
 from mmdrfuse_jax.errors import MMDRFuseError
 from mmdrfuse_jax.evaluation import comparison, report, scoring
 from mmdrfuse_jax.inference import batch_fuse, fusion
 from mmdrfuse_jax.io import files, imageio
 from mmdrfuse_jax.models import weight_files
 from mmdrfuse_jax.runtime import interrupts
-from mmdrfuse_jax.train import loop, run_settings
+from mmdrfuse_jax.train import loop
+from mmdrfuse_jax.train.run_spec import RunSpec
 
 
 class ReproductionError(MMDRFuseError, ValueError):
@@ -78,8 +81,8 @@ class Recipe:
     argv: the command, recorded in results.json.
   """
 
-  student: Any
-  teacher: Optional[Any]
+  student: ml_collections.ConfigDict
+  teacher: Optional[ml_collections.ConfigDict]
   teacher_weights: str
   dataset: str
   manual_dir: str
@@ -130,7 +133,7 @@ def load_any_params(path: pathlib.Path) -> dict:
       raise ReproductionError(str(as_student)) from None
 
 
-def check_inputs(recipe: Recipe, student: Any, teacher: Optional[Any]) -> None:
+def check_inputs(recipe: Recipe, student: RunSpec, teacher: Optional[RunSpec]) -> None:
   """Reads every file the recipe will need but its training pairs, before any long work.
 
   The VGG-19 weights of each stage with a term that reads them, the given teacher, the
@@ -139,23 +142,19 @@ def check_inputs(recipe: Recipe, student: Any, teacher: Optional[Any]) -> None:
 
   Args:
     recipe: the recipe.
-    student: the student stage's config (the recipe's, with its data settings).
-    teacher: the teacher stage's config, or None when the recipe's teacher is given.
+    student: the student stage's spec (the recipe's config, with its data settings and its
+      teacher's weights).
+    teacher: the teacher stage's spec, or None when the recipe's teacher is given.
 
   Raises:
     InputError: a file is missing or unusable (one line naming it).
   """
-  import ml_collections  # pylint: disable=g-import-not-at-top
-
   stages = [("student", student)] if teacher is None else [("teacher", teacher),
                                                            ("student", student)]
-  for name, config in stages:
-    if name == "student" and teacher is None:  # The given teacher is the one it distils from.
-      config = ml_collections.ConfigDict(config.to_dict())
-      config.teacher_weights = recipe.teacher_weights
+  for name, spec in stages:
     try:
       # A student after a teacher stage distils from the weights that stage writes.
-      loop.check_inputs(config, teacher=teacher is None)
+      loop.check_inputs(spec, teacher=teacher is None)
     except loop.TrainingError as e:
       raise InputError(f"{name}: {e}") from None
   for test in recipe.tests:
@@ -204,18 +203,22 @@ def run(recipe: Recipe, workdir: str | os.PathLike, *, log: Callable[[str], None
   """Runs (or continues) the recipe in `workdir`.
 
   Raises:
-    run_settings.ConfigError, InputError: unusable settings, or a file the recipe needs is
-      missing or unusable; found before anything is written.
+    loop.ConfigError, InputError: unusable settings, or a file the recipe needs is missing or
+      unusable; found before anything is written.
     ReproductionError, loop.TrainingError: a stage cannot run (one-line message).
   """
   workdir = pathlib.Path(workdir).expanduser()
   data_dir = workdir / "data"
-  student = _with_data(recipe.student, recipe.dataset, data_dir)
-  teacher = None if recipe.teacher is None else _with_data(recipe.teacher, recipe.dataset,
-                                                           data_dir)
-  for config in (teacher, student):  # Every stage's settings before any work.
-    if config is not None:
-      run_settings.check_config(config)
+  teacher_config = None if recipe.teacher is None else _with_data(recipe.teacher,
+                                                                  recipe.dataset, data_dir)
+  student_config = _with_data(recipe.student, recipe.dataset, data_dir)
+  # The student distils from the given teacher, or from the weights the teacher stage writes.
+  student_config.teacher_weights = (
+      recipe.teacher_weights if teacher_config is None
+      else str(workdir / "teacher" / f"{teacher_config.model}.npz"))
+  # Every stage's settings, read and checked once, before any work.
+  teacher = None if teacher_config is None else RunSpec.from_config(teacher_config)
+  student = RunSpec.from_config(student_config)
   # And every file they read, before hours of building data and training a teacher.
   check_inputs(recipe, student, teacher)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -232,20 +235,17 @@ def run(recipe: Recipe, workdir: str | os.PathLike, *, log: Callable[[str], None
   times.add("data", time.perf_counter() - start,
             images={k: len(v) for k, v in built.images.items()})
 
-  teacher_weights = recipe.teacher_weights
   if teacher is not None:
     result = _train("teacher", teacher, workdir, times, log)
     if result.weights is None:
       return Outcome(False, result.interrupted_by)
-    teacher_weights = str(result.weights)
-  student.teacher_weights = teacher_weights
   result = _train("student", student, workdir, times, log)
   if result.weights is None:
     return Outcome(False, result.interrupted_by)
 
   methods = [Reference("student", result.weights)]
   if teacher is not None:
-    methods.append(Reference("teacher", pathlib.Path(teacher_weights)))
+    methods.append(Reference("teacher", pathlib.Path(student.frozen.teacher_weights)))
   methods += list(recipe.references)
   start = time.perf_counter()
   tables = {}
@@ -263,9 +263,9 @@ def run(recipe: Recipe, workdir: str | os.PathLike, *, log: Callable[[str], None
   return Outcome(True, None, path)
 
 
-def _with_data(config: Any, dataset: str, data_dir: pathlib.Path) -> Any:
-  import ml_collections  # pylint: disable=g-import-not-at-top
-
+def _with_data(config: ml_collections.ConfigDict, dataset: str, data_dir: pathlib.Path
+               ) -> ml_collections.ConfigDict:
+  """A copy of a stage's `config` that trains on the recipe's built dataset."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.dataset = dataset
   config.data.data_dir = str(data_dir)
@@ -273,14 +273,14 @@ def _with_data(config: Any, dataset: str, data_dir: pathlib.Path) -> Any:
   return config
 
 
-def _train(name: str, config: Any, workdir: pathlib.Path, times: _StageTimes,
+def _train(name: str, spec: RunSpec, workdir: pathlib.Path, times: _StageTimes,
            log: Callable[[str], None]) -> loop.RunResult:
   """Trains stage `name` in `workdir/name`."""
   log(f"== {name}: {workdir / name}")
   start = time.perf_counter()
   # The recipe's folder holds its data and every stage: the run records keep such paths
   # relative, so the recipe resumes once moved or copied as a whole.
-  result = loop.train_model(config, workdir / name, log=log, run_dir=workdir)
+  result = loop.train_model(spec, workdir / name, log=log, run_dir=workdir)
   times.add(name, time.perf_counter() - start, steps=result.step, total_steps=result.total_steps)
   return result
 

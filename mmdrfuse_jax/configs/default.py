@@ -2,6 +2,8 @@
 
 Other configs start from `get_config(model)` here and override what differs. Any field can be
 overridden on the command line: `bin/train.py --config=configs/student.py --config.optim.lr=3e-4`.
+Each default is written here only: a run reads every key of its config into its run spec
+(`mmdrfuse_jax.train.run_spec.RunSpec.from_config`), which supplies none of its own.
 """
 
 import dataclasses
@@ -111,8 +113,9 @@ def get_config(model: str = "student") -> ml_collections.ConfigDict:
   config.teacher_cache = "auto"
 
   # Rerunning in the same --workdir resumes; a run with other settings (see
-  # `trainer.IDENTITY_KEYS`) is refused unless `start_fresh`, which moves the earlier run
-  # aside (to WORKDIR/replaced-<time>) and starts over. `num_epochs` may grow between reruns.
+  # `run_record.IDENTITY_KEYS` in mmdrfuse_jax/train/) is refused unless `start_fresh`, which
+  # moves the earlier run aside (to WORKDIR/replaced-<time>) and starts over. `num_epochs` may
+  # grow between reruns.
   config.start_fresh = False
 
   # Validation during training (mmdrfuse_jax/train/validation.py): held-out pairs fused at full size

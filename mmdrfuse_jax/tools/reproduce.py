@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from mmdrfuse_jax import reproduce
   from mmdrfuse_jax.evaluation import scoring
   from mmdrfuse_jax.runtime import backend, interrupts
-  from mmdrfuse_jax.train import loop, run_settings
+  from mmdrfuse_jax.train import loop, run_spec
 
   if not args.verbose:
     logging.set_verbosity(logging.FATAL)  # Orbax logs every save at INFO.
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     with interrupts.StopRequest() as stop:
       outcome = reproduce.run(recipe, args.workdir, stop=stop)
-  except (reproduce.InputError, run_settings.ConfigError) as e:  # Found before anything is written.
+  except (reproduce.InputError, run_spec.ConfigError) as e:  # Found before anything is written.
     print(f"error: {e}", file=sys.stderr)
     return 2
   except (reproduce.ReproductionError, loop.TrainingError) as e:

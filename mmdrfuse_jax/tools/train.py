@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from absl import logging
 
   from mmdrfuse_jax.runtime import backend, interrupts
-  from mmdrfuse_jax.train import distributed, loop, run_settings, stages
+  from mmdrfuse_jax.train import distributed, loop, run_spec, stages
 
   if not args.verbose:
     # Orbax logs every save at INFO, and a failed save (a full disk) as dozens of ERROR
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   backend.report(log)  # what jax runs on (a warning where an accelerator sits unused), in the log
   try:
     result = stages.run(config, args.workdir, log=log)
-  except run_settings.ConfigError as e:  # Every stage's settings are checked before any work.
+  except run_spec.ConfigError as e:  # Every stage's settings are checked before any work.
     print(f"error: {e}", file=sys.stderr)
     return 2
   except loop.TrainingError as e:

@@ -1,8 +1,10 @@
 """The run loop of one model: data, frozen networks, checkpoints, signals and logging.
 
 `train_model(config, workdir)` trains `config.model` with `update.train_step`, resuming from the
-latest checkpoint in `workdir`, and writes `workdir/<model>.npz` at the end. The
-teacher-then-student sequence of the quickstart is `stages.run`.
+latest checkpoint in `workdir`, and writes `workdir/<model>.npz` at the end. It reads the
+config once, at the top, into a `run_spec.RunSpec` (or takes one built already) and passes the
+spec or its parts down: nothing below `train_model` reads the config. The teacher-then-student
+sequence of the quickstart is `stages.run`.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import dataclasses
 import errno
 import os
 import pathlib
-from typing import Any, Callable, cast
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -24,12 +27,21 @@ from mmdrfuse_jax.runtime import interrupts
 from mmdrfuse_jax.train import distill, distributed, refresh, summary, update, validation
 from mmdrfuse_jax.train.run_checkpoints import RunCheckpoints, kept_checkpoints
 from mmdrfuse_jax.train.run_record import claim_workdir
-from mmdrfuse_jax.train.run_settings import (
+from mmdrfuse_jax.train.run_spec import (
   ConfigError,
+  DataSpec,
+  FrozenSpec,
+  RunSpec,
   TrainingError,
-  check_config,
+  as_spec,
   uses_teacher_cache,
 )
+
+if TYPE_CHECKING:
+  from mmdrfuse_jax.data import pipeline
+
+  # The training patches: one dataset (in memory or streamed), or a mixture of several.
+  Patches = pipeline.PatchDataset | pipeline.StreamingPatchDataset | pipeline.PatchMixture
 
 
 @dataclasses.dataclass
@@ -46,106 +58,94 @@ class RunResult:
 # ------------------------------------------------------------------------------ run inputs
 
 
-def _check_data_named(config: Any) -> None:
-  """Raises TrainingError when the config names no training data at all."""
-  d = config.data
-  if int(d.synthetic_pairs) <= 0 and (not d.dataset or not d.data_dir):
+def _check_data_named(data: DataSpec) -> None:
+  """Raises TrainingError when the run names no training data at all."""
+  if not data.synthetic and (not data.datasets or not data.data_dir):
     raise TrainingError(
         "no training data: set --config.data.dataset=NAME and --config.data.data_dir=DIR of a "
         "dataset built with `python bin/prepare_data.py --dataset NAME --manual_dir FOLDER "
         "--data_dir DIR` (or use configs/quickstart.py)")
 
 
-def load_dataset(config: Any):
-  """The training patches the config names (built dataset, or procedural pairs), with the
-  augmentation it asks for."""
-  dataset = _load_patches(config)
-  a = config.data.get("augment")
-  if a is not None and a.enabled:
-    from mmdrfuse_jax.data import augment  # pylint: disable=g-import-not-at-top
+def load_dataset(run: RunSpec | ml_collections.ConfigDict) -> Patches:
+  """The training patches a run names (built dataset, or procedural pairs), with the
+  augmentation it asks for.
 
-    try:
-      dataset.augmentation = augment.Photometric(float(a.exposure), float(a.gamma),
-                                                 float(a.contrast))
-    except ValueError as e:
-      raise ConfigError(f"config.data.augment: {e}") from None
+  Args:
+    run: the run's spec, or its config (read into one first: `RunSpec.from_config`).
+  """
+  spec = as_spec(run)
+  return _load_dataset(spec.data, spec.seed)
+
+
+def _load_dataset(data: DataSpec, seed: int) -> Patches:
+  dataset = _load_patches(data, seed)
+  dataset.augmentation = data.augment.photometric()
   return dataset
 
 
-def _load_patches(config: Any):
+def _load_patches(data: DataSpec, seed: int) -> Patches:
   from mmdrfuse_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
-  d = config.data
-  kwargs: dict[str, Any] = dict(patch_size=int(d.patch_size), patch_stride=int(d.patch_stride))
-  if int(d.synthetic_pairs) > 0:
+  kwargs: dict[str, Any] = dict(patch_size=data.patch_size, patch_stride=data.patch_stride)
+  if data.synthetic:
     return pipeline.PatchDataset.from_synthetic(
-        int(d.synthetic_pairs), int(d.synthetic_height), int(d.synthetic_width),
-        seed=int(config.seed), **kwargs)
-  _check_data_named(config)
+        data.synthetic_pairs, data.synthetic_height, data.synthetic_width, seed=seed, **kwargs)
+  _check_data_named(data)
   from mmdrfuse_jax.data import sources as data_sources  # pylint: disable=g-import-not-at-top
 
-  try:
-    names, weights = pipeline.mixture_spec(d.dataset, d.get("weights", ""))
-  except ValueError as e:
-    raise ConfigError(f"config.data.dataset / config.data.weights: {e}") from None
-  fraction = float(d.get("holdout", 0.0))
   sources = []
-  for name in names:
+  for name in data.datasets:
     try:
-      dataset = pipeline.PatchDataset.from_tfds(os.path.expanduser(d.data_dir), name, d.split,
-                                                streaming=d.get("streaming", "auto"), **kwargs)
+      dataset = pipeline.PatchDataset.from_tfds(os.path.expanduser(data.data_dir), name,
+                                                data.split, streaming=data.streaming, **kwargs)
     except (data_sources.DataError, ValueError) as e:
       raise TrainingError(str(e)) from None
-    if fraction:  # The validation side of the split (`data/holdout.py`) never trains.
+    if data.holdout:  # The validation side of the split (`data/holdout.py`) never trains.
       from mmdrfuse_jax.data import holdout  # pylint: disable=g-import-not-at-top
 
-      dataset.exclude_images(holdout.held_out(dataset.stems, fraction))
+      dataset.exclude_images(holdout.held_out(dataset.stems, data.holdout))
     sources.append(dataset)
   if len(sources) == 1:
     return sources[0]
   try:
-    return pipeline.PatchMixture(sources, weights, names)
+    return pipeline.PatchMixture(sources, data.weights, list(data.datasets))
   except ValueError as e:
     raise ConfigError(f"config.data.weights: {e}") from None
 
 
-def load_vgg(config: Any, log: Callable[[str], None]) -> Any:
+def load_vgg(frozen: FrozenSpec, log: Callable[[str], None]) -> Any:
   """The frozen VGG-19: converted weights, or (quickstart only) a seeded random one."""
-  if config.vgg_weights:
+  if frozen.vgg_weights:
     try:
-      return vgg.load_params(os.path.expanduser(config.vgg_weights))
+      return vgg.load_params(os.path.expanduser(frozen.vgg_weights))
     except vgg.VGGWeightsError as e:
       raise TrainingError(str(e)) from None
-  if config.allow_random_vgg:
+  if frozen.allow_random_vgg:
     log(f"NOTE: no --config.vgg_weights given: using a RANDOM VGG-19 (seed "
-        f"{config.random_vgg_seed}); perception losses are only structural stand-ins. For real "
+        f"{frozen.random_vgg_seed}); perception losses are only structural stand-ins. For real "
         "training: " + vgg.HOW_TO_GET)
-    return vgg.random_params(int(config.random_vgg_seed))
+    return vgg.random_params(frozen.random_vgg_seed)
   raise TrainingError(
       f"no VGG-19 weights: set --config.vgg_weights=FILE.npz; to get one, {vgg.HOW_TO_GET}")
 
 
-def load_teacher(config: Any) -> Any:
+def load_teacher(frozen: FrozenSpec) -> Any:
   """The frozen teacher of a student run."""
-  if not config.teacher_weights:
+  if not frozen.teacher_weights:
     raise TrainingError(
         "a student run needs its teacher: set --config.teacher_weights to the project's teacher "
         "weights (teacher.npz written by a configs/teacher.py run) or the published "
         "teacher.model")
   try:
-    return weight_files.load_params(os.path.expanduser(config.teacher_weights), "teacher")
+    return weight_files.load_params(os.path.expanduser(frozen.teacher_weights), "teacher")
   except weight_files.WeightsError as e:
     raise TrainingError(str(e)) from None
 
 
-def needs_vgg(config: Any) -> bool:
-  """Whether a loss term that is on reads VGG-19 (perception, or a refresh loss)."""
-  return update.StepConfig.from_config(config, steps_per_epoch=1).output_taps > 0
-
-
-def check_inputs(config: Any, *, teacher: bool = True,
+def check_inputs(spec: RunSpec, *, teacher: bool = True,
                  log: Callable[[str], None] | None = None) -> None:
-  """Reads the files a run of `config` needs but not its data, to fail before long work.
+  """Reads the files a run needs but not its data, to fail before long work.
 
   The VGG-19 weights when a term needs them, a student's teacher (unless `teacher` is False:
   an earlier stage writes it), and the validation folders. The data are checked as they load
@@ -155,14 +155,13 @@ def check_inputs(config: Any, *, teacher: bool = True,
     TrainingError: a file is missing or unusable (one line).
   """
   log = log or _quiet
-  if needs_vgg(config) and (config.vgg_weights or not config.allow_random_vgg):
-    load_vgg(config, log)  # (A random VGG-19 is made, not read: nothing to check.)
-  if teacher and config.model == "student":
-    load_teacher(config)
-  settings = validation.settings(config)
-  if settings.source == "folders":
+  if spec.needs_vgg and (spec.frozen.vgg_weights or not spec.frozen.allow_random_vgg):
+    load_vgg(spec.frozen, log)  # (A random VGG-19 is made, not read: nothing to check.)
+  if teacher and spec.model == "student":
+    load_teacher(spec.frozen)
+  if spec.validation.source == "folders":
     try:  # Folders are only read: no workdir is written.
-      validation.prepare_pairs(config, settings, pathlib.Path(), log)
+      validation.prepare_pairs(spec.validation, spec.data, spec.seed, pathlib.Path(), log)
     except (validation.ValidationError, imageio.ImageError) as e:
       raise TrainingError(str(e)) from None
 
@@ -175,10 +174,10 @@ def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
 
 
-def _prepare_validation(config: Any, workdir: pathlib.Path, log: Callable[[str], None]
+def _prepare_validation(spec: RunSpec, workdir: pathlib.Path, log: Callable[[str], None]
                         ) -> tuple[validation.Validator | None, validation.BestParams | None]:
   """The run's validator and best-parameter keeper (None when not configured)."""
-  settings = validation.settings(config)
+  settings = spec.validation
   if not settings.enabled:
     return None, None
   try:
@@ -186,10 +185,10 @@ def _prepare_validation(config: Any, workdir: pathlib.Path, log: Callable[[str],
     # processes read them once it has.
     triples = None
     if distributed.is_primary():
-      triples = validation.prepare_pairs(config, settings, workdir, log)
+      triples = validation.prepare_pairs(settings, spec.data, spec.seed, workdir, log)
     distributed.barrier(f"mmdrfuse: validation pairs of {workdir}")
     if triples is None:
-      triples = validation.prepare_pairs(config, settings, workdir, log)
+      triples = validation.prepare_pairs(settings, spec.data, spec.seed, workdir, log)
     validator = validation.Validator(triples, settings)
   except (validation.ValidationError, imageio.ImageError) as e:
     raise TrainingError(str(e)) from None
@@ -199,7 +198,7 @@ def _prepare_validation(config: Any, workdir: pathlib.Path, log: Callable[[str],
       f"{when}")
   best = None
   if settings.best_metric:
-    best = validation.BestParams(workdir, str(config.model), settings.best_metric)
+    best = validation.BestParams(workdir, spec.model, settings.best_metric)
   return validator, best
 
 
@@ -219,13 +218,14 @@ def _validate(validator: validation.Validator, best: validation.BestParams | Non
   log(line)
 
 
-def train_model(config: Any, workdir: str | os.PathLike, *, log: Callable[[str], None] = print,
-                stop_at_step: int | None = None,
+def train_model(config: RunSpec | ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+                log: Callable[[str], None] = print, stop_at_step: int | None = None,
                 run_dir: str | os.PathLike | None = None) -> RunResult:
   """Trains `config.model` in `workdir`, resuming from its latest checkpoint.
 
   Args:
-    config: the run's ml_collections config (see configs/default.py).
+    config: the run's ml_collections config (see configs/default.py), read and checked here,
+      once (`run_spec.RunSpec.from_config`); or a `RunSpec` built from one already.
     workdir: where checkpoints, logs and the final weights (`<model>.npz`) go.
     log: where progress lines go.
     stop_at_step: stop (with a checkpoint) once this step is reached, as if interrupted.
@@ -243,11 +243,11 @@ def train_model(config: Any, workdir: str | os.PathLike, *, log: Callable[[str],
       (one-line message, saying which checkpoints a rerun resumes from, if any).
   """
   workdir = pathlib.Path(workdir).expanduser()
-  check_config(config)
+  spec = as_spec(config)  # The only read of the config: below, the spec and its parts.
   if not distributed.is_primary():
     log = _quiet  # Process 0 alone logs a multi-process run.
   try:
-    return _train_model(config, workdir, log, stop_at_step,
+    return _train_model(spec, workdir, log, stop_at_step,
                         pathlib.Path(run_dir).expanduser() if run_dir is not None else workdir)
   except distributed.DistributedError as e:
     raise TrainingError(str(e)) from None
@@ -261,9 +261,9 @@ def _quiet(line: str) -> None:
   del line
 
 
-def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
+def _train_model(spec: RunSpec, workdir: pathlib.Path, log: Callable[[str], None],
                  stop_at_step: int | None, run_dir: pathlib.Path) -> RunResult:
-  """`train_model` after the config checks."""
+  """`train_model` once the config is read into `spec`."""
   import tqdm  # pylint: disable=g-import-not-at-top
 
   # In a multi-process run process 0 writes every file but the checkpoints (which all write
@@ -273,26 +273,27 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
     workdir.mkdir(parents=True, exist_ok=True)
   except FileExistsError:  # A file of that name; mkdir's own words would be "file exists".
     raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(workdir)) from None
-  claim_workdir(workdir, config, log, write=primary, run_dir=run_dir)
+  claim_workdir(workdir, dict(spec.settings), spec.start_fresh, log, write=primary,
+                run_dir=run_dir)
   if primary:
     # A run killed while writing one of these (kill -9) left a temporary file beside it.
     files.remove_stale_temporaries(workdir, ("run.json", "config.json", "metrics.jsonl",
-                                             f"{config.model}.npz"))
+                                             f"{spec.model}.npz"))
   distributed.barrier(f"mmdrfuse: {workdir} claimed")
   # The frozen networks' files before the data, whose loading may take minutes. No VGG-19
   # when no term that is on reads it (perception and the refresh losses off).
-  _check_data_named(config)
-  vgg_params = load_vgg(config, log) if needs_vgg(config) else None
-  teacher = load_teacher(config) if config.model == "student" else None
-  dataset = load_dataset(config)
-  validator, best = _prepare_validation(config, workdir, log)
-  batch_size = int(config.batch_size)
+  _check_data_named(spec.data)
+  vgg_params = load_vgg(spec.frozen, log) if spec.needs_vgg else None
+  teacher = load_teacher(spec.frozen) if spec.model == "student" else None
+  dataset = _load_dataset(spec.data, spec.seed)
+  validator, best = _prepare_validation(spec, workdir, log)
+  batch_size = spec.batch_size
   steps_per_epoch = dataset.steps_per_epoch(batch_size)
   if steps_per_epoch == 0:
     raise TrainingError(
         f"{dataset.num_patches} training patches do not make one batch of {batch_size}")
-  total_steps = steps_per_epoch * int(config.num_epochs)
-  cfg = update.StepConfig.from_config(config, steps_per_epoch)
+  total_steps = steps_per_epoch * spec.num_epochs
+  cfg = spec.step_config(steps_per_epoch)
   mesh = update.make_mesh(batch_size)
   processes = jax.process_count()
   if len({d.process_index for d in mesh.devices.flat}) < processes:
@@ -301,57 +302,52 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
         f"{processes} processes (it splits over {mesh.devices.size}, leaving some process without "
         "a part); use a batch size that the device count divides")
   memory_bytes = refresh.bytes_per_sample(cfg.refresh, dataset.patch_size, dataset.patch_size)
-  log(f"{config.model}: {dataset.num_patches} patches, {steps_per_epoch} steps/epoch x "
-      f"{config.num_epochs} epochs, batch {batch_size} over {mesh.devices.size} device(s)"
+  log(f"{spec.model}: {dataset.num_patches} patches, {steps_per_epoch} steps/epoch x "
+      f"{spec.num_epochs} epochs, batch {batch_size} over {mesh.devices.size} device(s)"
       f"{f' of {processes} processes' if processes > 1 else ''}; "
       f"refresh memories {cfg.refresh.memory_dtype} {cfg.refresh.placement}, "
       f"{memory_bytes:,} bytes/sample; "
       f"precision {cfg.precision}")
 
-  o = config.optim
   state = update.create_train_state(
-      config.model,
-      update.make_optimizer(float(o.lr), float(o.b1), float(o.b2), float(o.eps),
-                            schedule=o.get("schedule", "constant"),
-                            warmup_steps=int(o.get("warmup_steps", 0)), total_steps=total_steps,
-                            final_lr_fraction=float(o.get("final_lr_fraction", 0.0))),
-      jax.random.PRNGKey(int(config.seed)), dataset.num_patches, dataset.patch_size,
-      cfg.refresh, teacher_params=teacher, precision=cfg.precision, mesh=mesh,
-      conv1_bias=float(config.get("init", {}).get("conv1_bias", 0.0)))
+      spec.model, spec.optim.optimizer(total_steps), jax.random.PRNGKey(spec.seed),
+      dataset.num_patches, dataset.patch_size, cfg.refresh, teacher_params=teacher,
+      precision=cfg.precision, mesh=mesh, conv1_bias=spec.init.conv1_bias)
   state = update.place_state(state, mesh, cfg.refresh.placement)
   frozen = update.replicate(update.Frozen(vgg=vgg_params, teacher=teacher), mesh)
 
-  saved = RunCheckpoints(workdir / "checkpoints", int(config.keep_checkpoints))
+  saved = RunCheckpoints(workdir / "checkpoints", spec.keep_checkpoints)
   state, resumed_from = saved.restore_latest(state, log)
   if resumed_from is not None:
     if resumed_from > total_steps:
       raise TrainingError(
           f"{saved.directory}: the run is at step {resumed_from}, past the {total_steps} steps "
-          f"of num_epochs={config.num_epochs}; give at least as many epochs as before")
+          f"of num_epochs={spec.num_epochs}; give at least as many epochs as before")
     log(f"resumed from {saved.directory} at step {resumed_from} "
         f"(epoch {int(state.epoch)}, batch {int(state.position)})")
-  config_json = config.to_json_best_effort(indent=2)
   if primary:
     with files.atomic_write(workdir / "config.json", "w") as f:
-      f.write(config_json + "\n")
+      f.write(spec.config_json + "\n")
 
   cache = None
-  if cfg.uses_teacher and uses_teacher_cache(config.teacher_cache):
+  if cfg.uses_teacher and uses_teacher_cache(spec.teacher_cache):
     cache = distill.TeacherCache(dataset.num_patches, dataset.patch_size, mesh, cfg.precision)
   step = int(state.step)
   train_step = update.make_train_step(cfg, mesh)
   # Rows logged after the checkpoint we resume from are dropped (they will be logged again).
   writer = (summary.MetricWriter(workdir, purge_after_step=resumed_from) if primary
             else summary.NullWriter())
-  writer.config(config_json)
+  writer.config(spec.config_json)
   interrupted = None
   history = []
   end = total_steps if stop_at_step is None else min(total_steps, stop_at_step)
   batches = dataset.iterate(
-      batch_size, int(config.seed), {"epoch": int(state.epoch), "step": int(state.position)},
-      num_epochs=int(config.num_epochs), sharding=NamedSharding(mesh, P("data")))
+      batch_size, spec.seed, {"epoch": int(state.epoch), "step": int(state.position)},
+      num_epochs=spec.num_epochs, sharding=NamedSharding(mesh, P("data")))
   bar = tqdm.tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
-                  disable=not (config.progress_bar and primary))
+                  disable=not (spec.progress_bar and primary))
+  # With the bar on, lines go above it.
+  write = bar.write if spec.progress_bar else log
   try:
     with interrupts.StopRequest() as stop:
       for batch, _ in batches:
@@ -364,18 +360,17 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
         step += 1
         history.append(metrics)
         bar.update(1)
-        if step % int(config.log_every_steps) == 0 or step == end:
+        if step % spec.log_every_steps == 0 or step == end:
           m = _mean_metrics(history)
           history = []
           writer.scalars(step, m)
           writer.flush()
           bar.set_postfix(loss=f"{m['loss']:.4g}")
-          (bar.write if config.progress_bar else log)(summary.format_metrics(step, total_steps, m))
+          write(summary.format_metrics(step, total_steps, m))
         # Before the checkpoint of this step: a run killed in between validates again on resume.
         if validator is not None and validator.settings.due(step, total_steps):
-          _validate(validator, best, step, state.params, writer,
-                    bar.write if config.progress_bar else log)
-        if step % int(config.checkpoint_every_steps) == 0:
+          _validate(validator, best, step, state.params, writer, write)
+        if step % spec.checkpoint_every_steps == 0:
           saved.save(step, state)
       # Again, for every process alike: the loop may have ended with its last batch.
       interrupted = distributed.agree_on_stop(stop.signum)
@@ -390,7 +385,7 @@ def _train_model(config: Any, workdir: pathlib.Path, log: Callable[[str], None],
     why = f"signal {interrupted}" if interrupted is not None else f"stop at step {step}"
     log(f"stopped at step {step}/{total_steps} ({why}); checkpoint saved, rerun to resume")
     return RunResult(None, step, total_steps, interrupted, skips)
-  weights = workdir / f"{config.model}.npz"
+  weights = workdir / f"{spec.model}.npz"
   if primary:
     weight_files.save_params(weights, jax.device_get(state.params))
   # Whatever comes next (a student stage reading this teacher) reads the file on every process.

@@ -13,7 +13,7 @@ mathematically true (every per-sample mean is over equally sized images).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence, cast
+from typing import Mapping, Sequence, cast
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +58,10 @@ def gradient(x: jax.Array) -> jax.Array:
   return (box - 9 * x) / 8
 
 
+# The gradient term's forms (`config.loss.gradient_form`, see `gradient_mse`).
+GRADIENT_FORMS = ("code", "paper")
+
+
 def gradient_mse(out: jax.Array, ir: jax.Array, vi: jax.Array, form: str = "code"
                  ) -> jax.Array:
   """Mean squared gradient error before the /10 of the published code.
@@ -91,6 +95,10 @@ def perception_loss(taps_out: Taps, taps_ir: Taps, taps_vi: Taps) -> jax.Array:
   terms = [_tap_mse(jnp.maximum(i, v), o) for o, i, v in zip(taps_out, taps_ir, taps_vi)]
   # A sum of arrays (an int 0 only for no taps, where the division raises).
   return cast(jax.Array, sum(terms)) / len(terms)
+
+
+# How the distillation term normalises its maps (`config.loss.distill_normalize`).
+DISTILL_NORMALIZATIONS = ("batch", "sample")
 
 
 def _normalized_attention(x: jax.Array, normalize: str) -> jax.Array:
@@ -254,9 +262,9 @@ TERMS = ("int", "percep", "grad", "distill", "refresh")
 class LossWeights:
   """Weights of the comprehensive loss's terms (SPEC section 3).
 
-  A run takes them from its config (`config.loss.w_*`); `PUBLISHED_WEIGHTS` holds the published
-  code's values, which the configs start from. A term whose weight is 0 is not computed at all
-  (the train step skips its VGG passes).
+  A run reads them from its config (`config.loss.w_*`, `run_spec.RunSpec.from_config`);
+  `PUBLISHED_WEIGHTS` holds the published code's values, which the configs start from. A term
+  whose weight is 0 is not computed at all (the train step skips its VGG passes).
   """
 
   w_int: float
@@ -264,11 +272,6 @@ class LossWeights:
   w_grad: float
   w_distill: float
   w_refresh: float
-
-  @classmethod
-  def from_config(cls, loss_config: Any) -> "LossWeights":
-    """From an ml_collections `config.loss` (or any object with the `w_*` attributes)."""
-    return cls(**{f.name: float(getattr(loss_config, f.name)) for f in dataclasses.fields(cls)})
 
   def total(self, terms: Mapping[str, jax.Array]) -> jax.Array:
     """The weighted sum of the terms present in `terms` (keys `l_int`, `l_percep`, ...)."""

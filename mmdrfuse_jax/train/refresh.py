@@ -39,7 +39,7 @@ sample with its own memory. Ties neither refresh nor add a loss, as in the publi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -140,17 +140,6 @@ class RefreshConfig:
   def kinds(self) -> tuple[MemoryKind, ...]:
     """The enabled memory kinds, in `MEMORY_KINDS` order."""
     return tuple(kind for kind in MEMORY_KINDS if kind.name in self.memories)
-
-  @classmethod
-  def from_config(cls, cfg: Any) -> "RefreshConfig":
-    """From an ml_collections `config.refresh`: a boolean switch per kind plus the settings."""
-    return cls(
-        memories=tuple(kind.name for kind in MEMORY_KINDS if bool(cfg[kind.name])),
-        per_sample=bool(cfg.per_sample),
-        memory_dtype=str(cfg.memory_dtype),
-        weight_scale=float(cfg.weight_scale),
-        placement=str(cfg.get("placement", "replicated")),
-    )
 
 
 # The memories in the train state: {"best_<name>": (N, H, W, 1) array in the storage dtype}.

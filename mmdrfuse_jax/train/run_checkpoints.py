@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from mmdrfuse_jax.io import files
 from mmdrfuse_jax.train import distributed, refresh, update
-from mmdrfuse_jax.train.run_settings import TrainingError
+from mmdrfuse_jax.train.run_spec import TrainingError
 
 
 class RunCheckpoints:

@@ -9,6 +9,10 @@ stage names its own), `validation`, `progress_bar` and `start_fresh` apply to bo
 teacher. Any other config is one stage in `WORKDIR`. Each stage resumes on its own, so
 rerunning the same command continues where it stopped, also in a copy of `WORKDIR` elsewhere
 (the stages record the paths inside `WORKDIR` relative to it).
+
+Planning works on configs (each stage's config is what its run records); `run` then reads each
+stage's config into its `run_spec.RunSpec` once, before any stage trains, and trains from the
+specs.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from typing import Any, Callable
+from typing import Callable
 
 import ml_collections
 
-from mmdrfuse_jax.train import loop, run_settings
+from mmdrfuse_jax.train import loop
+from mmdrfuse_jax.train.run_spec import RunSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,14 +33,14 @@ class Stage:
   """One model trained in its own working directory."""
 
   name: str
-  config: Any
+  config: ml_collections.ConfigDict
   workdir: pathlib.Path
 
 
-def plan(config: Any, workdir: str | os.PathLike) -> list[Stage]:
+def plan(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[Stage]:
   """The stages `config` describes, with their configs and working directories."""
   workdir = pathlib.Path(workdir).expanduser()
-  if config.get("teacher_stage") is None:
+  if config.get("teacher_stage") is None:  # Only a two-stage config (the quickstart) has one.
     return [Stage(str(config.model), config, workdir)]
   student = ml_collections.ConfigDict(config.to_dict())
   del student["teacher_stage"]
@@ -55,8 +60,8 @@ def plan(config: Any, workdir: str | os.PathLike) -> list[Stage]:
           Stage("student", student, workdir / "student")]
 
 
-def run(config: Any, workdir: str | os.PathLike, *, log: Callable[[str], None] = print,
-        stop_at_step: int | None = None) -> loop.RunResult:
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+        log: Callable[[str], None] = print, stop_at_step: int | None = None) -> loop.RunResult:
   """Runs the stages of `config` in order; stops after a stage that did not finish.
 
   Args:
@@ -69,20 +74,20 @@ def run(config: Any, workdir: str | os.PathLike, *, log: Callable[[str], None] =
     The `loop.RunResult` of the last stage that ran.
 
   Raises:
-    loop.TrainingError: a stage cannot run (one-line message); checked for every stage's
-      settings before the first stage starts.
+    loop.TrainingError: a stage cannot run (one-line message); every stage's settings are
+      read and checked (`loop.ConfigError`) before the first stage starts.
   """
   workdir = pathlib.Path(workdir).expanduser()
   stages = plan(config, workdir)
-  for stage in stages:  # Every stage's settings before any stage trains.
-    run_settings.check_config(stage.config)
-  for number, stage in enumerate(stages, start=1):
+  specs = [RunSpec.from_config(stage.config) for stage in stages]  # Before any stage trains.
+  for number, (stage, spec) in enumerate(zip(stages, specs), start=1):
     if len(stages) > 1:
-      source = f", distilled from {stage.config.teacher_weights}" if stage.name == "student" else ""
+      source = (f", distilled from {spec.frozen.teacher_weights}" if stage.name == "student"
+                else "")
       log(f"== stage {number}/{len(stages)}: {stage.name}{source}")
     # The run's folder holds every stage (the student reads WORKDIR/teacher/teacher.npz): the
     # run record keeps such paths relative, so the run may be moved or copied as a whole.
-    result = loop.train_model(stage.config, stage.workdir, log=log, stop_at_step=stop_at_step,
+    result = loop.train_model(spec, stage.workdir, log=log, stop_at_step=stop_at_step,
                               run_dir=workdir)
     if result.weights is None:
       break

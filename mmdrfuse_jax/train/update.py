@@ -80,6 +80,9 @@ class StepConfig:
       `precision.py`).
     perception: the perception loss's feature space: "vgg" (VGG-19's five taps, published) or
       "teacher" (a student's frozen teacher's G1 and G2, `distill.teacher_features`).
+
+  A run builds it from its spec (`run_spec.RunSpec.step_config`), every field given; the
+  defaults below are the published code's, for a step built without a config (benchmarks).
   """
 
   model: str
@@ -98,17 +101,6 @@ class StepConfig:
                        f"{self.perception!r}")
     if self.perception == "teacher" and self.model != "student":
       raise ValueError("perception 'teacher' is for students: the teacher has no teacher")
-
-  @classmethod
-  def from_config(cls, config: Any, steps_per_epoch: int) -> "StepConfig":
-    """From a run's ml_collections config (see configs/default.py)."""
-    return cls(
-        model=str(config.model), weights=losses.LossWeights.from_config(config.loss),
-        refresh=refresh.RefreshConfig.from_config(config.refresh),
-        gradient_form=str(config.loss.gradient_form),
-        distill_normalize=str(config.loss.distill_normalize),
-        steps_per_epoch=int(steps_per_epoch), precision=str(config.get("precision", "exact")),
-        perception=str(config.loss.get("perception", "vgg")))
 
   @property
   def uses_teacher(self) -> bool:

@@ -1,7 +1,8 @@
 """Validation during training: fuse held-out pairs with the current parameters and score them.
 
-`config.validation` (configs/default.py) names the pairs: two folders paired by stem, a split
-of the run's built dataset (for example "test"), or the package's procedural pairs. Every
+`config.validation` (configs/default.py; read and checked into the run spec's
+`run_spec.ValidationSpec`) names the pairs: two folders paired by stem, a split of the run's
+built dataset (for example "test"), or the package's procedural pairs. Every
 `every_steps` steps and at the end of training the run fuses them at full size exactly as
 `bin/fuse.py` would (`fusion.Fuser`, min-max output) and scores them with the code of
 `bin/evaluate.py` (`scoring.evaluate`, the published conventions). The means go to
@@ -30,6 +31,7 @@ from mmdrfuse_jax.evaluation import diagnostics, metrics, scoring
 from mmdrfuse_jax.inference import fusion
 from mmdrfuse_jax.io import imageio
 from mmdrfuse_jax.models import networks, weight_files
+from mmdrfuse_jax.train.run_spec import DataSpec, ValidationSpec
 
 # Metrics for which a smaller value is better (for `best_metric`); all others: larger.
 LOWER_IS_BETTER = metrics.LOWER_IS_BETTER
@@ -38,98 +40,29 @@ OUTPUT = "minmax"
 
 
 class ValidationError(MMDRFuseError, ValueError):
-  """A user-facing problem with the validation settings or pairs (one-line message)."""
+  """A user-facing problem with the validation pairs (one-line message)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  """`config.validation`, checked (see configs/default.py for the meaning of each field)."""
-
-  source: str  # "folders", "split", "synthetic" or "" (no validation).
-  every_steps: int
-  names: tuple[str, ...]
-  max_pairs: int
-  num_images: int
-  best_metric: str
-
-  @property
-  def enabled(self) -> bool:
-    return bool(self.source)
-
-  def due(self, step: int, total_steps: int) -> bool:
-    """Whether the run validates after `step`: every `every_steps` steps and at the end."""
-    if not self.enabled:
-      return False
-    return step == total_steps or (self.every_steps > 0 and step % self.every_steps == 0)
-
-
-def settings(config: Any) -> Settings:
-  """The checked validation settings of a run's config.
-
-  Raises:
-    ValidationError: the settings contradict each other or name unknown metrics.
-  """
-  v = config.get("validation")
-  if v is None:
-    return Settings("", 0, (), 0, 0, "")
-  sources = []
-  if v.ir_dir or v.vis_dir:
-    if not (v.ir_dir and v.vis_dir):
-      raise ValidationError("config.validation needs both ir_dir and vis_dir (or neither)")
-    sources.append("folders")
-  if v.split:
-    if not (config.data.dataset and config.data.data_dir) or int(config.data.synthetic_pairs):
-      raise ValidationError(
-          f"config.validation.split={v.split!r} is a split of the run's built dataset, but the "
-          "run trains on no built dataset (config.data.dataset and data_dir)")
-    if v.split == "holdout" and not float(config.data.get("holdout", 0.0)) > 0:
-      raise ValidationError("config.validation.split='holdout' validates on the pairs that "
-                            "config.data.holdout keeps out of training, but it is 0")
-    sources.append("split")
-  if int(v.synthetic_pairs) > 0:
-    sources.append("synthetic")
-  if len(sources) > 1:
-    raise ValidationError(f"config.validation names several sources ({', '.join(sources)}); "
-                          "give one: ir_dir+vis_dir, split, or synthetic_pairs")
-  for key in ("every_steps", "max_pairs", "num_images", "synthetic_pairs", "synthetic_height",
-              "synthetic_width"):
-    value = v[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-      raise ValidationError(f"config.validation.{key} must be an integer >= 0, got {value!r}")
-  try:
-    names = scoring.parse_metric_names(v.metrics)
-  except ValueError as e:
-    raise ValidationError(f"config.validation.metrics: {e}") from None
-  best = ""
-  if v.best_metric:
-    canon = {n.lower(): n for n in names}
-    best = canon.get(str(v.best_metric).lower(), "")
-    if not best:
-      raise ValidationError(f"config.validation.best_metric={v.best_metric!r} is not one of the "
-                            f"validation metrics ({', '.join(names)})")
-  return Settings(sources[0] if sources else "", int(v.every_steps), names, int(v.max_pairs),
-                  int(v.num_images), best)
-
-
-def prepare_pairs(config: Any, s: Settings, workdir: pathlib.Path, log: Callable[[str], None]
-                  ) -> list[scoring.Triple]:
+def prepare_pairs(s: ValidationSpec, data: DataSpec, seed: int, workdir: pathlib.Path,
+                  log: Callable[[str], None]) -> list[scoring.Triple]:
   """The validation pairs as files, sorted by stem, at most `max_pairs` of them.
 
   Args:
-    config: the run's config.
-    s: its validation settings (`settings(config)`).
+    s: the run's validation settings.
+    data: the run's training data (a split of its built dataset, or the procedural pairs
+      after its own).
+    seed: the run's seed (of the procedural pairs).
     workdir: the run's folder (a split's or procedural pairs are written there).
     log: where warnings go.
 
   Raises:
     ValidationError: a folder is missing or holds no pair; the split is not built.
   """
-  v = config.validation
   limit = s.max_pairs or None
   if s.source == "folders":
     try:
-      triples, problems = scoring.pair_triples(os.path.expanduser(v.ir_dir),
-                                                  os.path.expanduser(v.vis_dir))
+      triples, problems = scoring.pair_triples(os.path.expanduser(s.ir_dir),
+                                                  os.path.expanduser(s.vis_dir))
     except imageio.ImageError as e:
       raise ValidationError(f"validation pairs: {e}") from None
     for problem in problems[:5]:
@@ -137,7 +70,7 @@ def prepare_pairs(config: Any, s: Settings, workdir: pathlib.Path, log: Callable
     if len(problems) > 5:
       log(f"warning: validation pairs: {len(problems) - 5} more problems")
   else:
-    stems, irs, viss = _generated_pairs(config, s, limit)
+    stems, irs, viss = _generated_pairs(s, data, seed, limit)
     folder = workdir / "validation_pairs"
     for stem, ir, vis in zip(stems, irs, viss):
       for sub, image in (("ir", ir), ("vi", vis)):
@@ -163,7 +96,7 @@ def prepare_pairs(config: Any, s: Settings, workdir: pathlib.Path, log: Callable
   return usable
 
 
-def _generated_pairs(config: Any, s: Settings, limit: Optional[int]
+def _generated_pairs(s: ValidationSpec, data: DataSpec, seed: int, limit: Optional[int]
                      ) -> tuple[list[str], Sequence[np.ndarray] | np.ndarray,
                                 Sequence[np.ndarray] | np.ndarray]:
   """(stems, infrared, visible) of a dataset split or of procedural pairs.
@@ -177,36 +110,34 @@ def _generated_pairs(config: Any, s: Settings, limit: Optional[int]
       synthetic,
   )
 
-  d, v = config.data, config.validation
   if s.source == "split":
+    names = data.datasets
     try:
-      names, _ = pipeline.mixture_spec(d.dataset, d.get("weights", ""))
-      split = d.split if v.split == "holdout" else v.split
+      split = data.split if s.split == "holdout" else s.split
       found: list[tuple[str, Any, int]] = []  # (stem, its dataset, its image id)
       for name in names:
         # Random access to the split's records, decoding only the pairs kept (a test split
         # can be larger than host RAM); a patch larger than any image: no patch index either.
-        data = pipeline.StreamingPatchDataset.from_tfds(
-            os.path.expanduser(d.data_dir), name, split, patch_size=1 << 30,
+        built = pipeline.StreamingPatchDataset.from_tfds(
+            os.path.expanduser(data.data_dir), name, split, patch_size=1 << 30,
             patch_stride=1 << 30)
-        ids: Sequence[int] = range(data.num_images)
-        if v.split == "holdout":  # Exactly the pairs the training leaves out (loop.load_dataset).
-          ids = holdout.held_out(data.stems, float(d.holdout))
+        ids: Sequence[int] = range(built.num_images)
+        if s.split == "holdout":  # Exactly the pairs the training leaves out (loop.load_dataset).
+          ids = holdout.held_out(built.stems, data.holdout)
         # A mixture's stems name their dataset (a file name: no "/"), as `PatchMixture`'s do.
-        found += [(data.stems[i] if len(names) == 1 else f"{name}-{data.stems[i]}", data, i)
+        found += [(built.stems[i] if len(names) == 1 else f"{name}-{built.stems[i]}", built, i)
                   for i in ids]
       found = sorted(found, key=lambda f: f[0])[:limit]
-      pairs = [data.image(i) for _, data, i in found]
+      pairs = [built.image(i) for _, built, i in found]
     except (sources.DataError, ValueError) as e:
-      raise ValidationError(f"validation split {v.split!r}: {e}") from None
+      raise ValidationError(f"validation split {s.split!r}: {e}") from None
     return [f[0] for f in found], [p[0] for p in pairs], [p[1] for p in pairs]
   # Procedural pairs after the training pairs of the same seed (pair i depends only on the
   # seed, i and the size), so that they are never training pairs.
-  first = max(int(d.synthetic_pairs), 0)
-  count = int(v.synthetic_pairs)
-  ir, vis = synthetic.make_pairs(first + count, int(v.synthetic_height), int(v.synthetic_width),
-                                 seed=int(config.seed))
-  return [f"synthetic_{config.seed}_{first + i:04d}" for i in range(count)], ir[first:], vis[first:]
+  first = max(data.synthetic_pairs, 0)
+  count = s.synthetic_pairs
+  ir, vis = synthetic.make_pairs(first + count, s.synthetic_height, s.synthetic_width, seed=seed)
+  return [f"synthetic_{seed}_{first + i:04d}" for i in range(count)], ir[first:], vis[first:]
 
 
 @dataclasses.dataclass
@@ -236,7 +167,7 @@ class Validator:
     s: the settings.
   """
 
-  def __init__(self, triples: Sequence[scoring.Triple], s: Settings):
+  def __init__(self, triples: Sequence[scoring.Triple], s: ValidationSpec):
     self.triples = list(triples)
     self.settings = s
     self._sources = {}  # stem -> (infrared, visible) gray uint8, for the strips.

@@ -30,7 +30,7 @@ import pytest
 from jax.sharding import Mesh
 
 from mmdrfuse_jax.configs import default
-from mmdrfuse_jax.train import loop, refresh, run_record, run_settings, update
+from mmdrfuse_jax.train import loop, refresh, run_record, run_settings, run_spec, update
 
 # Every test here trains in subprocesses: the full suite only (`-m slow`).
 pytestmark = pytest.mark.slow
@@ -209,7 +209,7 @@ def test_placement_setting(monkeypatch):
   assert config.refresh.placement == "replicated"
   assert "refresh.placement" not in run_record.run_identity(config)  # May change on a rerun.
   assert "refresh.memory_dtype" in run_record.run_identity(config)
-  assert refresh.RefreshConfig.from_config(config.refresh).placement == "replicated"
+  assert run_spec.RunSpec.from_config(config).refresh.placement == "replicated"
   config.refresh.placement = "gpu"
   with pytest.raises(loop.TrainingError,
                      match="config.refresh.placement must be one of replicated, sharded, host"):

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmdrfuse_jax.train import refresh
+from mmdrfuse_jax.configs import default
+from mmdrfuse_jax.train import refresh, run_spec
 
 T, F = True, False
 
@@ -111,11 +112,10 @@ def test_bytes_per_sample():
 
 
 def test_config_switches_select_memory_kinds():
-  import ml_collections  # pylint: disable=g-import-not-at-top
-
-  switches = ml_collections.ConfigDict(dict(ssim=False, gmsd=True, per_sample=True,
-                                            memory_dtype="uint8", weight_scale=10.0))
-  cfg = refresh.RefreshConfig.from_config(switches)
+  config = default.get_config()
+  config.refresh.update(dict(ssim=False, gmsd=True, per_sample=True, memory_dtype="uint8",
+                             weight_scale=10.0))
+  cfg = run_spec.RunSpec.from_config(config).refresh
   assert [kind.name for kind in cfg.kinds] == ["gmsd"] and cfg.per_sample
   assert [kind.key for kind in refresh.MEMORY_KINDS] == ["best_ssim", "best_gmsd"]
   with pytest.raises(ValueError, match="unknown refresh memories"):

@@ -31,6 +31,7 @@ from mmdrfuse_jax.train import (
   refresh,
   run_checkpoints,
   run_settings,
+  run_spec,
   stages,
   summary,
   update,
@@ -56,6 +57,16 @@ def tiny_config(teacher_file):
   config.checkpoint_every_steps = 100
   config.progress_bar = False
   return config
+
+
+def _step_config(config, steps_per_epoch=2):
+  """The train step's settings of a run of `config` (read as the run reads it)."""
+  return run_spec.RunSpec.from_config(config).step_config(steps_per_epoch)
+
+
+def _frozen(config):
+  """The frozen networks' files a run of `config` reads."""
+  return run_spec.RunSpec.from_config(config).frozen
 
 
 def _fresh_state(cfg, teacher, mesh):
@@ -152,7 +163,7 @@ def test_resume_equals_straight_run(straight_run, tmp_path, teacher_file):
 @pytest.mark.slow
 def test_nonfinite_loss_skips_update(straight_run, teacher_file):
   config = tiny_config(teacher_file)
-  cfg = update.StepConfig.from_config(config, steps_per_epoch=2)
+  cfg = _step_config(config)
   mesh = update.make_mesh(2)
   teacher = weight_files.load_params(teacher_file, "teacher")
   state = _fresh_state(cfg, teacher, mesh)
@@ -241,15 +252,15 @@ def test_missing_inputs_are_one_line_errors(tmp_path, teacher_file):
   with pytest.raises(loop.TrainingError, match="prepare_data"):
     loop.load_dataset(config)
   with pytest.raises(loop.TrainingError, match="convert_vgg19"):
-    loop.load_vgg(config, print)
+    loop.load_vgg(_frozen(config), print)
   config.vgg_weights = str(tmp_path / "nope.npz")
   with pytest.raises(loop.TrainingError, match="nope.npz"):
-    loop.load_vgg(config, print)
+    loop.load_vgg(_frozen(config), print)
   with pytest.raises(loop.TrainingError, match="teacher"):
-    loop.load_teacher(config)
+    loop.load_teacher(_frozen(config))
   config.teacher_weights = str(tmp_path / "missing.model")
   with pytest.raises(loop.TrainingError, match="missing.model"):
-    loop.load_teacher(config)
+    loop.load_teacher(_frozen(config))
 
 
 def _run(args, env=None, timeout=600):
@@ -322,7 +333,7 @@ def test_teacher_cache_setting():
 @pytest.mark.slow
 def test_teacher_cache_matches_teacher_in_step(teacher_file):
   config = tiny_config(teacher_file)
-  cfg = update.StepConfig.from_config(config, steps_per_epoch=2)
+  cfg = _step_config(config)
   mesh = update.make_mesh(2)
   teacher = weight_files.load_params(teacher_file, "teacher")
   frozen = update.replicate(update.Frozen(vgg=vgg.random_params(), teacher=teacher), mesh)
@@ -340,7 +351,7 @@ def test_teacher_cache_matches_teacher_in_step(teacher_file):
 def test_student_accepts_published_teacher(shared):
   config = default.get_config()
   config.teacher_weights = str(shared / "reference" / "weights" / "teacher.model")
-  assert networks.count_params(loop.load_teacher(config)) == 556489
+  assert networks.count_params(loop.load_teacher(_frozen(config))) == 556489
 
 
 def test_event_files_read_by_tensorboard(tmp_path):
@@ -383,7 +394,7 @@ def test_terms_that_are_off_run_no_vgg(straight_run, teacher_file):
   for w_percep, ssim, gmsd in ((0.0, False, False), (2.0, True, True)):
     config.loss.w_percep = w_percep
     config.refresh.ssim, config.refresh.gmsd = ssim, gmsd
-    cfg = update.StepConfig.from_config(config, steps_per_epoch=2)
+    cfg = _step_config(config)
     # The off case takes the teacher's targets with the batch, as later epochs do (no teacher
     # to compile); the on case is the step the other tests compiled already.
     inputs = {**batch, "teacher": targets} if w_percep == 0 else batch
@@ -412,8 +423,8 @@ def test_teacher_perception_runs_no_vgg(teacher_file):
   teacher = weight_files.load_params(teacher_file, "teacher")
   poisoned = jax.tree_util.tree_map(lambda a: np.full_like(a, np.nan), vgg.random_params())
   frozen = update.replicate(update.Frozen(vgg=poisoned, teacher=teacher), mesh)
-  cfg = update.StepConfig.from_config(config, steps_per_epoch=2)
-  assert cfg.output_taps == 0 and not loop.needs_vgg(config)
+  cfg = _step_config(config)
+  assert cfg.output_taps == 0 and not run_spec.RunSpec.from_config(config).needs_vgg
   batch = _random_batch(5, [0, 1])
   state = _fresh_state(cfg, teacher, mesh)
   out = networks.Student().apply({"params": state.params}, jnp.concatenate(
@@ -437,7 +448,8 @@ def test_quickstart_is_two_explicit_stages(tmp_path):
   assert student.config.teacher_weights == str(tmp_path / "teacher" / "teacher.npz")
   assert "teacher_stage" not in student.config
   assert dict(teacher.config.loss) == {**dataclasses.asdict(losses.PUBLISHED_WEIGHTS["teacher"]),
-                                       "gradient_form": "code", "distill_normalize": "batch"}
+                                       "gradient_form": "code", "distill_normalize": "batch",
+                                       "perception": "vgg"}
   assert teacher.config.data == quickstart.get_config().data  # One data setting for both.
   (only,) = stages.plan(default.get_config("teacher"), tmp_path)
   assert only.workdir == tmp_path and only.config.model == "teacher"

@@ -17,7 +17,7 @@ from mmdrfuse_jax.evaluation import scoring
 from mmdrfuse_jax.inference import fusion
 from mmdrfuse_jax.io import imageio
 from mmdrfuse_jax.models import weight_files
-from mmdrfuse_jax.train import loop, run_settings, validation
+from mmdrfuse_jax.train import loop, run_settings, run_spec, validation
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -51,6 +51,20 @@ def tiny_config(teacher_file):
   v.num_images = 1
   v.best_metric = "VIF"
   return config
+
+
+def _settings(source, every_steps, names, max_pairs, num_images, best_metric):
+  """Validation settings as the run reads them (the pairs' own fields do not matter here)."""
+  return run_spec.ValidationSpec(
+      source=source, ir_dir="", vis_dir="", split="", synthetic_pairs=0, synthetic_height=0,
+      synthetic_width=0, every_steps=every_steps, max_pairs=max_pairs, names=names,
+      num_images=num_images, best_metric=best_metric)
+
+
+def _pairs(config, workdir):
+  """The validation pairs a run of `config` in `workdir` validates on."""
+  spec = run_spec.RunSpec.from_config(config)
+  return validation.prepare_pairs(spec.validation, spec.data, spec.seed, workdir, log=print)
 
 
 def _rows(workdir):
@@ -113,7 +127,7 @@ def test_strips_reuse_the_fused_images_that_were_scored(run, monkeypatch):
   workdir, _, _ = run
   triples, _ = scoring.pair_triples(workdir / "validation_pairs" / "ir",
                                        workdir / "validation_pairs" / "vi")
-  s = validation.Settings("synthetic", 2, METRICS, 0, 2, "")  # Both pairs as strips.
+  s = _settings("synthetic", 2, METRICS, 0, 2, "")  # Both pairs as strips.
   calls = []
   fuse_images = fusion.Fuser.fuse_images
   monkeypatch.setattr(fusion.Fuser, "fuse_images",
@@ -202,8 +216,7 @@ def test_split_pairs_are_the_built_images(tmp_path, teacher_file):
   config.data.dataset, config.data.data_dir = "msrs", str(tmp_path / "tfds")
   v = config.validation
   v.synthetic_pairs, v.split, v.max_pairs = 0, "test", 2
-  triples = validation.prepare_pairs(config, validation.settings(config), tmp_path / "run",
-                                     log=print)
+  triples = _pairs(config, tmp_path / "run")
   assert [t.name for t in triples] == ["0000", "0001"]
   built = pipeline.PatchDataset.from_tfds(tmp_path / "tfds", "msrs", "test")
   for t in triples:
@@ -213,11 +226,11 @@ def test_split_pairs_are_the_built_images(tmp_path, teacher_file):
 
 
 def test_due_steps():
-  s = validation.Settings("synthetic", 3, ("VIF",), 0, 0, "")
+  s = _settings("synthetic", 3, ("VIF",), 0, 0, "")
   assert [k for k in range(1, 11) if s.due(k, 10)] == [3, 6, 9, 10]
-  s = validation.Settings("synthetic", 0, ("VIF",), 0, 0, "")
+  s = _settings("synthetic", 0, ("VIF",), 0, 0, "")
   assert [k for k in range(1, 11) if s.due(k, 10)] == [10]
-  assert not validation.Settings("", 3, (), 0, 0, "").due(3, 10)
+  assert not _settings("", 3, (), 0, 0, "").due(3, 10)
 
 
 def test_holdout_pairs_validate_and_never_train(tmp_path, teacher_file):
@@ -232,16 +245,15 @@ def test_holdout_pairs_validate_and_never_train(tmp_path, teacher_file):
   config.data.holdout = 0.3
   v = config.validation
   v.synthetic_pairs, v.split, v.max_pairs = 0, "holdout", 0
-  triples = validation.prepare_pairs(config, validation.settings(config), tmp_path / "run",
-                                     log=print)
+  triples = _pairs(config, tmp_path / "run")
   dataset = loop.load_dataset(config)
   trained = {dataset.stems[i] for i in set(dataset.patch_image.tolist())}
   validated = {t.name for t in triples}
   assert validated and trained and not validated & trained
   assert validated | trained == set(dataset.stems)
   config.data.holdout = 0.0
-  with pytest.raises(validation.ValidationError, match="config.data.holdout"):
-    validation.settings(config)
+  with pytest.raises(run_settings.ConfigError, match="config.data.holdout"):
+    run_spec.RunSpec.from_config(config)
 
 
 def test_mixture_holds_out_each_dataset_and_never_trains_on_it(tmp_path, teacher_file):
@@ -259,8 +271,7 @@ def test_mixture_holds_out_each_dataset_and_never_trains_on_it(tmp_path, teacher
   config.data.holdout = 0.3
   v = config.validation
   v.synthetic_pairs, v.split, v.max_pairs = 0, "holdout", 0
-  triples = validation.prepare_pairs(config, validation.settings(config), tmp_path / "run",
-                                     log=print)
+  triples = _pairs(config, tmp_path / "run")
   dataset = loop.load_dataset(config)
   assert isinstance(dataset, pipeline.PatchMixture) and dataset.weights == [1.0, 2.0]
   trained = {dataset.stems[i] for i in set(dataset.patch_image.tolist())}
@@ -281,7 +292,7 @@ def test_validation_reports_the_collapse_diagnostics(run):
   workdir, _, _ = run
   triples, _ = scoring.pair_triples(workdir / "validation_pairs" / "ir",
                                     workdir / "validation_pairs" / "vi")
-  s = validation.Settings("synthetic", 2, ("SD",), 0, 0, "")
+  s = _settings("synthetic", 2, ("SD",), 0, 0, "")
   params = weight_files.load_params(workdir / "student.npz", "student")
   result = validation.Validator(triples, s)(params)
   assert set(result.means) == {"SD", "Floor", "DeadUnits"}
