@@ -192,7 +192,8 @@ def evaluate(triples: Sequence[Triple], *, names: Sequence[str] = metrics.METRIC
     ssim_data_range, mi_base: metric conventions (see `metrics.all_metrics`).
     fuse_fn: in-memory fusion for triples without a fused file.
     save_fused: folder where fused images from `fuse_fn` are also written (<name>.png).
-    batch_size: images scored per vmapped call (the last batch is padded with a repeat).
+    batch_size: images scored per call (the last batch is padded with a repeat); vmapped,
+      or image by image for large canvases (see `metrics.all_metrics`).
     bucket_multiple, max_waste: canvas sharing (see `assign_buckets`).
     progress: show a tqdm progress bar.
     stop: checked before each batch; once its `signum` is set, the evaluation ends early
