@@ -46,6 +46,19 @@ def shared() -> pathlib.Path:
   return path
 
 
+@pytest.fixture(scope="session")
+def golden(shared) -> dict:
+  """The published code's reference tensors: {"networks", "losses", "vgg19_random"} -> arrays."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  root = shared / "reference" / "golden"
+  out = {}
+  for name in ("networks", "losses", "vgg19_random"):
+    with np.load(root / f"{name}.npz") as data:
+      out[name] = {k: data[k] for k in data.files}
+  return out
+
+
 def load_script(name: str):
   """The tool that `bin/<name>.py` runs (`mmdrfuse_jax.tools.<name>`): tests call its
   `main(argv)` in-process and patch what it imported."""

@@ -34,16 +34,6 @@ def torch():
 
 
 @pytest.fixture(scope="module")
-def golden(shared):
-  root = shared / "reference" / "golden"
-  out = {}
-  for name in ("networks", "losses", "vgg19_random"):
-    with np.load(root / f"{name}.npz") as data:
-      out[name] = {k: data[k] for k in data.files}
-  return out
-
-
-@pytest.fixture(scope="module")
 def published(torch, shared):
   weights = shared / "reference" / "weights"
   return {model: torch_baseline.load_published(weights / f"{model}.model", model)

@@ -21,16 +21,6 @@ def _nhwc(a) -> jax.Array:
 
 
 @pytest.fixture(scope="module")
-def golden(shared):
-  root = shared / "reference" / "golden"
-  out = {}
-  for name in ("networks", "losses", "vgg19_random"):
-    with np.load(root / f"{name}.npz") as data:
-      out[name] = {k: data[k] for k in data.files}
-  return out
-
-
-@pytest.fixture(scope="module")
 def batch(golden):
   net = golden["networks"]
   return {

@@ -233,24 +233,36 @@ def test_due_steps():
   assert not _settings("", 3, (), 0, 0, "").due(3, 10)
 
 
+def _holdout_config(teacher_file, datasets, data_dir):
+  """tiny_config training on built `datasets` (16x16 patches), validating on 30% held out."""
+  config = tiny_config(teacher_file)
+  config.data.synthetic_pairs = 0
+  config.data.dataset, config.data.data_dir = datasets, str(data_dir)
+  config.data.patch_size = config.data.patch_stride = 16
+  config.data.holdout = 0.3
+  v = config.validation
+  v.synthetic_pairs, v.split, v.max_pairs = 0, "holdout", 0
+  return config
+
+
+def _trained_and_validated(config, workdir):
+  """(the training patches, the validated stems), checked to be disjoint and non-empty."""
+  validated = {t.name for t in _pairs(config, workdir)}
+  dataset = loop.load_dataset(config)
+  trained = {dataset.stems[i] for i in set(dataset.patch_image.tolist())}
+  assert validated and trained and not validated & trained
+  return dataset, validated
+
+
 def test_holdout_pairs_validate_and_never_train(tmp_path, teacher_file):
   from mmdrfuse_jax.data import prepare, synthetic
 
   synthetic.write_pairs(tmp_path / "msrs" / "train", 12, 48, 48, seed=0)
   prepare.prepare("msrs", tmp_path / "msrs", tmp_path / "tfds")
-  config = tiny_config(teacher_file)
-  config.data.synthetic_pairs = 0
-  config.data.dataset, config.data.data_dir = "msrs", str(tmp_path / "tfds")
-  config.data.patch_size = config.data.patch_stride = 16
-  config.data.holdout = 0.3
-  v = config.validation
-  v.synthetic_pairs, v.split, v.max_pairs = 0, "holdout", 0
-  triples = _pairs(config, tmp_path / "run")
-  dataset = loop.load_dataset(config)
-  trained = {dataset.stems[i] for i in set(dataset.patch_image.tolist())}
-  validated = {t.name for t in triples}
-  assert validated and trained and not validated & trained
-  assert validated | trained == set(dataset.stems)
+  config = _holdout_config(teacher_file, "msrs", tmp_path / "tfds")
+  dataset, validated = _trained_and_validated(config, tmp_path / "run")
+  assert validated | {dataset.stems[i] for i in set(dataset.patch_image.tolist())} == set(
+      dataset.stems)
   config.data.holdout = 0.0
   with pytest.raises(run_settings.ConfigError, match="config.data.holdout"):
     run_spec.RunSpec.from_config(config)
@@ -263,22 +275,13 @@ def test_mixture_holds_out_each_dataset_and_never_trains_on_it(tmp_path, teacher
     synthetic.write_pairs(tmp_path / name / "train", 10, 48, 48, seed=seed)
   prepare.prepare("msrs", tmp_path / "msrs", tmp_path / "tfds")
   prepare.prepare("llvip", tmp_path / "llvip", tmp_path / "tfds")
-  config = tiny_config(teacher_file)
-  config.data.synthetic_pairs = 0
-  config.data.dataset, config.data.data_dir = "msrs,llvip", str(tmp_path / "tfds")
+  config = _holdout_config(teacher_file, "msrs,llvip", tmp_path / "tfds")
   config.data.weights = "1,2"
-  config.data.patch_size = config.data.patch_stride = 16
-  config.data.holdout = 0.3
-  v = config.validation
-  v.synthetic_pairs, v.split, v.max_pairs = 0, "holdout", 0
-  triples = _pairs(config, tmp_path / "run")
-  dataset = loop.load_dataset(config)
+  dataset, validated = _trained_and_validated(config, tmp_path / "run")
   assert isinstance(dataset, pipeline.PatchMixture) and dataset.weights == [1.0, 2.0]
-  trained = {dataset.stems[i] for i in set(dataset.patch_image.tolist())}
-  validated = {t.name for t in triples}
   assert {n.split("-")[0] for n in validated} == {"msrs", "llvip"}  # Both datasets' pairs.
-  assert validated and trained and not validated & trained
-  assert validated | trained == set(dataset.stems)
+  assert validated | {dataset.stems[i] for i in set(dataset.patch_image.tolist())} == set(
+      dataset.stems)
   config.data.weights = "1"
   with pytest.raises(run_settings.ConfigError, match="config.data.weights"):
     loop.load_dataset(config)
