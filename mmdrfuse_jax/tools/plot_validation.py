@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from mmdrfuse_jax.evaluation import curves, report, scoring
+from mmdrfuse_jax.evaluation import curves, report
 from mmdrfuse_jax.io import files
 
 
@@ -50,10 +50,18 @@ def main(argv=None) -> int:
       inputs += curves.run_files(folder)
     references = dict(curves.parse_reference(spec) for spec in args.reference)
     names: Sequence[str]
+    logged = list(dict.fromkeys(m for run in runs.values() for m in run))
     if args.metrics:
-      names = scoring.parse_metric_names(args.metrics)
+      # Any score the runs logged: the metrics and the diagnostics (DeadUnits) alike.
+      canon = {m.lower(): m for m in logged}
+      names = []
+      for part in args.metrics.split(","):
+        if part.strip().lower() not in canon:
+          raise curves.CurvesError(f"--metrics: no run validated {part.strip()!r}; they "
+                                   f"logged {', '.join(logged)}")
+        names.append(canon[part.strip().lower()])
     else:
-      names = list(dict.fromkeys(m for run in runs.values() for m in run))
+      names = logged
     report.require_matplotlib()
     created = files.check_output_file(args.out, inputs)
   except ValueError as e:  # CurvesError, ReportError, OutputError, unknown metric names

@@ -1,6 +1,7 @@
 """The collapse diagnostics against hand-computed values: the floor share and dead units."""
 
 import math
+import pathlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -58,3 +59,19 @@ def test_dead_units_by_hand():
   with pytest.raises(ValueError, match="student"):
     diagnostics.dead_unit_share({"conv00": {}, **{f"c{i}": {} for i in range(12)}},
                                 jnp.zeros((1, 4, 4, 1)), jnp.zeros((1, 4, 4, 1)))
+
+
+def test_the_shipped_student_sees_in_the_dark():
+  """weights/student.npz keeps its conv1 units on in dark scenes (docs/domains.md): on
+  procedural pairs dimmed to 15% no pixel is dead. The student shipped before it, trained on
+  RoadScene's daytime pairs alone (weights/student_roadscene.npz), is dead on every one."""
+  from mmdrfuse_jax.data import synthetic
+  from mmdrfuse_jax.models import weight_files
+
+  ir, vis = synthetic.make_pairs(4, 128, 128, seed=0)
+  dim = [np.asarray(x, np.float32)[..., None] / 255 * 0.15 for x in (ir, vis)]
+  weights = pathlib.Path(__file__).resolve().parents[2] / "weights"
+  shipped = weight_files.load_params(weights / "student.npz", "student")
+  before = weight_files.load_params(weights / "student_roadscene.npz", "student")
+  assert float(diagnostics.dead_unit_share(shipped, *dim)) < 0.01
+  assert float(diagnostics.dead_unit_share(before, *dim)) > 0.99

@@ -340,3 +340,25 @@ def test_step_settings_are_the_steps_cache_key():
   mesh = update.make_mesh(2)
   assert update.make_train_step(spec.step_config(2), mesh) is update.make_train_step(
       run_spec.RunSpec.from_config(default.get_config("student")).step_config(2), mesh)
+
+
+@pytest.mark.parametrize("name", ["quickstart", "student", "student_paper", "teacher",
+                                  "student_multidomain"])
+def test_every_shipped_config_is_a_valid_run(name):
+  """configs/<name>.py (the path users give) builds a spec; it is the package's config."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  path = pathlib.Path(__file__).resolve().parents[2] / "configs" / f"{name}.py"
+  spec_of_file = importlib.util.spec_from_file_location(f"_config_{name}", path)
+  module = importlib.util.module_from_spec(spec_of_file)
+  spec_of_file.loader.exec_module(module)
+  config = module.get_config()
+  package = importlib.import_module(f"mmdrfuse_jax.configs.{name}").get_config()
+  assert config.to_dict() == package.to_dict()
+  if config.data.dataset:
+    config.data.data_dir = "~/tfds"  # Left to the command line: where the user built the data.
+  spec = run_spec.RunSpec.from_config(config)
+  if name == "student_multidomain":
+    assert spec.data.datasets == ("roadscene", "llvip") and spec.data.weights == (1.0, 1.0)
+    assert spec.data.holdout > 0 and spec.validation.split == "holdout"
+    assert not spec.needs_vgg  # It trains without downloading VGG-19.
