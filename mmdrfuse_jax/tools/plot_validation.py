@@ -57,8 +57,8 @@ def main(argv=None) -> int:
       names = []
       for part in args.metrics.split(","):
         if part.strip().lower() not in canon:
-          raise curves.CurvesError(f"--metrics: no run validated {part.strip()!r}; they "
-                                   f"logged {', '.join(logged)}")
+          raise curves.CurvesError(f"unknown metric {part.strip()!r}: no run validated it; "
+                                   f"they logged {', '.join(logged)}")
         names.append(canon[part.strip().lower()])
     else:
       names = logged
