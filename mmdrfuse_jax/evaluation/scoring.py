@@ -362,17 +362,22 @@ def format_means(result: EvaluationResult, fmt: str = "table", label: str = "mea
 FORMATS = ("table", "markdown", "csv", "json")
 
 
-def parse_metric_names(text: Optional[str]) -> tuple[str, ...]:
-  """'EN,SD,...' (case-insensitive) -> canonical names; None -> all published metrics."""
+def parse_metric_names(text: Optional[str], *,
+                       choices: Sequence[str] = metrics.ALL_NAMES) -> tuple[str, ...]:
+  """'EN,SD,...' (case-insensitive) -> canonical names; None -> all published metrics.
+
+  `choices`: the names allowed (default: every metric `all_metrics` computes; a training
+  run's validation also logs diagnostics such as DeadUnits).
+  """
   if not text:
     return metrics.METRIC_NAMES
-  canon = {n.lower(): n for n in metrics.ALL_NAMES}
+  canon = {n.lower(): n for n in choices}
   out = []
   for part in text.split(","):
     key = part.strip().lower()
     if key not in canon:
       raise ValueError(f"unknown metric {part.strip()!r}; "
-                       f"choose from {', '.join(metrics.ALL_NAMES)}")
+                       f"choose from {', '.join(choices)}")
     if canon[key] not in out:
       out.append(canon[key])
   return tuple(out)

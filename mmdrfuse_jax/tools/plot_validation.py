@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from mmdrfuse_jax.evaluation import curves, report
+from mmdrfuse_jax.evaluation import curves, report, scoring
 from mmdrfuse_jax.io import files
 
 
@@ -51,17 +51,8 @@ def main(argv=None) -> int:
     references = dict(curves.parse_reference(spec) for spec in args.reference)
     names: Sequence[str]
     logged = list(dict.fromkeys(m for run in runs.values() for m in run))
-    if args.metrics:
-      # Any score the runs logged: the metrics and the diagnostics (DeadUnits) alike.
-      canon = {m.lower(): m for m in logged}
-      names = []
-      for part in args.metrics.split(","):
-        if part.strip().lower() not in canon:
-          raise curves.CurvesError(f"unknown metric {part.strip()!r}: no run validated it; "
-                                   f"they logged {', '.join(logged)}")
-        names.append(canon[part.strip().lower()])
-    else:
-      names = logged
+    # Any score the runs logged: the metrics and the diagnostics (DeadUnits) alike.
+    names = scoring.parse_metric_names(args.metrics, choices=logged) if args.metrics else logged
     report.require_matplotlib()
     created = files.check_output_file(args.out, inputs)
   except ValueError as e:  # CurvesError, ReportError, OutputError, unknown metric names
