@@ -499,6 +499,11 @@ def mixture_spec(datasets: str, weights: str = "") -> tuple[list[str], list[floa
   return names, shares
 
 
+def mixture_stem(dataset: str, stem: str) -> str:
+  """A pair's name in a mixture: its dataset's and its own (a file name: no "/")."""
+  return f"{dataset}-{stem}"
+
+
 class PatchMixture(_Patches):
   """Several datasets' patches as one, each contributing a fixed share of every epoch.
 
@@ -539,7 +544,8 @@ class PatchMixture(_Patches):
                          f"{weights}")
     self.sources, self.names, self.weights = list(sources), names, weights
     self.patch_size, self.patch_stride = sources[0].patch_size, sources[0].patch_stride
-    self.stems = [f"{name}-{stem}" for name, src in zip(names, sources) for stem in src.stems]
+    self.stems = [mixture_stem(name, stem) for name, src in zip(names, sources)
+                  for stem in src.stems]
     counts = [src.num_images for src in sources]
     self._image_offsets = np.cumsum([0] + counts)
     self.patch_image = np.concatenate(
@@ -558,7 +564,10 @@ class PatchMixture(_Patches):
 
   def epoch_quotas(self) -> np.ndarray:
     """How many patches each source gives an epoch: the shares of `num_patches`."""
-    available = np.bincount(self.source_of_patches(), minlength=len(self.sources))
+    return self._quotas(self.source_of_patches())
+
+  def _quotas(self, source: np.ndarray) -> np.ndarray:
+    available = np.bincount(source, minlength=len(self.sources))
     if self.weights is None:
       return available
     share = np.asarray(self.weights) / sum(self.weights)
@@ -577,7 +586,7 @@ class PatchMixture(_Patches):
         [int(seed) & 0xFFFFFFFF, int(epoch), len(self.sources)])))
     source = self.source_of_patches()
     picks = []
-    for d, quota in enumerate(self.epoch_quotas()):
+    for d, quota in enumerate(self._quotas(source)):
       ids = np.flatnonzero(source == d)
       if quota == 0:
         continue

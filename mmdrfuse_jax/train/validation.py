@@ -124,8 +124,9 @@ def _generated_pairs(s: ValidationSpec, data: DataSpec, seed: int, limit: Option
         ids: Sequence[int] = range(built.num_images)
         if s.split == "holdout":  # Exactly the pairs the training leaves out (loop.load_dataset).
           ids = holdout.held_out(built.stems, data.holdout)
-        # A mixture's stems name their dataset (a file name: no "/"), as `PatchMixture`'s do.
-        found += [(built.stems[i] if len(names) == 1 else f"{name}-{built.stems[i]}", built, i)
+        # A mixture's pairs are named as `PatchMixture` names them.
+        found += [(built.stems[i] if len(names) == 1 else
+                   pipeline.mixture_stem(name, built.stems[i]), built, i)
                   for i in ids]
       found = sorted(found, key=lambda f: f[0])[:limit]
       pairs = [built.image(i) for _, built, i in found]
