@@ -252,30 +252,30 @@ def test_stride_zero_tensor_of_four_tebibytes_is_refused(tmp_path):
   _refused(torch_reader.load_state_dict, path, r"conv1\.1\.weight: stride 0")
 
 
+def _conv1_layout_refused(path, layout, match) -> None:
+  """The student's checkpoint with conv1's weight declared as `layout` (see `_torch_zip`) is
+  refused by `weight_files.load_params` with `match`."""
+  tensors, storages = _student_tensors()
+  tensors["conv1.1.weight"] = layout
+  _torch_zip(path, tensors, storages)
+  _refused(weight_files.load_params, path, match)
+
+
 def test_broadcast_and_overlapping_layouts_are_refused(tmp_path):
   # Small enough to allocate, and of the expected shape: still not a tensor of its own.
-  tensors, storages = _student_tensors()
-  tensors["conv1.1.weight"] = ("0", 1, 0, (4, 2, 3, 3), (0, 0, 0, 0))
-  path = tmp_path / "broadcast.model"
-  _torch_zip(path, tensors, storages)
-  _refused(weight_files.load_params, path, r"conv1\.1\.weight: stride 0")
-  tensors["conv1.1.weight"] = ("0", 72, 0, (4, 2, 3, 3), (1, 1, 1, 1))
-  path = tmp_path / "overlap.model"
-  _torch_zip(path, tensors, storages)
-  _refused(weight_files.load_params, path, r"conv1\.1\.weight: overlapping strides")
+  _conv1_layout_refused(tmp_path / "broadcast.model", ("0", 1, 0, (4, 2, 3, 3), (0, 0, 0, 0)),
+                        r"conv1\.1\.weight: stride 0")
+  _conv1_layout_refused(tmp_path / "overlap.model", ("0", 72, 0, (4, 2, 3, 3), (1, 1, 1, 1)),
+                        r"conv1\.1\.weight: overlapping strides")
 
 
 def test_tensor_beyond_its_storage_is_refused(tmp_path):
-  tensors, storages = _student_tensors()
-  tensors["conv1.1.weight"] = ("0", 72, 1, (4, 2, 3, 3), (18, 9, 3, 1))
-  path = tmp_path / "beyond.model"
-  _torch_zip(path, tensors, storages)
-  _refused(weight_files.load_params, path, r"conv1\.1\.weight: .*does not fit its storage")
+  _conv1_layout_refused(tmp_path / "beyond.model", ("0", 72, 1, (4, 2, 3, 3), (18, 9, 3, 1)),
+                        r"conv1\.1\.weight: .*does not fit its storage")
   # A storage declaring 2^40 elements that its record does not hold.
-  tensors["conv1.1.weight"] = ("0", 2**40, 0, (4, 2, 3, 3), (18, 9, 3, 1))
-  path = tmp_path / "declared.model"
-  _torch_zip(path, tensors, storages)
-  _refused(weight_files.load_params, path, "storage 0 declares 1099511627776 elements")
+  _conv1_layout_refused(tmp_path / "declared.model",
+                        ("0", 2**40, 0, (4, 2, 3, 3), (18, 9, 3, 1)),
+                        "storage 0 declares 1099511627776 elements")
 
 
 def test_storage_record_larger_than_the_archive_is_refused(tmp_path):
