@@ -129,6 +129,10 @@ def get_config(model: str = "student") -> ml_collections.ConfigDict:
   config.validation.ir_dir = ""
   config.validation.vis_dir = ""
   config.validation.split = ""  # A split of the built dataset; "holdout": data.holdout's pairs.
+  # With `split`: the built datasets whose pairs are validated on, comma-separated (empty: the
+  # run's own). Runs that train on different datasets then validate on the same pairs, say
+  # "roadscene,llvip" for a run on RoadScene alone, and their scores compare.
+  config.validation.datasets = ""
   config.validation.synthetic_pairs = 0
   config.validation.synthetic_height = 128
   config.validation.synthetic_width = 128

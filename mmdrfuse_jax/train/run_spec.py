@@ -167,6 +167,8 @@ class ValidationSpec:
   Attributes:
     source: where the pairs come from: "folders" (`ir_dir` and `vis_dir`), "split" (a split
       of the run's built dataset), "synthetic" (procedural pairs) or "" (no validation).
+    datasets: with source "split", the built datasets whose split is validated on (the run's
+      own unless `config.validation.datasets` names others).
     names: the metrics scored (canonical names).
     best_metric: the canonical name of the metric whose best parameters are kept, or "".
   """
@@ -175,6 +177,7 @@ class ValidationSpec:
   ir_dir: str
   vis_dir: str
   split: str
+  datasets: tuple[str, ...]
   synthetic_pairs: int
   synthetic_height: int
   synthetic_width: int
@@ -481,6 +484,17 @@ def _validation(get: _Settings, data: DataSpec) -> ValidationSpec:
       raise ConfigError("config.validation.split='holdout' validates on the pairs that "
                         "config.data.holdout keeps out of training, but it is 0")
     sources.append("split")
+  datasets = data.datasets
+  if get.text("validation.datasets"):
+    if not split:
+      raise ConfigError("config.validation.datasets chooses the built datasets of "
+                        "config.validation.split, which is not set")
+    from mmdrfuse_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+    try:
+      datasets = tuple(pipeline.mixture_spec(get.text("validation.datasets"))[0])
+    except ValueError as e:
+      raise ConfigError(f"config.validation.datasets: {e}") from None
   counts = {}
   for key in ("every_steps", "max_pairs", "num_images", "synthetic_pairs", "synthetic_height",
               "synthetic_width"):
@@ -506,4 +520,4 @@ def _validation(get: _Settings, data: DataSpec) -> ValidationSpec:
                         f"not one of the validation metrics ({', '.join(names)})")
   return ValidationSpec(
       source=sources[0] if sources else "", ir_dir=ir_dir, vis_dir=vis_dir, split=split,
-      names=names, best_metric=best, **counts)
+      datasets=datasets if split else (), names=names, best_metric=best, **counts)

@@ -111,7 +111,7 @@ def _generated_pairs(s: ValidationSpec, data: DataSpec, seed: int, limit: Option
   )
 
   if s.source == "split":
-    names = data.datasets
+    names = s.datasets
     try:
       split = data.split if s.split == "holdout" else s.split
       found: list[tuple[str, Any, int]] = []  # (stem, its dataset, its image id)

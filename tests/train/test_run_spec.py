@@ -58,11 +58,14 @@ _OTHER_TEXT = {
     "precision": "bfloat16", "vgg_weights": "/vgg.npz", "teacher_weights": "/teacher.npz",
     "teacher_cache": "off", "validation.ir_dir": "/ir2", "validation.vis_dir": "/vi2",
     "validation.split": "test", "validation.metrics": "VIF,SSIM", "validation.best_metric": "SSIM",
+    "validation.datasets": "msrs,tno",
 }
 # Settings that others must accompany to stay valid.
 _ALONG = {
     "data.synthetic_pairs": {"data.dataset": ""},
     "validation.split": {"validation.ir_dir": "", "validation.vis_dir": ""},
+    "validation.datasets": {"validation.ir_dir": "", "validation.vis_dir": "",
+                            "validation.split": "test"},
     "validation.synthetic_pairs": {"validation.ir_dir": "", "validation.vis_dir": ""},
 }
 # Where the spec keeps a setting, where it is not at the setting's own dotted path.

@@ -56,9 +56,9 @@ def tiny_config(teacher_file):
 def _settings(source, every_steps, names, max_pairs, num_images, best_metric):
   """Validation settings as the run reads them (the pairs' own fields do not matter here)."""
   return run_spec.ValidationSpec(
-      source=source, ir_dir="", vis_dir="", split="", synthetic_pairs=0, synthetic_height=0,
-      synthetic_width=0, every_steps=every_steps, max_pairs=max_pairs, names=names,
-      num_images=num_images, best_metric=best_metric)
+      source=source, ir_dir="", vis_dir="", split="", datasets=(), synthetic_pairs=0,
+      synthetic_height=0, synthetic_width=0, every_steps=every_steps, max_pairs=max_pairs,
+      names=names, num_images=num_images, best_metric=best_metric)
 
 
 def _pairs(config, workdir):
@@ -285,6 +285,33 @@ def test_mixture_holds_out_each_dataset_and_never_trains_on_it(tmp_path, teacher
   config.data.weights = "1"
   with pytest.raises(run_settings.ConfigError, match="config.data.weights"):
     loop.load_dataset(config)
+
+
+def test_validation_datasets_give_runs_on_other_data_the_same_pairs(tmp_path, teacher_file):
+  """A run on one dataset validates on the held-out pairs of two, exactly those a run on both
+  validates on; none of them trains."""
+  from mmdrfuse_jax.data import prepare, synthetic
+
+  for name, seed in (("msrs", 0), ("llvip", 1)):
+    synthetic.write_pairs(tmp_path / name / "train", 10, 48, 48, seed=seed)
+    prepare.prepare(name, tmp_path / name, tmp_path / "tfds")
+  both = _holdout_config(teacher_file, "msrs,llvip", tmp_path / "tfds")
+  one = _holdout_config(teacher_file, "msrs", tmp_path / "tfds")
+  one.validation.datasets = "msrs,llvip"
+  on_both = [(t.name, imageio.read_image(t.ir).tobytes()) for t in _pairs(both, tmp_path / "a")]
+  on_one = [(t.name, imageio.read_image(t.ir).tobytes()) for t in _pairs(one, tmp_path / "b")]
+  assert on_one == on_both and {n.split("-")[0] for n, _ in on_one} == {"msrs", "llvip"}
+  dataset = loop.load_dataset(one)
+  trained = {f"msrs-{dataset.stems[i]}" for i in set(dataset.patch_image.tolist())}
+  assert trained and not trained & {n for n, _ in on_one}
+  one.validation.split = ""
+  one.validation.synthetic_pairs = 2
+  with pytest.raises(run_settings.ConfigError, match="validation.split, which is not set"):
+    run_spec.RunSpec.from_config(one)
+  one.validation.split, one.validation.synthetic_pairs = "holdout", 0
+  one.validation.datasets = "msrs,,llvip"
+  with pytest.raises(run_settings.ConfigError, match="config.validation.datasets"):
+    run_spec.RunSpec.from_config(one)
 
 
 def test_validation_reports_the_collapse_diagnostics(run):
