@@ -73,6 +73,40 @@ def load_config(spec: str, *, flag: str = "config") -> Any:
   Raises:
     ConfigError: no such file, or a file that does not load or has no `get_config`.
   """
+  config = _call_file(spec, "get_config", flag=flag)
+  if hasattr(config, "lock"):
+    config.lock()
+  return config
+
+
+def load_grid(spec: str, *, flag: str = "grid") -> dict[str, Any]:
+  """Loads `get_grid()` from the file `spec`: named configs, one per run of an ablation.
+
+  Returns:
+    {row name: its config, locked}, in the file's order.
+
+  Raises:
+    ConfigError: no such file, a file that does not load or has no `get_grid`, or a grid
+      that is not a non-empty mapping of names (usable as folder names) to configs.
+  """
+  grid = _call_file(spec, "get_grid", flag=flag)
+  if not hasattr(grid, "items") or not grid:
+    raise ConfigError(f"--{flag}={spec}: get_grid() must return a non-empty mapping of row "
+                      f"names to configs, got {type(grid).__name__}")
+  rows = {}
+  for name, config in grid.items():
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*", name):
+      raise ConfigError(f"--{flag}={spec}: row name {name!r} is not usable as a folder name "
+                        "(letters, digits and _ . + = -)")
+    if not hasattr(config, "lock"):
+      raise ConfigError(f"--{flag}={spec}: row {name!r} is a {type(config).__name__}, not a "
+                        "ConfigDict")
+    rows[name] = config.lock()
+  return rows
+
+
+def _call_file(spec: str, function: str, *, flag: str) -> Any:
+  """`function()` (or `function(arg)` for `FILE:arg`) of the Python file `spec`."""
   path, _, arg = spec.partition(":") if not pathlib.Path(spec).exists() else (spec, "", "")
   file = pathlib.Path(path).expanduser()
   if not file.is_file():
@@ -83,17 +117,14 @@ def load_config(spec: str, *, flag: str = "config") -> Any:
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
-    get_config = getattr(module, "get_config", None)
-    if get_config is None:
-      raise ConfigError(f"--{flag}={spec}: the file has no get_config()")
-    config = get_config(arg) if arg else get_config()
+    fn = getattr(module, function, None)
+    if fn is None:
+      raise ConfigError(f"--{flag}={spec}: the file has no {function}()")
+    return fn(arg) if arg else fn()
   except ConfigError:
     raise
   except Exception as e:  # The file is the user's: any error in it is theirs, in one line.
     raise ConfigError(f"--{flag}={spec}: {type(e).__name__}: {_one_line(e)}") from None
-  if hasattr(config, "lock"):
-    config.lock()
-  return config
 
 
 def apply_overrides(config: Any, overrides: Sequence[tuple[str, str]], *,

@@ -1,0 +1,169 @@
+"""Ablation grids (train/ablation.py, bin/ablate.py): each row trains as bin/train.py would,
+the table holds what the runs logged, a rerun resumes without training finished rows, and
+mistakes are one line before any row trains.
+
+One tiny grid (two rows of 4 student steps on a procedural pair, random teacher, no VGG-19)
+is run once; the tests read what it wrote.
+"""
+
+import json
+import pathlib
+import textwrap
+
+import pytest
+
+from mmdrfuse_jax.runtime import config_flags
+from mmdrfuse_jax.tools import ablate
+from mmdrfuse_jax.train import ablation
+
+GRID = textwrap.dedent('''
+    from mmdrfuse_jax.configs import default
+
+    def _base():
+      config = default.get_config("student")
+      config.data.synthetic_pairs = 1
+      config.data.synthetic_height = config.data.synthetic_width = 32
+      config.data.patch_size = config.data.patch_stride = 16  # 4 patches, 2 steps an epoch.
+      config.batch_size = 2
+      config.num_epochs = 2
+      config.optim.lr = 3e-2
+      config.loss.w_percep = 0.0
+      config.refresh.ssim = config.refresh.gmsd = False
+      config.progress_bar = False
+      config.checkpoint_every_steps = 2
+      v = config.validation
+      v.synthetic_pairs, v.synthetic_height, v.synthetic_width = 1, 48, 48
+      v.every_steps, v.metrics, v.num_images = 2, "VIF,SSIM", 0
+      return config
+
+    def get_grid(rows="both"):
+      grid = {"base": _base(), "lr_small": _base()}
+      grid["lr_small"].optim.lr = 1e-3
+      if rows == "bad":
+        grid["lr_small"].validation.best_metric = "Qabf"  # Not a validation metric.
+      return grid
+''')
+
+
+def _grid_file(folder: pathlib.Path) -> pathlib.Path:
+  path = folder / "grid.py"
+  path.write_text(GRID)
+  return path
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory, teacher_file):
+  folder = tmp_path_factory.mktemp("ablation")
+  grid = _grid_file(folder)
+  argv = [f"--grid={grid}", f"--workdir={folder / 'runs'}",
+          f"--grid.teacher_weights={teacher_file}"]
+  assert ablate.main(argv) == 0
+  return folder / "runs", argv
+
+
+def _last_validation(run_dir):
+  rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  return [r for r in rows if "val/VIF" in r][-1]
+
+
+@pytest.mark.slow
+def test_table_holds_what_each_run_logged(grid_run):
+  workdir, _ = grid_run
+  summary = json.loads((workdir / ablation.SUMMARY_JSON).read_text())
+  assert [r["name"] for r in summary["rows"]] == ["base", "lr_small"]
+  base, small = summary["rows"]
+  assert base["changes"] == {} and small["changes"] == {"optim.lr": 1e-3}
+  for row in summary["rows"]:
+    logged = _last_validation(workdir / row["name"])
+    assert row["finished"] and row["step"] == logged["step"] == 4
+    assert row["scores"]["VIF"] == logged["val/VIF"]
+    assert row["scores"]["SSIM"] == logged["val/SSIM"]
+    assert (workdir / row["name"] / "student.npz").is_file() and row["wall_s"] > 0
+  # The two learning rates train different students: the table tells them apart.
+  assert base["scores"]["VIF"] != small["scores"]["VIF"]
+  table = (workdir / ablation.SUMMARY_MD).read_text()
+  assert "| Row | Changes against the first row | Step | VIF | SSIM | DeadUnits | Floor |" in table
+  assert "| lr_small | `optim.lr=0.001` | 4 |" in table
+  assert "| base | (first row) | 4 |" in table
+  assert summary["device"] in table
+
+
+@pytest.mark.slow
+def test_rerun_resumes_without_training_finished_rows(grid_run):
+  workdir, argv = grid_run
+  before = {n: (workdir / n / "metrics.jsonl").read_bytes() for n in ("base", "lr_small")}
+  walls = [r["wall_s"] for r in json.loads((workdir / ablation.SUMMARY_JSON).read_text())["rows"]]
+  assert ablate.main(argv) == 0
+  after = json.loads((workdir / ablation.SUMMARY_JSON).read_text())["rows"]
+  for name, log in before.items():
+    assert (workdir / name / "metrics.jsonl").read_bytes() == log  # Nothing trained again.
+  assert all(r["wall_s"] >= w for r, w in zip(after, walls))  # Wall times add up.
+
+
+def test_mistakes_are_one_line_before_any_row_trains(tmp_path, teacher_file, capsys):
+  grid = _grid_file(tmp_path)
+  workdir = tmp_path / "runs"
+  common = [f"--workdir={workdir}", f"--grid.teacher_weights={teacher_file}"]
+  cases = [
+      ([f"--grid={grid}:bad"], "row lr_small: config.validation.best_metric='Qabf'"),
+      ([f"--grid={grid}", "--rows=base,nope"], "--rows: no row 'nope'"),
+      ([f"--grid={grid}", "--grid.optim.lrr=1"], "no field 'lrr' in the config; did you mean"),
+      ([f"--grid={tmp_path / 'missing.py'}"], "no such config file"),
+  ]
+  for argv, message in cases:
+    assert ablate.main(argv + common) == 2, message
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+  assert not workdir.exists()  # The bad row was found before the good one trained.
+
+
+def test_load_grid_refuses_what_is_not_a_grid(tmp_path):
+  cases = {
+      "def get_config():\n  return 1\n": "has no get_grid()",
+      "def get_grid():\n  return []\n": "non-empty mapping",
+      "import ml_collections\ndef get_grid():\n  return {'a/b': ml_collections.ConfigDict()}\n":
+          "not usable as a folder name",
+      "def get_grid():\n  return {'a': {'lr': 1}}\n": "not a ConfigDict",
+      "def get_grid():\n  raise KeyError('x')\n": "KeyError",
+  }
+  for number, (text, message) in enumerate(cases.items()):
+    path = tmp_path / f"grid{number}.py"
+    path.write_text(text)
+    with pytest.raises(config_flags.ConfigError, match=message):
+      config_flags.load_grid(str(path))
+
+
+def test_summary_picks_the_best_by_the_metrics_direction(tmp_path):
+  rows = [{"step": 1, "val/VIF": 0.5, "val/Floor": 0.2}, {"step": 2, "loss": 1.0},
+          {"step": 2, "val/VIF": 0.7, "val/Floor": 0.1}, {"step": 3, "val/VIF": 0.6,
+                                                           "val/Floor": 0.3}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  r = ablation.summarize("x", {"optim.lr": 0.1}, tmp_path, finished=True, wall_s=60.0)
+  assert r.step == 3 and r.scores == {"VIF": 0.6, "Floor": 0.3}
+  assert r.best == {"VIF": (2, 0.7), "Floor": (2, 0.1)}  # Floor: smaller is better.
+  table = ablation.to_markdown([r], device="cpu", date="2026-12-03", order=("VIF",))
+  assert "| x | `optim.lr=0.1` | 3 | 0.600 | 0.300 | 0.700 (2) | 1.0 min |" in table
+  table = ablation.to_markdown([r], device="cpu", date="2026-12-03", order=("Floor", "VIF"))
+  assert "| x | `optim.lr=0.1` | 3 | 0.300 | 0.600 | 0.100 (2) | 1.0 min |" in table
+  empty = ablation.summarize("y", {}, tmp_path / "none", finished=False, wall_s=0.0)
+  assert empty.step is None and empty.scores == {}
+  assert "| y | (first row) |  |  |  |  | (unfinished) |" in ablation.to_markdown(
+      [r, empty], device="cpu", date="2026-12-03", order=("VIF",))
+
+
+def test_the_shipped_grids_load_and_differ_from_their_first_row_as_named():
+  from mmdrfuse_jax.train import run_spec
+
+  for spec in ("configs/ablation_multidomain.py", "configs/ablation_multidomain.py:long"):
+    grid = config_flags.load_grid(str(pathlib.Path(__file__).parents[2] / spec))
+    first = next(iter(grid.values()))
+    for name, config in grid.items():
+      config = config_flags.apply_overrides(
+          config, [("data.data_dir", "/tfds"), ("teacher_weights", "/t.npz")])
+      spec_ = run_spec.RunSpec.from_config(config)  # Every row is a valid run.
+      assert spec_.validation.datasets == ("roadscene", "llvip")
+      changes = ablation.config_changes(first, config)
+      assert set(changes) <= {"data.data_dir", "teacher_weights", "optim.lr", "init.conv1_bias",
+                              "loss.perception", "loss.w_percep", "data.augment.enabled",
+                              "data.dataset", "data.weights", "num_epochs", "loss.w_grad",
+                              "loss.w_int", "optim.schedule", "optim.warmup_steps"}, name
