@@ -110,6 +110,8 @@ def get_config(model: str = "student") -> ml_collections.ConfigDict:
   # teacher in every step; "off" runs the teacher in every step; "auto" is "host" on a CPU
   # (where the teacher's forward pass is a large part of a step) and "off" on accelerators
   # (where the cache would add a device-to-host read and a host-to-device copy per step).
+  # With `data.augment` the patches change every epoch, and so do their targets: "auto" is
+  # then "off", and "host" is refused.
   config.teacher_cache = "auto"
 
   # Rerunning in the same --workdir resumes; a run with other settings (see

@@ -330,7 +330,8 @@ def _train_model(spec: RunSpec, workdir: pathlib.Path, log: Callable[[str], None
       f.write(spec.config_json + "\n")
 
   cache = None
-  if cfg.uses_teacher and uses_teacher_cache(spec.teacher_cache):
+  if cfg.uses_teacher and uses_teacher_cache(spec.teacher_cache,
+                                             augmented=spec.data.augment.enabled):
     cache = distill.TeacherCache(dataset.num_patches, dataset.patch_size, mesh, cfg.precision)
   step = int(state.step)
   train_step = update.make_train_step(cfg, mesh)

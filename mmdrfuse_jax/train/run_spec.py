@@ -46,8 +46,17 @@ class ConfigError(TrainingError):
 TEACHER_CACHE_CHOICES = ("auto", "host", "off")
 
 
-def uses_teacher_cache(setting: str, backend: str | None = None) -> bool:
-  """Whether a student run keeps its teacher's targets in host RAM (`config.teacher_cache`)."""
+def uses_teacher_cache(setting: str, backend: str | None = None, *,
+                       augmented: bool = False) -> bool:
+  """Whether a student run keeps its teacher's targets in host RAM (`config.teacher_cache`).
+
+  Never with photometric augmentation (`augmented`): a patch's inputs, and so its teacher's
+  targets, change every epoch, and targets kept from an earlier epoch would not be those of
+  the inputs the student sees. "auto" then computes them in the step; "host" is refused when
+  the spec is read.
+  """
+  if augmented:
+    return False
   if setting == "auto":
     return (backend or jax.default_backend()) == "cpu"
   return setting == "host"
@@ -372,6 +381,10 @@ def _read(config: ml_collections.ConfigDict) -> RunSpec:
   teacher_cache = get.choice("teacher_cache", TEACHER_CACHE_CHOICES)
   refresh_config = _refresh(get)
   data = _data(get, holdout, patch_size, patch_stride)
+  if teacher_cache == "host" and data.augment.enabled:
+    raise ConfigError("config.teacher_cache='host' keeps each patch's teacher targets from "
+                      "the first epoch, but config.data.augment changes the patches every "
+                      "epoch; use 'auto' or 'off' (the teacher then runs in every step)")
   validation = _validation(get, data)
   return RunSpec(
       model=str(model), seed=get.integer("seed"), batch_size=batch_size, num_epochs=num_epochs,

@@ -324,6 +324,12 @@ def test_teacher_cache_setting():
   cache = run_settings.uses_teacher_cache
   assert cache("auto", "cpu") and cache("host", "gpu")
   assert not cache("auto", "gpu") and not cache("off")
+  # Augmented patches change every epoch: targets kept from the first would be wrong.
+  assert not cache("auto", "cpu", augmented=True) and not cache("host", "gpu", augmented=True)
+  config = default.get_config("student")
+  config.data.augment.enabled, config.teacher_cache = True, "host"
+  with pytest.raises(run_spec.ConfigError, match="changes the patches every epoch"):
+    run_spec.RunSpec.from_config(config)
   config = default.get_config("student")
   config.teacher_cache = "yes"
   with pytest.raises(loop.TrainingError, match="config.teacher_cache must be one of"):
@@ -345,6 +351,23 @@ def test_teacher_cache_matches_teacher_in_step(teacher_file):
     results.append(jax.device_get((state.params, metrics["l_distill"])))
   assert cache.known.tolist() == [False, True, True, False]
   for x, y in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(results[1])):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_augmented_run_distils_from_the_teacher_of_its_own_inputs(tmp_path, teacher_file):
+  """With augmentation, every epoch's patches differ: on a CPU (where "auto" caches the
+  teacher's targets of unaugmented runs) the run equals one with the teacher in every step."""
+  params = []
+  for cache in ("auto", "off"):
+    config = tiny_config(teacher_file)
+    config.data.augment.enabled = True
+    config.loss.w_percep = 0.0
+    config.refresh.ssim = config.refresh.gmsd = False
+    config.teacher_cache = cache
+    result = loop.train_model(config, tmp_path / cache, log=lambda line: None)
+    params.append(weight_files.load_params(result.weights, "student"))
+  for x, y in zip(jax.tree_util.tree_leaves(params[0]), jax.tree_util.tree_leaves(params[1])):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
