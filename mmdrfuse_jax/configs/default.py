@@ -39,6 +39,10 @@ def get_config(model: str = "student") -> ml_collections.ConfigDict:
   config.data.augment.exposure = 1.0  # log2 gain spread: from half to twice as bright
   config.data.augment.gamma = 0.5  # log2 gamma spread
   config.data.augment.contrast = 0.3
+  # Each patch keeps one draw for the whole run (instead of a new one every epoch): its
+  # teacher targets can then be kept in host RAM (teacher_cache), and its refresh memories
+  # hold outputs of the inputs it is trained on.
+  config.data.augment.per_patch = False
   config.data.patch_size = 128
   config.data.patch_stride = 128
   config.data.synthetic_pairs = 0
@@ -110,8 +114,8 @@ def get_config(model: str = "student") -> ml_collections.ConfigDict:
   # teacher in every step; "off" runs the teacher in every step; "auto" is "host" on a CPU
   # (where the teacher's forward pass is a large part of a step) and "off" on accelerators
   # (where the cache would add a device-to-host read and a host-to-device copy per step).
-  # With `data.augment` the patches change every epoch, and so do their targets: "auto" is
-  # then "off", and "host" is refused.
+  # With `data.augment` (unless per_patch) the patches change every epoch, and so do their
+  # targets: "auto" is then "off", and "host" is refused.
   config.teacher_cache = "auto"
 
   # Rerunning in the same --workdir resumes; a run with other settings (see

@@ -242,7 +242,7 @@ class _Patches:
       def host_batch(s, local_ids=local_ids, epoch=epoch, rows=place.rows):
         nxt = {"epoch": epoch, "step": s + 1} if s + 1 < steps else {"epoch": epoch + 1, "step": 0}
         batch = self.patches(local_ids[s])
-        if self.augmentation is not None:  # Drawn per (seed, epoch, step): resumable.
+        if self.augmentation is not None:  # Drawn per (seed, epoch, step) or patch: resumable.
           batch = augment.augment_batch(batch, self.augmentation, seed=seed, epoch=epoch, step=s,
                                         rows=rows)
         return batch, nxt

@@ -24,6 +24,8 @@ import pathlib
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+import ml_collections
+
 from mmdrfuse_jax.evaluation import curves
 from mmdrfuse_jax.io import files
 from mmdrfuse_jax.train import loop, stages
@@ -67,7 +69,8 @@ class GridResult:
   interrupted_by: int | None = None
 
 
-def config_changes(base: Any, config: Any) -> dict[str, Any]:
+def config_changes(base: ml_collections.ConfigDict,
+                   config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The settings of `config` that differ from (or are not in) `base`, as dotted keys."""
   base_flat, flat = flatten(base), flatten(config)
   return {k: v for k, v in sorted(flat.items()) if k not in base_flat or base_flat[k] != v}
@@ -125,7 +128,8 @@ def to_markdown(results: Sequence[RowResult], *, device: str, date: str,
   return "\n".join(lines) + "\n"
 
 
-def run_grid(rows: Mapping[str, Any], workdir: str | pathlib.Path, *, device: str,
+def run_grid(rows: Mapping[str, ml_collections.ConfigDict], workdir: str | pathlib.Path, *,
+             device: str,
              log: Callable[[str], None] = print) -> GridResult:
   """Trains each row in `workdir/<row>` (resuming), summarising after each.
 

@@ -331,7 +331,7 @@ def _train_model(spec: RunSpec, workdir: pathlib.Path, log: Callable[[str], None
 
   cache = None
   if cfg.uses_teacher and uses_teacher_cache(spec.teacher_cache,
-                                             augmented=spec.data.augment.enabled):
+                                             augmented=spec.data.augment.changes_every_epoch):
     cache = distill.TeacherCache(dataset.num_patches, dataset.patch_size, mesh, cfg.precision)
   step = int(state.step)
   train_step = update.make_train_step(cfg, mesh)

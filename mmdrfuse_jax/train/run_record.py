@@ -51,6 +51,7 @@ ADDED_SETTINGS: Mapping[str, Any] = {
     "data.augment.exposure": 1.0,
     "data.augment.gamma": 0.5,
     "data.augment.contrast": 0.3,
+    "data.augment.per_patch": False,  # Drawn per epoch, step and row.
     "data.weights": "",  # One dataset, or in proportion to the patches.
     "optim.schedule": "constant",
     "optim.warmup_steps": 0,

@@ -50,10 +50,10 @@ def uses_teacher_cache(setting: str, backend: str | None = None, *,
                        augmented: bool = False) -> bool:
   """Whether a student run keeps its teacher's targets in host RAM (`config.teacher_cache`).
 
-  Never with photometric augmentation (`augmented`): a patch's inputs, and so its teacher's
-  targets, change every epoch, and targets kept from an earlier epoch would not be those of
-  the inputs the student sees. "auto" then computes them in the step; "host" is refused when
-  the spec is read.
+  Never where photometric augmentation changes the patches every epoch (`augmented`; see
+  `AugmentSpec.changes_every_epoch`): a patch's teacher targets change with its inputs, and
+  targets kept from an earlier epoch would not be those of the inputs the student sees. "auto"
+  then computes them in the step; "host" is refused when the spec is read.
   """
   if augmented:
     return False
@@ -85,12 +85,18 @@ class AugmentSpec:
   exposure: float
   gamma: float
   contrast: float
+  per_patch: bool
+
+  @property
+  def changes_every_epoch(self) -> bool:
+    """Whether a patch's inputs differ from epoch to epoch (augmentation drawn per step)."""
+    return self.enabled and not self.per_patch
 
   def photometric(self) -> augment.Photometric | None:
     """The augmentation the pipeline applies (None when off)."""
     if not self.enabled:
       return None
-    return augment.Photometric(self.exposure, self.gamma, self.contrast)
+    return augment.Photometric(self.exposure, self.gamma, self.contrast, self.per_patch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,10 +387,11 @@ def _read(config: ml_collections.ConfigDict) -> RunSpec:
   teacher_cache = get.choice("teacher_cache", TEACHER_CACHE_CHOICES)
   refresh_config = _refresh(get)
   data = _data(get, holdout, patch_size, patch_stride)
-  if teacher_cache == "host" and data.augment.enabled:
+  if teacher_cache == "host" and data.augment.changes_every_epoch:
     raise ConfigError("config.teacher_cache='host' keeps each patch's teacher targets from "
                       "the first epoch, but config.data.augment changes the patches every "
-                      "epoch; use 'auto' or 'off' (the teacher then runs in every step)")
+                      "epoch; use 'auto' or 'off' (the teacher then runs in every step), or "
+                      "config.data.augment.per_patch=True")
   validation = _validation(get, data)
   return RunSpec(
       model=str(model), seed=get.integer("seed"), batch_size=batch_size, num_epochs=num_epochs,
@@ -462,7 +469,8 @@ def _data(get: _Settings, holdout: float, patch_size: int, patch_stride: int) ->
   a = AugmentSpec(enabled=get.flag("data.augment.enabled"),
                   exposure=get.number("data.augment.exposure"),
                   gamma=get.number("data.augment.gamma"),
-                  contrast=get.number("data.augment.contrast"))
+                  contrast=get.number("data.augment.contrast"),
+                  per_patch=get.flag("data.augment.per_patch"))
   try:
     a.photometric()  # Checks the spreads of an augmentation that is on.
   except ValueError as e:

@@ -62,6 +62,26 @@ def test_on_is_deterministic_resumable_and_keeps_pairs_aligned():
   np.testing.assert_array_equal(rows["ir"][2:], part["ir"])
 
 
+def test_per_patch_draws_keep_each_patch_one_transform_for_the_run():
+  transform = augment.Photometric(per_patch=True)
+  batches = _batches(_dataset(transform))  # Two epochs of the 4 patches, shuffled.
+  seen = {}
+  for batch in batches:
+    for row, patch in enumerate(batch["patch_id"]):
+      images = (batch["ir"][row].tobytes(), batch["vis"][row].tobytes())
+      assert seen.setdefault(int(patch), images) == images  # The same in both epochs.
+  assert len(seen) == 16 and len(set(seen.values())) == 16  # 4 images of 4 patches.
+  # Not the identity, and not the per-step draws of the same patches.
+  plain, per_step = _dataset(), _batches(_dataset(augment.Photometric()))
+  for batch in batches:
+    assert np.abs(batch["ir"] - plain.patches(batch["patch_id"])["ir"]).max() > 0.01
+  assert any(not np.array_equal(a["ir"], b["ir"]) for a, b in zip(batches, per_step))
+  # Another seed, other draws.
+  other = [b for b, _ in _dataset(transform).iterate(batch_size=4, seed=4, num_epochs=1)]
+  assert all(other[0]["ir"][r].tobytes() != seen[int(p)][0]
+             for r, p in enumerate(other[0]["patch_id"]))
+
+
 def test_ranges_are_checked():
   with pytest.raises(ValueError, match="contrast"):
     augment.Photometric(contrast=1.5)

@@ -266,7 +266,7 @@ def test_nothing_below_the_top_of_a_run_reads_the_config(tmp_path, teacher_file,
 _TAKE_A_CONFIG = {
     "run_spec.RunSpec.from_config", "run_spec.as_spec", "run_spec._read",
     "run_settings.check_config", "loop.train_model", "loop.load_dataset", "stages.plan",
-    "stages.run",
+    "stages.run", "ablation.config_changes", "ablation.run_grid",
 }
 
 
@@ -296,7 +296,7 @@ def test_below_the_top_no_function_takes_a_config():
         if "ConfigDict" in annotation or (arg.arg == "config" and annotation in ("", "Any")):
           takers.add(f"{path.stem}.{name}")
   assert takers == _TAKE_A_CONFIG
-  assert importers == {"run_spec", "run_settings", "loop", "stages"}
+  assert importers == {"run_spec", "run_settings", "loop", "stages", "ablation"}
 
 
 # ---------------------------------------------------------------------- older run records

@@ -330,6 +330,8 @@ def test_teacher_cache_setting():
   config.data.augment.enabled, config.teacher_cache = True, "host"
   with pytest.raises(run_spec.ConfigError, match="changes the patches every epoch"):
     run_spec.RunSpec.from_config(config)
+  config.data.augment.per_patch = True  # One draw per patch: its targets stay valid.
+  assert run_spec.RunSpec.from_config(config).data.augment.changes_every_epoch is False
   config = default.get_config("student")
   config.teacher_cache = "yes"
   with pytest.raises(loop.TrainingError, match="config.teacher_cache must be one of"):
@@ -355,13 +357,17 @@ def test_teacher_cache_matches_teacher_in_step(teacher_file):
 
 
 @pytest.mark.slow
-def test_augmented_run_distils_from_the_teacher_of_its_own_inputs(tmp_path, teacher_file):
-  """With augmentation, every epoch's patches differ: on a CPU (where "auto" caches the
-  teacher's targets of unaugmented runs) the run equals one with the teacher in every step."""
+@pytest.mark.parametrize("per_patch", [False, True])
+def test_augmented_run_distils_from_the_teacher_of_its_own_inputs(tmp_path, teacher_file,
+                                                                   per_patch):
+  """With augmentation drawn per step, every epoch's patches differ: on a CPU (where "auto"
+  caches the teacher's targets) the run equals one with the teacher in every step. Drawn per
+  patch, "auto" caches them, and they are still the targets of the patches trained on."""
   params = []
   for cache in ("auto", "off"):
     config = tiny_config(teacher_file)
     config.data.augment.enabled = True
+    config.data.augment.per_patch = per_patch
     config.loss.w_percep = 0.0
     config.refresh.ssim = config.refresh.gmsd = False
     config.teacher_cache = cache
