@@ -25,16 +25,17 @@ def _parser() -> cli.ArgumentParser:
   parser.add_argument("--workdir", required=True,
                       help="directory of the grid: a folder per row, and the table")
   parser.add_argument("--rows", default="",
-                      help="comma-separated row names to run, in the grid's order "
-                      "(default: all)")
+                      help="comma-separated row names to train, in the grid's order "
+                      "(default: all); the table also holds the rows trained before")
   parser.add_argument("--verbose", action="store_true",
                       help="keep the libraries' own logs (orbax logs every save)")
   return parser
 
 
 def _rows(args, overrides):
-  """The grid's rows to run, each with the overrides applied."""
+  """The grid's rows, each with the overrides applied, and the names of those to train."""
   rows = config_flags.load_grid(args.grid)
+  wanted = list(rows)
   if args.rows:
     wanted = [n.strip() for n in args.rows.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in rows]
@@ -42,9 +43,8 @@ def _rows(args, overrides):
       raise config_flags.ConfigError(
           f"--rows: no row {', '.join(map(repr, unknown))} in {args.grid} "
           f"(rows: {', '.join(rows)})")
-    rows = {n: c for n, c in rows.items() if n in wanted}
   return {name: config_flags.apply_overrides(config, overrides, flag="grid")
-          for name, config in rows.items()}
+          for name, config in rows.items()}, wanted
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return parsed
   args, _ = parsed
   try:
-    rows = _rows(args, overrides["grid"])
+    rows, wanted = _rows(args, overrides["grid"])
   except config_flags.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -75,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.ignore_closed_event_loop_reports()
   backend.report(print)
   try:
-    result = ablation.run_grid(rows, args.workdir, device=common.device_description())
+    result = ablation.run_grid(rows, args.workdir, device=common.device_description(),
+                               train=wanted)
   except run_spec.ConfigError as e:  # Every row's settings are checked before any trains.
     print(f"error: {e}", file=sys.stderr)
     return 2

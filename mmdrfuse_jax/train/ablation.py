@@ -129,18 +129,21 @@ def to_markdown(results: Sequence[RowResult], *, device: str, date: str,
 
 
 def run_grid(rows: Mapping[str, ml_collections.ConfigDict], workdir: str | pathlib.Path, *,
-             device: str,
+             device: str, train: Sequence[str] | None = None,
              log: Callable[[str], None] = print) -> GridResult:
-  """Trains each row in `workdir/<row>` (resuming), summarising after each.
+  """Trains rows in `workdir/<row>` (resuming), rewriting the table after each.
 
   Args:
-    rows: {row name: config}, in order; the first is the one the others are compared with.
+    rows: the whole grid, {row name: config}, in order; the first is the one the others are
+      compared with.
     workdir: the grid's folder.
     device: what the rows train on, named in the table ("cpu (2 cores)", "cuda: NVIDIA H200").
+    train: the rows to train now (default: all). The table also holds the other rows that
+      have a folder, from what they wrote earlier.
     log: where progress lines go (each run's own log lines too).
 
   Returns:
-    The rows' results (also written to `workdir/ablation.json` and `ablation.md`), and the
+    The table's rows (also written to `workdir/ablation.json` and `ablation.md`), and the
     signal that stopped a row, if one did (the rows after it did not start).
 
   Raises:
@@ -153,8 +156,10 @@ def run_grid(rows: Mapping[str, ml_collections.ConfigDict], workdir: str | pathl
     raise loop.TrainingError("the grid has no rows")
   names = list(rows)
   base = rows[names[0]]
+  to_train = names if train is None else [n for n in names if n in set(train)]
   plans = {name: stages.plan(rows[name], workdir / name) for name in names}
-  for name, plan in plans.items():  # Every row's settings, before any work.
+  for name in to_train:  # Every row's settings, before any work.
+    plan = plans[name]
     for stage in plan:
       try:
         RunSpec.from_config(stage.config)
@@ -163,11 +168,18 @@ def run_grid(rows: Mapping[str, ml_collections.ConfigDict], workdir: str | pathl
   order = RunSpec.from_config(plans[names[0]][-1].config).validation.names
   walls = _earlier_walls(workdir)
   results: dict[str, RowResult] = {}
-  interrupted_by = None
-  for number, name in enumerate(names, 1):
-    config = rows[name]
+  for name in names:  # Rows trained earlier, as they are now.
     run_dir = plans[name][-1].workdir  # The last stage's run holds the validations.
-    log(f"== row {number}/{len(names)}: {name}")
+    if name not in to_train and run_dir.is_dir():
+      model = str(plans[name][-1].config.model)
+      results[name] = summarize(name, config_changes(base, rows[name]), run_dir,
+                                finished=(run_dir / f"{model}.npz").is_file(),
+                                wall_s=walls.get(name, 0.0))
+  interrupted_by = None
+  for number, name in enumerate(to_train, 1):
+    config = rows[name]
+    run_dir = plans[name][-1].workdir
+    log(f"== row {number}/{len(to_train)}: {name}")
     start = time.perf_counter()
     result = stages.run(config, workdir / name, log=log)
     walls[name] = walls.get(name, 0.0) + time.perf_counter() - start

@@ -98,6 +98,12 @@ def test_rerun_resumes_without_training_finished_rows(grid_run):
   for name, log in before.items():
     assert (workdir / name / "metrics.jsonl").read_bytes() == log  # Nothing trained again.
   assert all(r["wall_s"] >= w for r, w in zip(after, walls))  # Wall times add up.
+  # Training one row keeps the other in the table, as it was.
+  assert ablate.main(argv + ["--rows=lr_small"]) == 0
+  again = json.loads((workdir / ablation.SUMMARY_JSON).read_text())["rows"]
+  assert [r["name"] for r in again] == ["base", "lr_small"]
+  assert again[0]["scores"] == after[0]["scores"] and again[0]["finished"]
+  assert again[0]["wall_s"] == after[0]["wall_s"]
 
 
 def test_mistakes_are_one_line_before_any_row_trains(tmp_path, teacher_file, capsys):
