@@ -5,8 +5,8 @@ refresh memories off: ImageNet's VGG-19 needs a download), at Adam lr 1e-3, and 
 every 100 steps on the same 35 pairs: the 15% of RoadScene_train and of LLVIP_train that
 `data.holdout` keeps out of training (`validation.datasets`), also for the rows that train on
 RoadScene alone. The rows differ in what their names say; "short" rows train about 600 steps
-(16 epochs of RoadScene's patches, or 5 of the 1:1 mixture's), "long" rows 25 epochs of the
-mixture (3,075 steps):
+(16 epochs of RoadScene's patches, or 5 of the 1:1 mixture's), "long" rows 12 epochs of the
+mixture (1,476 steps), with augmentation and conv1's biases started at +0.1:
 
   python bin/prepare_data.py --dataset roadscene --manual_dir RoadScene_train --data_dir ~/tfds
   python bin/prepare_data.py --dataset llvip --manual_dir LLVIP_train --data_dir ~/tfds
@@ -35,10 +35,17 @@ SHORT = {
     "mixture_augment_bias": _RECIPE,
     "mixture_augment_bias_wint0.5": {**_RECIPE, "loss.w_int": 0.5},
 }
+# 12 epochs of the mixture (1,476 steps), as long as the student shipped first.
+_LONG = {**_RECIPE, "num_epochs": 12}
+_PER_PATCH = {**_LONG, "data.augment.per_patch": True}
 LONG = {
-    "constant": {**_RECIPE, "num_epochs": 25},
-    "cosine": {**_RECIPE, "num_epochs": 25, "optim.schedule": "cosine", "optim.warmup_steps": 200},
-    "lr1e-4": {**_RECIPE, "num_epochs": 25, "optim.lr": 1e-4},
+    "recipe": _LONG,
+    "recipe_per_patch": _PER_PATCH,
+    "recipe_per_patch_wgrad1000": {**_PER_PATCH, "loss.w_grad": 1000.0},
+    "recipe_per_patch_wgrad10000": {**_PER_PATCH, "loss.w_grad": 10000.0},
+    "recipe_per_patch_cosine": {**_PER_PATCH, "optim.schedule": "cosine",
+                                "optim.warmup_steps": 100},
+    "recipe_per_patch_lr1e-4": {**_PER_PATCH, "optim.lr": 1e-4},
 }
 
 
