@@ -27,6 +27,9 @@ def _parser() -> cli.ArgumentParser:
   parser.add_argument("--rows", default="",
                       help="comma-separated row names to train, in the grid's order "
                       "(default: all); the table also holds the rows trained before")
+  parser.add_argument("--stop_at_step", type=int, metavar="N",
+                      help="train each row to step N at most (rows compared at equal steps in "
+                      "less time); rerun without it to go on")
   parser.add_argument("--verbose", action="store_true",
                       help="keep the libraries' own logs (orbax logs every save)")
   return parser
@@ -76,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   backend.report(print)
   try:
     result = ablation.run_grid(rows, args.workdir, device=common.device_description(),
-                               train=wanted)
+                               train=wanted, stop_at_step=args.stop_at_step)
   except run_spec.ConfigError as e:  # Every row's settings are checked before any trains.
     print(f"error: {e}", file=sys.stderr)
     return 2

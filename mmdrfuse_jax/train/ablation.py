@@ -130,6 +130,7 @@ def to_markdown(results: Sequence[RowResult], *, device: str, date: str,
 
 def run_grid(rows: Mapping[str, ml_collections.ConfigDict], workdir: str | pathlib.Path, *,
              device: str, train: Sequence[str] | None = None,
+             stop_at_step: int | None = None,
              log: Callable[[str], None] = print) -> GridResult:
   """Trains rows in `workdir/<row>` (resuming), rewriting the table after each.
 
@@ -140,6 +141,8 @@ def run_grid(rows: Mapping[str, ml_collections.ConfigDict], workdir: str | pathl
     device: what the rows train on, named in the table ("cpu (2 cores)", "cuda: NVIDIA H200").
     train: the rows to train now (default: all). The table also holds the other rows that
       have a folder, from what they wrote earlier.
+    stop_at_step: train each row up to this step only (with a checkpoint, resumable): rows
+      compared at equal steps in less time. Their wall times then say "unfinished".
     log: where progress lines go (each run's own log lines too).
 
   Returns:
@@ -181,7 +184,7 @@ def run_grid(rows: Mapping[str, ml_collections.ConfigDict], workdir: str | pathl
     run_dir = plans[name][-1].workdir
     log(f"== row {number}/{len(to_train)}: {name}")
     start = time.perf_counter()
-    result = stages.run(config, workdir / name, log=log)
+    result = stages.run(config, workdir / name, log=log, stop_at_step=stop_at_step)
     walls[name] = walls.get(name, 0.0) + time.perf_counter() - start
     finished = result.weights is not None and result.step == result.total_steps
     results[name] = summarize(name, config_changes(base, config), run_dir, finished=finished,

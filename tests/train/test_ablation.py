@@ -106,6 +106,20 @@ def test_rerun_resumes_without_training_finished_rows(grid_run):
   assert again[0]["wall_s"] == after[0]["wall_s"]
 
 
+@pytest.mark.slow
+def test_stop_at_step_compares_rows_early_and_a_rerun_goes_on(tmp_path, teacher_file):
+  grid = _grid_file(tmp_path)
+  argv = [f"--grid={grid}", f"--workdir={tmp_path / 'runs'}",
+          f"--grid.teacher_weights={teacher_file}"]
+  assert ablate.main(argv + ["--stop_at_step=2"]) == 0
+  rows = json.loads((tmp_path / "runs" / ablation.SUMMARY_JSON).read_text())["rows"]
+  assert [(r["step"], r["finished"]) for r in rows] == [(2, False), (2, False)]
+  assert "(unfinished)" in (tmp_path / "runs" / ablation.SUMMARY_MD).read_text()
+  assert ablate.main(argv) == 0
+  rows = json.loads((tmp_path / "runs" / ablation.SUMMARY_JSON).read_text())["rows"]
+  assert [(r["step"], r["finished"]) for r in rows] == [(4, True), (4, True)]
+
+
 def test_mistakes_are_one_line_before_any_row_trains(tmp_path, teacher_file, capsys):
   grid = _grid_file(tmp_path)
   workdir = tmp_path / "runs"
@@ -116,6 +130,7 @@ def test_mistakes_are_one_line_before_any_row_trains(tmp_path, teacher_file, cap
       ([f"--grid={grid}", "--grid.optim.lrr=1"], "no field 'lrr' in the config; did you mean"),
       ([f"--grid={tmp_path / 'missing.py'}"], "no such config file"),
   ]
+  cases.append(([f"--grid={grid}", "--stop_at_step=x"], "--stop_at_step: invalid int value"))
   for argv, message in cases:
     assert ablate.main(argv + common) == 2, message
     err = capsys.readouterr().err
