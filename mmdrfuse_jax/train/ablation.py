@@ -28,7 +28,7 @@ import ml_collections
 
 from mmdrfuse_jax.evaluation import curves
 from mmdrfuse_jax.io import files
-from mmdrfuse_jax.train import loop, stages
+from mmdrfuse_jax.train import loop, stages, validation
 from mmdrfuse_jax.train.run_spec import ConfigError, RunSpec, flatten
 
 SUMMARY_JSON = "ablation.json"
@@ -46,8 +46,8 @@ class RowResult:
       keys; the first row's own are empty).
     step: the last validated step, or None where the run has no validation yet.
     scores: the metric means of that validation.
-    best: metric -> (step, value) of its best validation (smaller is better for the metrics
-      in `evaluation.metrics.LOWER_IS_BETTER`).
+    best: metric -> (step, value) of its best validation (smaller is better for the scores
+      in `validation.LOWER_IS_BETTER`: Floor, DeadUnits, ...).
     finished: whether the run trained all its steps.
     wall_s: seconds spent training the row, summed over the invocations that trained it.
   """
@@ -79,8 +79,6 @@ def config_changes(base: ml_collections.ConfigDict,
 def summarize(name: str, changes: Mapping[str, Any], run_dir: pathlib.Path, *, finished: bool,
               wall_s: float) -> RowResult:
   """A row's result from what its run wrote (`metrics.jsonl`); no validation yet: no scores."""
-  from mmdrfuse_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
-
   try:
     by_metric = curves.read_validation(run_dir)
   except curves.CurvesError:
@@ -89,7 +87,7 @@ def summarize(name: str, changes: Mapping[str, Any], run_dir: pathlib.Path, *, f
   scores = {m: dict(c)[step] for m, c in by_metric.items() if step is not None and step in dict(c)}
   best = {}
   for metric, curve in by_metric.items():
-    pick = min if metric in metrics.LOWER_IS_BETTER else max
+    pick = min if metric in validation.LOWER_IS_BETTER else max
     best_step, best_value = pick(curve, key=lambda point: point[1])
     best[metric] = (best_step, best_value)
   return RowResult(name=name, changes=dict(changes), step=step, scores=scores, best=best,

@@ -33,8 +33,11 @@ from mmdrfuse_jax.io import imageio
 from mmdrfuse_jax.models import networks, weight_files
 from mmdrfuse_jax.train.run_spec import DataSpec, ValidationSpec
 
-# Metrics for which a smaller value is better (for `best_metric`); all others: larger.
-LOWER_IS_BETTER = metrics.LOWER_IS_BETTER
+# The student's dead-unit share (`diagnostics.dead_unit_share`), logged beside the metrics.
+DEAD_UNITS = "DeadUnits"
+# Scores for which a smaller value is better (for `best_metric`, and for the best validation
+# `train.ablation` tables); all others: larger.
+LOWER_IS_BETTER = metrics.LOWER_IS_BETTER | {DEAD_UNITS}
 # How the fused images of a validation are written: min-max stretched, as published.
 OUTPUT = "minmax"
 
@@ -196,7 +199,7 @@ class Validator:
         strips[name] = np.concatenate([ir, vis, fused], axis=1)
     means = {k: v for k, v in result.means().items() if v is not None}
     if dead_units is not None:
-      means["DeadUnits"] = dead_units[0] / dead_units[1] if dead_units[1] else float("nan")
+      means[DEAD_UNITS] = dead_units[0] / dead_units[1] if dead_units[1] else float("nan")
     return Result(means, strips, result.problems, time.perf_counter() - start)
 
 

@@ -155,20 +155,22 @@ def test_load_grid_refuses_what_is_not_a_grid(tmp_path):
 
 
 def test_summary_picks_the_best_by_the_metrics_direction(tmp_path):
-  rows = [{"step": 1, "val/VIF": 0.5, "val/Floor": 0.2}, {"step": 2, "loss": 1.0},
-          {"step": 2, "val/VIF": 0.7, "val/Floor": 0.1}, {"step": 3, "val/VIF": 0.6,
-                                                           "val/Floor": 0.3}]
+  rows = [{"step": 1, "val/VIF": 0.5, "val/Floor": 0.2, "val/DeadUnits": 0.3},
+          {"step": 2, "loss": 1.0},
+          {"step": 2, "val/VIF": 0.7, "val/Floor": 0.1, "val/DeadUnits": 0.0},
+          {"step": 3, "val/VIF": 0.6, "val/Floor": 0.3, "val/DeadUnits": 0.1}]
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   r = ablation.summarize("x", {"optim.lr": 0.1}, tmp_path, finished=True, wall_s=60.0)
-  assert r.step == 3 and r.scores == {"VIF": 0.6, "Floor": 0.3}
-  assert r.best == {"VIF": (2, 0.7), "Floor": (2, 0.1)}  # Floor: smaller is better.
+  assert r.step == 3 and r.scores == {"VIF": 0.6, "Floor": 0.3, "DeadUnits": 0.1}
+  # Floor and DeadUnits: smaller is better.
+  assert r.best == {"VIF": (2, 0.7), "Floor": (2, 0.1), "DeadUnits": (2, 0.0)}
   table = ablation.to_markdown([r], device="cpu", date="2026-12-03", order=("VIF",))
-  assert "| x | `optim.lr=0.1` | 3 | 0.600 | 0.300 | 0.700 (2) | 1.0 min |" in table
+  assert "| x | `optim.lr=0.1` | 3 | 0.600 | 0.100 | 0.300 | 0.700 (2) | 1.0 min |" in table
   table = ablation.to_markdown([r], device="cpu", date="2026-12-03", order=("Floor", "VIF"))
-  assert "| x | `optim.lr=0.1` | 3 | 0.300 | 0.600 | 0.100 (2) | 1.0 min |" in table
+  assert "| x | `optim.lr=0.1` | 3 | 0.300 | 0.600 | 0.100 | 0.100 (2) | 1.0 min |" in table
   empty = ablation.summarize("y", {}, tmp_path / "none", finished=False, wall_s=0.0)
   assert empty.step is None and empty.scores == {}
-  assert "| y | (first row) |  |  |  |  | (unfinished) |" in ablation.to_markdown(
+  assert "| y | (first row) |  |  |  |  |  | (unfinished) |" in ablation.to_markdown(
       [r, empty], device="cpu", date="2026-12-03", order=("VIF",))
 
 
