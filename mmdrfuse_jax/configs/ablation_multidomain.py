@@ -15,7 +15,7 @@ mixture (1,476 steps), with augmentation and conv1's biases started at +0.1:
   python bin/ablate.py --grid=configs/ablation_multidomain.py:long --workdir=runs/ablation_long ...
 """
 
-from mmdrfuse_jax.configs import default
+from mmdrfuse_jax.configs import default, student_multidomain
 
 _MIXTURE = {"data.dataset": "roadscene,llvip", "data.weights": "1,1", "num_epochs": 5}
 _RECIPE = {**_MIXTURE, "data.augment.enabled": True, "init.conv1_bias": 0.1}  # Shipped.
@@ -51,22 +51,11 @@ LONG = {
 
 def base_config():
   """What every row shares: the student on RoadScene_train, no VGG-19, held-out validation."""
-  config = default.get_config("student")
+  config = student_multidomain.without_vgg_validated_on_holdout(default.get_config("student"))
   config.data.dataset = "roadscene"
-  config.data.holdout = 0.15
   config.num_epochs = 16
-  config.optim.lr = 1e-3
-  config.loss.w_percep = 0.0
-  config.refresh.ssim = False
-  config.refresh.gmsd = False
-  v = config.validation
-  v.split = "holdout"
-  v.datasets = "roadscene,llvip"
-  v.max_pairs = 0
-  v.every_steps = 100
-  v.metrics = "VIF,Qabf,SSIM,Floor"
+  config.validation.datasets = "roadscene,llvip"  # Every row on the same pairs.
   config.log_every_steps = 100
-  config.checkpoint_every_steps = 100
   config.progress_bar = False
   return config
 

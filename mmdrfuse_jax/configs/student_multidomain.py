@@ -19,18 +19,27 @@ from mmdrfuse_jax.configs import default
 
 
 def get_config():
-  config = default.get_config("student")
+  config = without_vgg_validated_on_holdout(default.get_config("student"))
   config.data.dataset = "roadscene,llvip"
   config.data.weights = "1,1"
-  config.data.holdout = 0.15
   config.data.augment.enabled = True
   config.init.conv1_bias = 0.1
   config.num_epochs = 12
+  return config
+
+
+def without_vgg_validated_on_holdout(config):
+  """`config` at lr 1e-3 without VGG-19 terms, validated every 100 steps on held-out pairs.
+
+  Shared with the ablation grid (`ablation_multidomain.py`), whose rows are this config's
+  variations.
+  """
   config.optim.lr = 1e-3
   # No VGG-19: perception off and no refresh memories (their losses read VGG-19's taps).
   config.loss.w_percep = 0.0
   config.refresh.ssim = False
   config.refresh.gmsd = False
+  config.data.holdout = 0.15
   v = config.validation
   v.split = "holdout"
   v.max_pairs = 0
