@@ -5,7 +5,8 @@ its own handling of SIGINT and SIGTERM (`interrupts.StopRequest`, `interrupts.ra
 a Ctrl-C there used to print a KeyboardInterrupt traceback of some 30 lines. The guard covers
 that time: SIGINT or SIGTERM prints `stopped by SIGINT while starting` (or SIGTERM) on stderr
 and exits with 128 + the signal's number (130, 143) by raising SystemExit, so that clean-up
-(`finally` blocks, temporary files) still runs; a second signal meanwhile exits at once. Where
+(`finally` blocks, temporary files) still runs, then skips the interpreter's finalization
+(`os._exit` from atexit); a second signal meanwhile exits at once. Where
 Python cannot raise that SystemExit (the handler ran inside a garbage-collector callback, such as
 jax's, or a `__del__`: Python reports it as "Exception ignored" and carries on), the process
 exits at once, with the same code.
@@ -23,6 +24,7 @@ Only stdlib imports here: the guard must be in place before anything slow is imp
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import pathlib
@@ -65,6 +67,10 @@ def _handle(signum: int, frame: Any) -> None:
     previous(report)
 
   sys.unraisablehook = unraisable
+  # Once the `finally` blocks have run, leave without the interpreter's finalization: a
+  # native module interrupted half-imported (jaxlib) can crash while it is torn down, which
+  # turned the exit code into -11 (SIGSEGV) once in CI. atexit runs the last-registered first.
+  atexit.register(os._exit, code)
   raise _raised
 
 
