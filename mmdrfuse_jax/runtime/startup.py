@@ -70,8 +70,16 @@ def _handle(signum: int, frame: Any) -> None:
   # Once the `finally` blocks have run, leave without the interpreter's finalization: a
   # native module interrupted half-imported (jaxlib) can crash while it is torn down, which
   # turned the exit code into -11 (SIGSEGV) once in CI. atexit runs the last-registered first.
-  atexit.register(os._exit, code)
+  atexit.register(_leave, code)
   raise _raised
+
+
+def _leave(code: int) -> None:
+  """Exits at once with `code`, after flushing what the clean-up wrote (os._exit does not)."""
+  for stream in (sys.stdout, sys.stderr):
+    with contextlib.suppress(Exception):  # A stream closed or replaced: nothing to keep.
+      stream.flush()
+  os._exit(code)
 
 
 def install() -> bool:
