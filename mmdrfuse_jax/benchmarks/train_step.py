@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mmdrfuse_jax.benchmarks import common
 from mmdrfuse_jax.data import pipeline
 from mmdrfuse_jax.models import networks, precision, vgg
-from mmdrfuse_jax.train import distill, losses, refresh, update
+from mmdrfuse_jax.train import losses, refresh, teacher_cache, update
 
 
 def add_parser(subparsers) -> None:
@@ -194,8 +194,8 @@ def run(args: argparse.Namespace) -> dict:
   if cfg.uses_teacher and not teacher_in_step:
     # The cache's own ids: it is indexed by patch id, and N of its slots would cost
     # N x 131,072 bytes for the batch's few.
-    batch = distill.TeacherCache(b, s, mesh, args.precision).add_to(
-        {**batch, "patch_id": np.arange(b, dtype=np.int32)}, frozen.teacher)
+    batch = teacher_cache.TeacherCache(frozen.teacher, b, s, mesh, args.precision).add_to(
+        {**batch, "patch_id": np.arange(b, dtype=np.int32)})
   box = {"state": state, "metrics": None, "calls": 0}
 
   def one_step():

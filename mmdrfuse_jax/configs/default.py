@@ -117,6 +117,11 @@ def get_config(model: str = "student") -> ml_collections.ConfigDict:
   # With `data.augment` (unless per_patch) the patches change every epoch, and so do their
   # targets: "auto" is then "off", and "host" is refused.
   config.teacher_cache = "auto"
+  # Where the cache also keeps the targets on disk ("": nowhere, RAM for this run only). A
+  # resumed run, or another run on the same patches and teacher (the rows of an ablation
+  # grid, which share WORKDIR/teacher_targets), then reads them instead of running the teacher
+  # again; 131 kB per 128 x 128 patch. Each entry is checked against its patch's inputs.
+  config.teacher_cache_dir = ""
 
   # Rerunning in the same --workdir resumes; a run with other settings (see
   # `run_record.IDENTITY_KEYS` in mmdrfuse_jax/train/) is refused unless `start_fresh`, which

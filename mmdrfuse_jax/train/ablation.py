@@ -13,10 +13,15 @@ those of each run's own validation (`config.validation`): give every row the sam
 (`validation.ir_dir`/`vis_dir`, or `split="holdout"` with the same `validation.datasets`)
 and the same number of steps, or the table compares unlike things; `run_grid` warns where
 the rows' step counts differ.
+
+Rows that keep their teacher's targets (`config.teacher_cache`, on a CPU) share them in
+`WORKDIR/teacher_targets` unless they name another `teacher_cache_dir`: rows on the same
+patches and teacher compute them once between them.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -33,6 +38,7 @@ from mmdrfuse_jax.train.run_spec import ConfigError, RunSpec, flatten
 
 SUMMARY_JSON = "ablation.json"
 SUMMARY_MD = "ablation.md"
+TEACHER_TARGETS = "teacher_targets"
 _SCHEMA = 1
 
 
@@ -155,6 +161,14 @@ def run_grid(rows: Mapping[str, ml_collections.ConfigDict], workdir: str | pathl
   workdir = pathlib.Path(workdir).expanduser()
   if not rows:
     raise loop.TrainingError("the grid has no rows")
+  # Rows that keep their teacher's targets share them in the grid's folder unless they name
+  # their own (copies: the caller's rows stay as given).
+  shared_targets = str(workdir / TEACHER_TARGETS)
+  rows = dict(rows)
+  for name, config in rows.items():
+    if "teacher_cache_dir" in config and not config.teacher_cache_dir:
+      rows[name] = copy.deepcopy(config)
+      rows[name].teacher_cache_dir = shared_targets
   names = list(rows)
   base = rows[names[0]]
   to_train = names if train is None else [n for n in names if n in set(train)]

@@ -2,7 +2,8 @@
 
 * `init_student_from_teacher`: the student's `conv2` starts from the teacher's `conv00`.
 * `teacher_targets`: the two maps the distillation loss reads of the teacher's forward pass.
-* `TeacherCache`: those targets kept per patch in host RAM after their first computation.
+* `jitted_teacher_targets`: those maps jitted for a mesh (`teacher_cache.py` keeps them per
+  patch).
 * `teacher_features`: the teacher's first encoder maps of one image, a perception space that
   needs no download (`config.loss.perception = "teacher"`).
 """
@@ -15,12 +16,10 @@ from typing import Any, Mapping, cast
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mmdrfuse_jax.models import networks
-from mmdrfuse_jax.train import distributed
 
 
 def init_student_from_teacher(student_params: Any, teacher_params: Any) -> Any:
@@ -72,53 +71,8 @@ def teacher_targets(teacher_params: Any, x: jax.Array, precision: str = "exact")
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_teacher_targets(mesh: Mesh, precision: str):
+def jitted_teacher_targets(mesh: Mesh, precision: str):
   """`teacher_targets` jitted for `mesh` (cached: caches on one mesh share a compilation)."""
   batch = NamedSharding(mesh, P("data"))
   return jax.jit(functools.partial(teacher_targets, precision=precision),
                  in_shardings=(NamedSharding(mesh, P()), batch), out_shardings=batch)
-
-
-class TeacherCache:
-  """Host copy of `teacher_targets` per patch id, filled the first time a patch is seen.
-
-  The teacher is frozen, so its targets for a patch never change: computing them once
-  instead of every epoch removes the teacher's forward pass from every later step (on a CPU
-  that is a large part of a student step; see docs/benchmarks.md). Costs 2 x H x W float32
-  of host RAM per patch. Not checkpointed: after a restart it fills again. In a run of
-  several processes, each one keeps the targets of the patches of its own batch rows.
-  """
-
-  def __init__(self, num_patches: int, patch_size: int, mesh: Mesh, precision: str = "exact"):
-    self.values = np.zeros((num_patches, patch_size, patch_size, 2), np.float32)
-    self.known = np.zeros(num_patches, bool)
-    self._sharding = NamedSharding(mesh, P("data"))
-    # With several processes, each one keeps and computes the targets of its own rows only, on
-    # its own devices: which patches a process has seen differs between processes, so a
-    # computation over the whole mesh would need them all to agree on when to run it.
-    local = Mesh(np.array([d for d in mesh.devices.flat if d.process_index == jax.process_index()]),
-                 ("data",))
-    self._local_replicated = NamedSharding(local, P())
-    self._compute = _jitted_teacher_targets(local, precision)
-
-  def add_to(self, batch: Mapping[str, jax.Array | np.ndarray], teacher_params: Any
-             ) -> dict[str, jax.Array | np.ndarray]:
-    """`batch` with its `teacher` targets (computed now for the patches not seen before)."""
-    ids = distributed.local_rows(batch["patch_id"])
-    if not self.known[ids].all():
-      x = np.concatenate([distributed.local_rows(batch["ir"]),
-                          distributed.local_rows(batch["vis"])], axis=-1)
-      teacher = jax.device_put(jax.tree_util.tree_map(_process_copy, teacher_params),
-                               self._local_replicated)
-      self.values[ids] = np.asarray(self._compute(teacher, x))
-      self.known[ids] = True
-    shape = (batch["patch_id"].shape[0], *self.values.shape[1:])
-    return {**batch, "teacher": jax.make_array_from_process_local_data(
-        self._sharding, self.values[ids], shape)}
-
-
-def _process_copy(x: Any) -> Any:
-  """`x` as this process holds it: a replicated array spanning several processes as one copy."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return x.addressable_data(0)
-  return x

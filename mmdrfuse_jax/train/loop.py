@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 from mmdrfuse_jax.io import files, imageio
 from mmdrfuse_jax.models import vgg, weight_files
 from mmdrfuse_jax.runtime import interrupts
-from mmdrfuse_jax.train import distill, distributed, refresh, summary, update, validation
+from mmdrfuse_jax.train import distributed, refresh, summary, teacher_cache, update, validation
 from mmdrfuse_jax.train.run_checkpoints import RunCheckpoints, kept_checkpoints
 from mmdrfuse_jax.train.run_record import claim_workdir
 from mmdrfuse_jax.train.run_spec import (
@@ -332,7 +332,14 @@ def _train_model(spec: RunSpec, workdir: pathlib.Path, log: Callable[[str], None
   cache = None
   if cfg.uses_teacher and uses_teacher_cache(spec.teacher_cache,
                                              augmented=spec.data.augment.changes_every_epoch):
-    cache = distill.TeacherCache(dataset.num_patches, dataset.patch_size, mesh, cfg.precision)
+    cache = teacher_cache.TeacherCache(
+        frozen.teacher, dataset.num_patches, dataset.patch_size, mesh, cfg.precision,
+        directory=spec.teacher_cache_dir or None,
+        data_label=f"{spec.data!r} seed={spec.seed}", log=log)
+  elif spec.teacher_cache_dir and cfg.uses_teacher:
+    log(f"config.teacher_cache_dir={spec.teacher_cache_dir!r} unused: the teacher runs in "
+        f"every step (teacher_cache={spec.teacher_cache!r}"
+        f"{', augmentation drawn every epoch' if spec.data.augment.changes_every_epoch else ''})")
   step = int(state.step)
   train_step = update.make_train_step(cfg, mesh)
   # Rows logged after the checkpoint we resume from are dropped (they will be logged again).
@@ -356,7 +363,7 @@ def _train_model(spec: RunSpec, workdir: pathlib.Path, log: Callable[[str], None
         if step >= end or distributed.agree_on_stop(stop.signum) is not None:
           break
         if cache is not None:
-          batch = cache.add_to(batch, frozen.teacher)
+          batch = cache.add_to(batch)
         state, metrics = train_step(state, batch, frozen)
         step += 1
         history.append(metrics)

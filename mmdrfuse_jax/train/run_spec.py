@@ -239,6 +239,7 @@ class RunSpec:
   precision: str
   frozen: FrozenSpec
   teacher_cache: str
+  teacher_cache_dir: str
   validation: ValidationSpec
   log_every_steps: int
   checkpoint_every_steps: int
@@ -401,7 +402,8 @@ def _read(config: ml_collections.ConfigDict) -> RunSpec:
                         allow_random_vgg=get.flag("allow_random_vgg"),
                         random_vgg_seed=get.integer("random_vgg_seed"),
                         teacher_weights=get.text("teacher_weights")),
-      teacher_cache=teacher_cache, validation=validation, log_every_steps=log_every_steps,
+      teacher_cache=teacher_cache, teacher_cache_dir=get.text("teacher_cache_dir"),
+      validation=validation, log_every_steps=log_every_steps,
       checkpoint_every_steps=checkpoint_every_steps, keep_checkpoints=keep_checkpoints,
       progress_bar=get.flag("progress_bar"), start_fresh=get.flag("start_fresh"),
       config_json=config.to_json_best_effort(indent=2), settings=tuple(sorted(flat.items())))

@@ -10,6 +10,7 @@ import json
 import pathlib
 import textwrap
 
+import numpy as np
 import pytest
 
 from mmdrfuse_jax.runtime import config_flags
@@ -86,6 +87,18 @@ def test_table_holds_what_each_run_logged(grid_run):
   assert "| lr_small | `optim.lr=0.001` | 4 |" in table
   assert "| base | (first row) | 4 |" in table
   assert summary["device"] in table
+
+
+@pytest.mark.slow
+def test_rows_share_their_teacher_targets(grid_run):
+  """Both rows distil from the same teacher on the same patches: one store in the grid's
+  folder holds the targets of every patch, and each row's config names it."""
+  workdir, _ = grid_run
+  (store,) = (workdir / ablation.TEACHER_TARGETS).rglob("*.npy")
+  assert np.load(store, mmap_mode="r")["digest"].any(axis=1).tolist() == [True] * 4
+  for name in ("base", "lr_small"):
+    config = json.loads((workdir / name / "config.json").read_text())
+    assert config["teacher_cache_dir"] == str(workdir / ablation.TEACHER_TARGETS)
 
 
 @pytest.mark.slow

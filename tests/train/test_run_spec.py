@@ -56,7 +56,8 @@ _OTHER_TEXT = {
     "optim.schedule": "cosine", "loss.gradient_form": "paper", "loss.distill_normalize": "sample",
     "loss.perception": "teacher", "refresh.memory_dtype": "uint8", "refresh.placement": "sharded",
     "precision": "bfloat16", "vgg_weights": "/vgg.npz", "teacher_weights": "/teacher.npz",
-    "teacher_cache": "off", "validation.ir_dir": "/ir2", "validation.vis_dir": "/vi2",
+    "teacher_cache": "off", "teacher_cache_dir": "/targets", "validation.ir_dir": "/ir2",
+    "validation.vis_dir": "/vi2",
     "validation.split": "test", "validation.metrics": "VIF,SSIM", "validation.best_metric": "SSIM",
     "validation.datasets": "msrs,tno",
 }

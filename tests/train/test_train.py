@@ -34,6 +34,7 @@ from mmdrfuse_jax.train import (
   run_spec,
   stages,
   summary,
+  teacher_cache,
   update,
 )
 
@@ -346,9 +347,9 @@ def test_teacher_cache_matches_teacher_in_step(teacher_file):
   teacher = weight_files.load_params(teacher_file, "teacher")
   frozen = update.replicate(update.Frozen(vgg=vgg.random_params(), teacher=teacher), mesh)
   batch = _random_batch(1, [2, 1])
-  cache = distill.TeacherCache(4, 32, mesh)
+  cache = teacher_cache.TeacherCache(frozen.teacher, 4, 32, mesh)
   results = []
-  for b in (batch, cache.add_to(batch, frozen.teacher)):
+  for b in (batch, cache.add_to(batch)):
     state, metrics = update.make_train_step(cfg, mesh)(_fresh_state(cfg, teacher, mesh), b, frozen)
     results.append(jax.device_get((state.params, metrics["l_distill"])))
   assert cache.known.tolist() == [False, True, True, False]
