@@ -173,7 +173,9 @@ def run_grid(rows: Mapping[str, ml_collections.ConfigDict], workdir: str | pathl
   base = rows[names[0]]
   to_train = names if train is None else [n for n in names if n in set(train)]
   plans = {name: stages.plan(rows[name], workdir / name) for name in names}
-  for name in to_train:  # Every row's settings, before any work.
+  # Every row's settings, before any work; the first row's too, whose validation names the
+  # table's columns.
+  for name in [n for n in names if n in set(to_train) or n == names[0]]:
     plan = plans[name]
     for stage in plan:
       try:

@@ -42,6 +42,8 @@ GRID = textwrap.dedent('''
       grid["lr_small"].optim.lr = 1e-3
       if rows == "bad":
         grid["lr_small"].validation.best_metric = "Qabf"  # Not a validation metric.
+      if rows == "bad_first":
+        grid["base"].validation.best_metric = "Qabf"
       return grid
 ''')
 
@@ -140,6 +142,8 @@ def test_mistakes_are_one_line_before_any_row_trains(tmp_path, teacher_file, cap
   cases = [
       ([f"--grid={grid}:bad"], "row lr_small: config.validation.best_metric='Qabf'"),
       ([f"--grid={grid}", "--rows=base,nope"], "--rows: no row 'nope'"),
+      # Not trained, but its validation names the table's columns.
+      ([f"--grid={grid}:bad_first", "--rows=lr_small"], "row base: config.validation.best_metric"),
       ([f"--grid={grid}", "--grid.optim.lrr=1"], "no field 'lrr' in the config; did you mean"),
       ([f"--grid={tmp_path / 'missing.py'}"], "no such config file"),
   ]
