@@ -59,26 +59,29 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *,
-               configs: Sequence[str] = (),
+               configs: Sequence[str] = (), grids: Sequence[str] = (),
                check: Callable[[argparse.Namespace], str | None] | None = None,
                ) -> tuple[argparse.Namespace, dict[str, Any]] | int:
   """Parses `argv` (default: `sys.argv[1:]`), with config files and their overrides.
 
   Args:
-    parser: the tool's parser; each name in `configs` is one of its options (the file).
+    parser: the tool's parser; each name in `configs` and `grids` is one of its options (the
+      file).
     argv: the arguments, without the program name.
     configs: options that name a config file and take `--NAME.field=value` overrides.
+    grids: options that name a grid file (`get_grid()`: {row name: config}); an override
+      `--NAME.field=value` sets the field in every row.
     check: called with the parsed flags before any config file loads; a message it returns
       is the error (flags that contradict each other, say).
 
   Returns:
-    The arguments and each loaded config (None where its option was not given); or the exit
+    The arguments and each loaded config or grid (None where its option was not given); or the exit
     code, after printing one line (2: a bad command line, config file or override) or the
     help (0).
   """
   argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
   try:
-    rest, overrides = config_flags.split_overrides(argv, configs)
+    rest, overrides = config_flags.split_overrides(argv, (*configs, *grids))
     args, unexpected = parser.parse_known_args(rest)
     if unexpected:
       raise UsageError(f"unexpected arguments: {' '.join(unexpected)}")
@@ -86,15 +89,18 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *,
     if problem:
       raise UsageError(problem)
     loaded: dict[str, Any] = {}
-    for name in configs:
+    for name in (*configs, *grids):
       spec = getattr(args, name)
       if spec is None:
         if overrides[name]:
           raise UsageError(f"--{name}.{overrides[name][0][0]} given without --{name}")
         loaded[name] = None
-        continue
-      loaded[name] = config_flags.apply_overrides(
-          config_flags.load_config(spec, flag=name), overrides[name], flag=name)
+      elif name in configs:
+        loaded[name] = config_flags.apply_overrides(
+            config_flags.load_config(spec, flag=name), overrides[name], flag=name)
+      else:
+        loaded[name] = {row: config_flags.apply_overrides(config, overrides[name], flag=name)
+                        for row, config in config_flags.load_grid(spec, flag=name).items()}
   except (UsageError, config_flags.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

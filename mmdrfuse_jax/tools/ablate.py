@@ -35,34 +35,27 @@ def _parser() -> cli.ArgumentParser:
   return parser
 
 
-def _rows(args, overrides):
-  """The grid's rows, each with the overrides applied, and the names of those to train."""
-  rows = config_flags.load_grid(args.grid)
-  wanted = list(rows)
-  if args.rows:
-    wanted = [n.strip() for n in args.rows.split(",") if n.strip()]
-    unknown = [n for n in wanted if n not in rows]
-    if unknown:
-      raise config_flags.ConfigError(
-          f"--rows: no row {', '.join(map(repr, unknown))} in {args.grid} "
-          f"(rows: {', '.join(rows)})")
-  return {name: config_flags.apply_overrides(config, overrides, flag="grid")
-          for name, config in rows.items()}, wanted
+def _rows_to_train(args, rows) -> list[str]:
+  """The names of the rows to train (`--rows`, default all), checked against the grid's."""
+  if not args.rows:
+    return list(rows)
+  wanted = [n.strip() for n in args.rows.split(",") if n.strip()]
+  unknown = [n for n in wanted if n not in rows]
+  if unknown:
+    raise config_flags.ConfigError(
+        f"--rows: no row {', '.join(map(repr, unknown))} in {args.grid} "
+        f"(rows: {', '.join(rows)})")
+  return wanted
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-  try:
-    rest, overrides = config_flags.split_overrides(argv, ("grid",))
-  except config_flags.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  parsed = cli.parse_args(_parser(), rest)
+  parsed = cli.parse_args(_parser(), argv, grids=("grid",))
   if isinstance(parsed, int):
     return parsed
-  args, _ = parsed
+  args, loaded = parsed
+  rows = loaded["grid"]
   try:
-    rows, wanted = _rows(args, overrides["grid"])
+    wanted = _rows_to_train(args, rows)
   except config_flags.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
