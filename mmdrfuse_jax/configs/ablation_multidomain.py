@@ -52,6 +52,15 @@ LONG = {
                                            "optim.schedule": "cosine", "optim.warmup_steps": 100},
     "recipe_per_patch_wgrad10000_lr3e-4": {**_PER_PATCH, "loss.w_grad": 10000.0,
                                            "optim.lr": 3e-4},
+    # With the teacher's targets on disk (`teacher_cache_dir`) a row of 1,476 steps takes
+    # about 3 min on the development VM: the neighbours of the best row, and longer runs.
+    "recipe_per_patch_wgrad3000": {**_PER_PATCH, "loss.w_grad": 3000.0},
+    "recipe_per_patch_wgrad10000_lr5e-4": {**_PER_PATCH, "loss.w_grad": 10000.0,
+                                           "optim.lr": 5e-4},
+    "recipe_per_patch_wgrad30000_lr3e-4": {**_PER_PATCH, "loss.w_grad": 30000.0,
+                                           "optim.lr": 3e-4},
+    "recipe_per_patch_wgrad10000_lr3e-4_36epochs": {**_PER_PATCH, "loss.w_grad": 10000.0,
+                                                    "optim.lr": 3e-4, "num_epochs": 36},
 }
 
 
