@@ -61,6 +61,15 @@ LONG = {
                                            "optim.lr": 3e-4},
     "recipe_per_patch_wgrad10000_lr3e-4_36epochs": {**_PER_PATCH, "loss.w_grad": 10000.0,
                                                     "optim.lr": 3e-4, "num_epochs": 36},
+    # Every row that validated higher than the shipped student has dead units on night
+    # scenes: against them, more pull toward the teacher (which has none) or less toward
+    # max(ir, vis).
+    "recipe_per_patch_wgrad10000_wdistill20": {**_PER_PATCH, "loss.w_grad": 10000.0,
+                                               "loss.w_distill": 20.0},
+    "recipe_per_patch_wgrad10000_wdistill20_lr3e-4": {**_PER_PATCH, "loss.w_grad": 10000.0,
+                                                      "loss.w_distill": 20.0, "optim.lr": 3e-4},
+    "recipe_per_patch_wgrad10000_wint0.5": {**_PER_PATCH, "loss.w_grad": 10000.0,
+                                            "loss.w_int": 0.5},
 }
 
 
