@@ -70,6 +70,11 @@ LONG = {
                                                       "loss.w_distill": 20.0, "optim.lr": 3e-4},
     "recipe_per_patch_wgrad10000_wint0.5": {**_PER_PATCH, "loss.w_grad": 10000.0,
                                             "loss.w_int": 0.5},
+    # The units die on night scenes: more of them in every batch.
+    "recipe_per_patch_wgrad10000_llvip2": {**_PER_PATCH, "loss.w_grad": 10000.0,
+                                           "data.weights": "1,2"},
+    "recipe_per_patch_wgrad10000_llvip3": {**_PER_PATCH, "loss.w_grad": 10000.0,
+                                           "data.weights": "1,3"},
 }
 
 

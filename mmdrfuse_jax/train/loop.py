@@ -169,6 +169,15 @@ def check_inputs(spec: RunSpec, *, teacher: bool = True,
 # -------------------------------------------------------------------------------- the loop
 
 
+def _patch_identity(spec: RunSpec) -> str:
+  """What fixes the inputs of each patch id: runs that share it share teacher targets.
+
+  Not the mixture's weights (they change how often a patch comes, not what it holds) nor
+  streaming; the seed, since it draws each patch's augmentation.
+  """
+  return f"{dataclasses.replace(spec.data, weights=None, streaming='')!r} seed={spec.seed}"
+
+
 def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
   stacked = jax.device_get(history)
   return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
@@ -335,7 +344,7 @@ def _train_model(spec: RunSpec, workdir: pathlib.Path, log: Callable[[str], None
     cache = teacher_cache.TeacherCache(
         frozen.teacher, dataset.num_patches, dataset.patch_size, mesh, cfg.precision,
         directory=spec.teacher_cache_dir or None,
-        data_label=f"{spec.data!r} seed={spec.seed}", log=log)
+        data_label=_patch_identity(spec), log=log)
   elif spec.teacher_cache_dir and cfg.uses_teacher:
     log(f"config.teacher_cache_dir={spec.teacher_cache_dir!r} unused: the teacher runs in "
         f"every step (teacher_cache={spec.teacher_cache!r}"

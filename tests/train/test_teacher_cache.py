@@ -10,7 +10,7 @@ import pytest
 
 from mmdrfuse_jax.configs import default
 from mmdrfuse_jax.models import weight_files
-from mmdrfuse_jax.train import distill, loop, teacher_cache, update
+from mmdrfuse_jax.train import distill, loop, run_spec, teacher_cache, update
 
 
 @pytest.fixture
@@ -162,3 +162,18 @@ def test_a_resumed_run_reads_the_targets_of_its_first_part(tmp_path, teacher_fil
                   jax.tree_util.tree_leaves(weights["in_step"])):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   assert json.loads((tmp_path / "kept" / "config.json").read_text())["teacher_cache_dir"]
+
+
+def test_runs_share_a_store_unless_their_patches_differ():
+  """The mixture's weights change how often a patch comes, not what it holds; the seed draws
+  each patch's augmentation, and the data settings choose the patches."""
+  def identity(**changes):
+    config = default.get_config("student")
+    config.data.dataset, config.data.data_dir = "roadscene,llvip", "/data"
+    config.update_from_flattened_dict(changes)
+    return loop._patch_identity(run_spec.RunSpec.from_config(config))
+
+  assert identity() == identity(**{"data.weights": "1,3", "optim.lr": 1e-4})
+  assert identity() != identity(seed=1)
+  assert identity() != identity(**{"data.holdout": 0.15})
+  assert identity() != identity(**{"data.augment.enabled": True, "data.augment.per_patch": True})
