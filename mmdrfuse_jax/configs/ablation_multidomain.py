@@ -84,6 +84,10 @@ LONG = {
     "recipe_per_patch_wgrad10000_llvip3_wdistill20": {**_PER_PATCH, "loss.w_grad": 10000.0,
                                                       "data.weights": "1,3",
                                                       "loss.w_distill": 20.0},
+    "recipe_per_patch_wgrad10000_llvip2_lr3e-4": {**_PER_PATCH, "loss.w_grad": 10000.0,
+                                                  "data.weights": "1,2", "optim.lr": 3e-4},
+    "recipe_per_patch_wgrad10000_llvip3_lr3e-4": {**_PER_PATCH, "loss.w_grad": 10000.0,
+                                                  "data.weights": "1,3", "optim.lr": 3e-4},
 }
 
 
