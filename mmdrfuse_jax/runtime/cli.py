@@ -7,6 +7,8 @@ Imports nothing heavy (no jax), so a tool can parse its flags before loading the
 from __future__ import annotations
 
 import argparse
+import logging
+import re
 import sys
 from typing import Any, Callable, NoReturn, Sequence
 
@@ -117,6 +119,11 @@ def ignore_closed_event_loop_reports() -> None:
   `sys.unraisablehook`, which prints a traceback from those threads, even before the run's
   own one-line error. They are not the cause (the run names it) and not a bug of ours; every
   other report is kept.
+
+  Also drops asyncio's "Task exception was never retrieved" reports of tensorstore errors
+  (a status code such as `DATA_LOSS:` first): after one array of a damaged checkpoint fails
+  to read, the reads of its sibling arrays fail the same way, and their tasks report it when
+  they are collected, after the tool's one-line error.
   """
   previous = sys.unraisablehook
 
@@ -127,6 +134,18 @@ def ignore_closed_event_loop_reports() -> None:
     previous(unraisable)
 
   sys.unraisablehook = unraisablehook
+  logging.getLogger("asyncio").addFilter(_drop_unretrieved_tensorstore_errors)
+
+
+_TENSORSTORE_STATUS = re.compile(r"^[A-Z][A-Z_]+: ")
+
+
+def _drop_unretrieved_tensorstore_errors(record: logging.LogRecord) -> bool:
+  """False (drop) for asyncio's report of an unretrieved task's tensorstore error."""
+  if not record.getMessage().startswith("Task exception was never retrieved"):
+    return True
+  error = record.exc_info[1] if record.exc_info else None
+  return not (error is not None and _TENSORSTORE_STATUS.match(str(error)))
 
 
 def exit_after_error(message: str) -> NoReturn:
