@@ -90,7 +90,6 @@ class TeacherCache:
   def __init__(self, teacher_params: Any, num_patches: int, patch_size: int, mesh: Mesh,
                precision: str = "exact", *, directory: str | os.PathLike | None = None,
                data_label: str = "", log: Callable[[str], None] = print):
-    self._teacher = teacher_params
     dtype = entry_dtype(patch_size)
     self.path: pathlib.Path | None = None
     if directory is None:
@@ -109,7 +108,10 @@ class TeacherCache:
     # computation over the whole mesh would need them all to agree on when to run it.
     local = Mesh(np.array([d for d in mesh.devices.flat if d.process_index == jax.process_index()]),
                  ("data",))
-    self._local_replicated = NamedSharding(local, P())
+    # Placed once: the teacher is frozen, and a miss (every step of a first epoch) would
+    # otherwise copy it to the devices again.
+    self._teacher = jax.device_put(jax.tree_util.tree_map(_process_copy, teacher_params),
+                                   NamedSharding(local, P()))
     self._compute = distill.jitted_teacher_targets(local, precision)
 
   @property
@@ -126,9 +128,7 @@ class TeacherCache:
     digests = input_digests(ir, vis)
     kept = self._entries["digest"][ids]
     if not (kept == digests).all():
-      teacher = jax.device_put(jax.tree_util.tree_map(_process_copy, self._teacher),
-                               self._local_replicated)
-      targets = np.asarray(self._compute(teacher, np.concatenate([ir, vis], axis=-1)))
+      targets = np.asarray(self._compute(self._teacher, np.concatenate([ir, vis], axis=-1)))
       # Targets first, digests after: an entry cut short between the two (a crash, a full
       # disk) has the digest of nothing and is computed again.
       self._entries["targets"][ids] = targets
