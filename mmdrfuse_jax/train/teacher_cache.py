@@ -155,11 +155,10 @@ def _open_store(path: pathlib.Path, dtype: np.dtype, num_patches: int,
   one, since everything in it can be computed again.
   """
   if path.is_file():
-    problem = _store_problem(path, dtype, num_patches)
-    if problem is None:
-      offset = _header_length(path)
-      return np.memmap(path, dtype, "r+", offset=offset, shape=(num_patches,))
-    log(f"{path}: {problem}; starting it again (the teacher's targets are computed anew)")
+    try:
+      return _map_store(path, dtype, num_patches)
+    except _NotAStore as problem:
+      log(f"{path}: {problem}; starting it again (the teacher's targets are computed anew)")
   path.parent.mkdir(parents=True, exist_ok=True)
   # Created under a temporary name, then renamed: a run reading the folder at the same time
   # sees either no store or a whole one. The file is sparse: its zeros take no disk.
@@ -167,13 +166,11 @@ def _open_store(path: pathlib.Path, dtype: np.dtype, num_patches: int,
   created = np.lib.format.open_memmap(temporary, "w+", dtype, (num_patches,))
   del created
   os.replace(temporary, path)
-  return np.memmap(path, dtype, "r+", offset=_header_length(path), shape=(num_patches,))
+  return _map_store(path, dtype, num_patches)
 
 
-def _header_length(path: pathlib.Path) -> int:
-  with open(path, "rb") as f:
-    _read_header(f)
-    return f.tell()
+class _NotAStore(Exception):
+  """A file that is not a store of the entries expected (the message says why)."""
 
 
 def _read_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -185,21 +182,26 @@ def _read_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
   raise ValueError(f"an .npy format version {version[0]}.{version[1]} not written here")
 
 
-def _store_problem(path: pathlib.Path, dtype: np.dtype, num_patches: int) -> str | None:
-  """What makes `path` not a store of `num_patches` entries of `dtype`, or None."""
+def _map_store(path: pathlib.Path, dtype: np.dtype, num_patches: int) -> np.memmap:
+  """`path`'s `num_patches` entries of `dtype`, mapped once its header and size say so.
+
+  Raises:
+    _NotAStore: the file is not such a store.
+  """
   try:
     with open(path, "rb") as f:
       shape, fortran, found = _read_header(f)
       offset = f.tell()
   except (OSError, ValueError) as e:
-    return f"not a teacher-target store ({e})"
+    raise _NotAStore(f"not a teacher-target store ({e})") from None
   if found != dtype or shape != (num_patches,) or fortran:
-    return (f"holds {shape} entries of {found}, not the {num_patches} of {dtype} of this run")
+    raise _NotAStore(
+        f"holds {shape} entries of {found}, not the {num_patches} of {dtype} of this run")
   expected = offset + num_patches * dtype.itemsize
   size = path.stat().st_size
   if size != expected:
-    return f"is {size:,} bytes where its header says {expected:,}"
-  return None
+    raise _NotAStore(f"is {size:,} bytes where its header says {expected:,}")
+  return np.memmap(path, dtype, "r+", offset=offset, shape=(num_patches,))
 
 
 def _process_copy(x: Any) -> Any:
