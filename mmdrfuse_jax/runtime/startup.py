@@ -8,8 +8,9 @@ and exits with 128 + the signal's number (130, 143) by raising SystemExit, so th
 (`finally` blocks, temporary files) still runs, then skips the interpreter's finalization
 (`os._exit` from atexit); a second signal meanwhile exits at once. Where
 Python cannot raise that SystemExit (the handler ran inside a garbage-collector callback, such as
-jax's, or a `__del__`: Python reports it as "Exception ignored" and carries on), the process
-exits at once, with the same code.
+jax's, or a `__del__`: Python reports it as "Exception ignored" and carries on), or should not
+(an extension module is initialising: jaxlib's C++ aborted or crashed when the SystemExit crossed
+it), the process exits at once, with the same code.
 
 `mmdrfuse_jax.tools` installs the guard when it is imported by a process started to run a tool
 (`started_as_tool`: a `bin/` shim, a `mmdrfuse-*` console script, `python -m
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.machinery
 import os
 import pathlib
 import signal
@@ -45,7 +47,6 @@ _hook: Optional[Callable[[Any], None]] = None  # the sys.unraisablehook the guar
 
 def _handle(signum: int, frame: Any) -> None:
   """The guard: one line on stderr, then SystemExit(128 + signum)."""
-  del frame
   global _raised, _hook
   code = 128 + int(signum)
   if _raised is not None:  # A second signal while the first unwinds (a slow clean-up): stop now.
@@ -57,6 +58,12 @@ def _handle(signum: int, frame: Any) -> None:
   with contextlib.suppress(Exception):  # stderr closed: the exit code still says it
     sys.stderr.write(f"stopped by {name} while starting\n")
     sys.stderr.flush()
+  if _inside_a_native_module_init(frame):
+    # An exception raised here would cross C++ that calls back into Python while it builds a
+    # module (jaxlib._jax imports numpy through nanobind) and does not expect one: the process
+    # then aborts or crashes (exit -6 or -11, a few times in a hundred under load). Nothing of
+    # ours needs unwinding in the middle of an import: leave now.
+    _leave(code)
   _raised = SystemExit(code)
   _hook = previous = sys.unraisablehook
 
@@ -72,6 +79,16 @@ def _handle(signum: int, frame: Any) -> None:
   # turned the exit code into -11 (SIGSEGV) once in CI. atexit runs the last-registered first.
   atexit.register(_leave, code)
   raise _raised
+
+
+def _inside_a_native_module_init(frame: Any) -> bool:
+  """Whether `frame` runs inside the initialisation of an extension module (its `PyInit_*`)."""
+  while frame is not None:
+    if (frame.f_code.co_name in ("create_module", "exec_module")
+        and isinstance(frame.f_locals.get("self"), importlib.machinery.ExtensionFileLoader)):
+      return True
+    frame = frame.f_back
+  return False
 
 
 def _leave(code: int) -> None:
