@@ -88,6 +88,14 @@ LONG = {
                                                   "data.weights": "1,2", "optim.lr": 3e-4},
     "recipe_per_patch_wgrad10000_llvip3_lr3e-4": {**_PER_PATCH, "loss.w_grad": 10000.0,
                                                   "data.weights": "1,3", "optim.lr": 3e-4},
+    # At the cause: a term that keeps some conv1 unit on at every pixel (`losses.alive_loss`),
+    # on the best-validating row, whose units die on 8.5% of LLVIP's pixels.
+    "recipe_per_patch_wgrad10000_alive3": {**_PER_PATCH, "loss.w_grad": 10000.0,
+                                           "loss.w_alive": 3.0},
+    "recipe_per_patch_wgrad10000_alive10": {**_PER_PATCH, "loss.w_grad": 10000.0,
+                                            "loss.w_alive": 10.0},
+    "recipe_per_patch_wgrad10000_alive30": {**_PER_PATCH, "loss.w_grad": 10000.0,
+                                            "loss.w_alive": 30.0},
 }
 
 

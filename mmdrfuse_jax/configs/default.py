@@ -83,6 +83,9 @@ def get_config(model: str = "student") -> ml_collections.ConfigDict:
   # The perception term's features: "vgg" (VGG-19, published) or, for a student, "teacher"
   # (its frozen teacher's first two encoder maps: no download, train/distill.py).
   config.loss.perception = "vgg"
+  # Not in the published recipe: `loss.w_alive` (0 above) weighs a term that keeps some conv1
+  # unit on by `alive_margin` at every pixel (`losses.alive_loss`): against dead regions.
+  config.loss.alive_margin = 0.05
 
   # Dynamic refresh (SPEC section 4): one switch per memory kind (`refresh.MEMORY_KINDS`).
   config.refresh = ml_collections.ConfigDict()

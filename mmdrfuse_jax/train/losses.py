@@ -127,6 +127,26 @@ def distillation_loss(s_feat: jax.Array, t_feat: jax.Array, s_out: jax.Array,
   return (term(s_feat, t_feat) + term(s_out, t_out)) / 2
 
 
+def alive_loss(feat_pre: jax.Array, *, margin: float = 0.05) -> jax.Array:
+  """L_alive: how far each pixel's strongest first-layer feature is below `margin`, averaged.
+
+  mean(relu(margin - max_k feat_pre[..., k])) over the batch's pixels. Not in the published
+  recipe (weight 0 there). Where every ReLU of the student's `conv1` is off, its output is one
+  constant whatever the inputs: the dark regions of night and medical scenes go flat
+  (`evaluation.diagnostics.dead_unit_share`). The published student keeps one unit on there (a
+  conv1 bias of +0.21); students trained here drove all four biases negative. The term is zero
+  wherever some unit is on by at least `margin`, so it asks nothing of the other pixels.
+
+  Args:
+    feat_pre: (B, H, W, C) pre-activations of the first layer (`Student(...)["feat_pre"]`).
+    margin: how far on the strongest unit should be, in the features' units.
+
+  Returns:
+    A scalar.
+  """
+  return jnp.mean(jax.nn.relu(margin - jnp.max(feat_pre, axis=-1)))
+
+
 # ------------------------------------------------------------------------ training SSIM/GMSD
 
 
@@ -255,7 +275,7 @@ def refresh_gmsd_loss(taps_mem: Taps, taps_out: Taps, mem: jax.Array, out: jax.A
 
 
 # The terms of the comprehensive loss, in the order `LossWeights.total` sums them.
-TERMS = ("int", "percep", "grad", "distill", "refresh")
+TERMS = ("int", "percep", "grad", "distill", "refresh", "alive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,6 +292,7 @@ class LossWeights:
   w_grad: float
   w_distill: float
   w_refresh: float
+  w_alive: float = 0.0  # Not in the published recipe: `alive_loss`.
 
   def total(self, terms: Mapping[str, jax.Array]) -> jax.Array:
     """The weighted sum of the terms present in `terms` (keys `l_int`, `l_percep`, ...)."""

@@ -58,6 +58,8 @@ ADDED_SETTINGS: Mapping[str, Any] = {
     "optim.final_lr_fraction": 0.0,
     "init.conv1_bias": 0.0,  # Flax's default.
     "loss.perception": "vgg",
+    "loss.w_alive": 0.0,  # No such term.
+    "loss.alive_margin": 0.05,
 }
 
 # The run record's format: 2 keeps `PATH_KEYS` inside the run's folder relative to the workdir;

@@ -163,6 +163,7 @@ class LossSpec:
   gradient_form: str
   distill_normalize: str
   perception: str
+  alive_margin: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +265,7 @@ class RunSpec:
         model=self.model, weights=self.loss.weights, refresh=self.refresh,
         gradient_form=self.loss.gradient_form, distill_normalize=self.loss.distill_normalize,
         steps_per_epoch=steps_per_epoch, precision=self.precision,
-        perception=self.loss.perception)
+        perception=self.loss.perception, alive_margin=self.loss.alive_margin)
 
   @property
   def needs_vgg(self) -> bool:
@@ -435,7 +436,8 @@ def _loss(get: _Settings, model: str) -> LossSpec:
                   gradient_form=get.choice("loss.gradient_form", losses.GRADIENT_FORMS),
                   distill_normalize=get.choice("loss.distill_normalize",
                                                losses.DISTILL_NORMALIZATIONS),
-                  perception=perception)
+                  perception=perception,
+                  alive_margin=get.positive_number("loss.alive_margin"))
 
 
 def _refresh(get: _Settings) -> refresh.RefreshConfig:

@@ -18,7 +18,7 @@ import tensorboardX
 from mmdrfuse_jax.io import files
 
 # The loss terms in the order the console line shows them.
-_CONSOLE_TERMS = ("l_int", "l_percep", "l_grad", "l_distill", "l_refresh")
+_CONSOLE_TERMS = ("l_int", "l_percep", "l_grad", "l_distill", "l_refresh", "l_alive")
 
 
 class MetricWriter:

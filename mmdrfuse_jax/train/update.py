@@ -93,6 +93,7 @@ class StepConfig:
   steps_per_epoch: int = 1
   precision: str = "exact"
   perception: str = "vgg"
+  alive_margin: float = 0.05
 
   def __post_init__(self):
     precision_lib.check(self.precision)
@@ -302,6 +303,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Frozen, *
     if cfg.uses_teacher:
       terms["l_distill"] = losses.distillation_loss(
           o["feat"], targets[..., :1], out, targets[..., 1:], normalize=cfg.distill_normalize)
+    if weights.w_alive != 0:
+      terms["l_alive"] = losses.alive_loss(o["feat_pre"], margin=cfg.alive_margin)
     # Refresh decisions on the current output before this step's update (SPEC section 4).
     out_const = jax.lax.stop_gradient(out)
     decisions = {}

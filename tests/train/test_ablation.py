@@ -206,6 +206,6 @@ def test_the_shipped_grids_load_and_differ_from_their_first_row_as_named():
       assert set(changes) <= {"data.data_dir", "teacher_weights", "optim.lr", "init.conv1_bias",
                               "loss.perception", "loss.w_percep", "data.augment.enabled",
                               "data.dataset", "data.weights", "num_epochs", "loss.w_grad",
-                              "loss.w_int", "loss.w_distill", "optim.schedule",
+                              "loss.w_int", "loss.w_distill", "loss.w_alive", "optim.schedule",
                               "optim.warmup_steps",
                               "data.augment.per_patch"}, name

@@ -253,3 +253,22 @@ def test_totals():
   np.testing.assert_allclose(paper.total(ones), 4.1)
   # Terms that are off are absent from `terms`, and add nothing.
   np.testing.assert_allclose(student.total({"l_int": 1.0}), 1.0)
+
+
+def test_alive_loss_against_hand_computed_values():
+  # Two pixels with every unit off (strongest -0.2 and -0.01), one on by less than the margin
+  # (0.02), one on by more (0.3): (0.05+0.2 + 0.05+0.01 + 0.05-0.02 + 0) / 4.
+  feat_pre = jnp.array([[[[-0.5, -0.2, -0.3, -1.0], [-0.01, -0.4, -0.02, -0.03]],
+                         [[0.02, -1.0, 0.01, -2.0], [0.3, -0.5, 0.1, -0.1]]]])
+  np.testing.assert_allclose(losses.alive_loss(feat_pre, margin=0.05),
+                             (0.25 + 0.06 + 0.03) / 4, rtol=1e-6)
+  # The gradient reaches only the strongest unit of each pixel under the margin.
+  grad = jax.grad(lambda f: losses.alive_loss(f, margin=0.05))(feat_pre)
+  want = np.zeros(feat_pre.shape, np.float32)
+  want[0, 0, 0, 1] = want[0, 0, 1, 0] = want[0, 1, 0, 0] = -0.25
+  np.testing.assert_allclose(grad, want)
+  # A student with the term's weight: it adds to the total, and is absent by default.
+  weights = losses.LossWeights(w_int=1, w_percep=0, w_grad=0, w_distill=0, w_refresh=0,
+                               w_alive=10)
+  np.testing.assert_allclose(weights.total({"l_int": 1.0, "l_alive": 0.5}), 6.0)
+  assert losses.PUBLISHED_WEIGHTS["student"].w_alive == 0
