@@ -104,6 +104,16 @@ LONG = {
                                                   "data.weights": "1,2", "loss.w_alive": 3.0},
     "recipe_per_patch_wgrad30000_lr3e-4_alive10": {**_PER_PATCH, "loss.w_grad": 30000.0,
                                                    "optim.lr": 3e-4, "loss.w_alive": 10.0},
+    # Around the first row to hold both domains with no dead units: longer, more night
+    # scenes, more gradient weight.
+    "recipe_per_patch_wgrad30000_lr3e-4_alive3_36epochs": {
+        **_PER_PATCH, "loss.w_grad": 30000.0, "optim.lr": 3e-4, "loss.w_alive": 3.0,
+        "num_epochs": 36},
+    "recipe_per_patch_wgrad30000_lr3e-4_llvip2_alive3": {
+        **_PER_PATCH, "loss.w_grad": 30000.0, "optim.lr": 3e-4, "loss.w_alive": 3.0,
+        "data.weights": "1,2"},
+    "recipe_per_patch_wgrad100000_lr3e-4_alive3": {
+        **_PER_PATCH, "loss.w_grad": 100000.0, "optim.lr": 3e-4, "loss.w_alive": 3.0},
 }
 
 
