@@ -126,6 +126,12 @@ LONG = {
         "num_epochs": 36},
     "recipe_per_patch_wgrad1000000_lr3e-4_alive3": {
         **_PER_PATCH, "loss.w_grad": 1000000.0, "optim.lr": 3e-4, "loss.w_alive": 3.0},
+    # After the choice (the 36-epoch row at 300,000 is shipped): is the alive term still
+    # needed at that gradient weight?
+    "recipe_per_patch_wgrad300000_lr3e-4": {
+        **_PER_PATCH, "loss.w_grad": 300000.0, "optim.lr": 3e-4},
+    "recipe_per_patch_wgrad300000_lr3e-4_36epochs": {
+        **_PER_PATCH, "loss.w_grad": 300000.0, "optim.lr": 3e-4, "num_epochs": 36},
 }
 
 
