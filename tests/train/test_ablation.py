@@ -209,3 +209,16 @@ def test_the_shipped_grids_load_and_differ_from_their_first_row_as_named():
                               "loss.w_int", "loss.w_distill", "loss.w_alive", "optim.schedule",
                               "optim.warmup_steps",
                               "data.augment.per_patch"}, name
+
+
+def test_the_multidomain_config_trains_the_shipped_row():
+  # weights/student.npz is this row's run (docs/domains.md): the config that README and docs
+  # point to must train the same thing; only logging and how validation is named may differ
+  # (validation.datasets "" is the training datasets: the same pairs).
+  from mmdrfuse_jax.configs import ablation_multidomain, student_multidomain
+
+  row = ablation_multidomain.get_grid("long")[
+      "recipe_per_patch_wgrad300000_lr3e-4_alive3_36epochs"]
+  changes = ablation.config_changes(row, student_multidomain.get_config())
+  assert set(changes) <= {"log_every_steps", "progress_bar", "validation.datasets"}, changes
+  assert student_multidomain.get_config().data.dataset == "roadscene,llvip"
