@@ -479,7 +479,7 @@ def test_quickstart_is_two_explicit_stages(tmp_path):
   assert "teacher_stage" not in student.config
   assert dict(teacher.config.loss) == {**dataclasses.asdict(losses.PUBLISHED_WEIGHTS["teacher"]),
                                        "gradient_form": "code", "distill_normalize": "batch",
-                                       "perception": "vgg"}
+                                       "perception": "vgg", "alive_margin": 0.05}
   assert teacher.config.data == quickstart.get_config().data  # One data setting for both.
   (only,) = stages.plan(default.get_config("teacher"), tmp_path)
   assert only.workdir == tmp_path and only.config.model == "teacher"
