@@ -33,6 +33,7 @@ _LAZY = {
     "save_params": "mmdrfuse_jax.models.weight_files",
     # Fusion and export.
     "fuse": "mmdrfuse_jax.inference.fusion",
+    "fuse_levels": "mmdrfuse_jax.inference.fusion",
     "Fuser": "mmdrfuse_jax.inference.fusion",
     "quantize": "mmdrfuse_jax.inference.fusion",
     "export_onnx": "mmdrfuse_jax.inference.export",
@@ -60,6 +61,7 @@ __all__ = [
     "export_onnx",
     "export_stablehlo",
     "fuse",
+    "fuse_levels",
     "get_model",
     "init_params",
     "load_params",
@@ -73,7 +75,7 @@ if TYPE_CHECKING:  # What a type checker and an IDE see; at run time __getattr__
   from mmdrfuse_jax.evaluation.metrics import all_metrics
   from mmdrfuse_jax.evaluation.scoring import evaluate
   from mmdrfuse_jax.inference.export import export_onnx, export_stablehlo
-  from mmdrfuse_jax.inference.fusion import Fuser, fuse, quantize
+  from mmdrfuse_jax.inference.fusion import Fuser, fuse, fuse_levels, quantize
   from mmdrfuse_jax.models.networks import Student, Teacher, count_params, get_model, init_params
   from mmdrfuse_jax.models.weight_files import load_params, save_params
   from mmdrfuse_jax.train.loop import train_model

@@ -77,6 +77,10 @@ def items(reduced: bool) -> list[tuple[str, list[str]]]:
         chosen.append((f"infer-{model}-{width}x{height}-b{batch}",
                        ["infer", "--model", model, "--height", str(height), "--width", str(width),
                         "--batch", str(batch), "--repeats", repeats]))
+  for height, width in sizes:  # uint8 in, the min-max stretch to uint8 on the device
+    chosen.append((f"infer-student-{width}x{height}-8bit-b1",
+                   ["infer", "--model", "student", "--height", str(height), "--width", str(width),
+                    "--levels", "8", "--repeats", repeats]))
   chosen.append(("metrics", ["metrics", *metric]))
   chosen.append(("pipeline", ["pipeline", *pipe]))
   for height, width in sizes:  # decoded, fused, encoded (libx264): frames per second
@@ -118,9 +122,11 @@ def _figure(result: dict) -> str:
   if "bound_ms_per_image" in result:  # Fusion beside its memory bound (infer.py).
     held = result.get("device_bytes_per_image")
     memory = "" if held is None else f", {held / 2**20:,.3g} MiB per image"
+    host = result.get("float_then_host_quantize_ms_per_image")
+    host = "" if host is None else f"; float path, then quantized on the host: {host:,.4g} ms"
     return (f"{result['ms_per_image']:,.4g} ms per image ({result['images_per_second']:,.4g} "
             f"images/s{memory}; memory bound {result['bound_ms_per_image']:,.3g} ms, "
-            f"{result['times_the_bound']:.3g}x)")
+            f"{result['times_the_bound']:.3g}x{host})")
   for key, unit in (("ms_per_image", "ms per image"), ("ms_per_step", "ms per step"),
                     ("patches_per_s", "patches/s")):
     if key in result:

@@ -18,6 +18,8 @@ def test_suite_items_cover_the_issue():
         assert f"infer-{model}-{size}-{batch}" in names
     for mode in ("exact", "default", "bfloat16"):
       assert f"train-step-{model}-{mode}" in names
+  for size in ("640x480", "1280x1024"):
+    assert f"infer-student-{size}-8bit-b1" in names
   assert "metrics" in names and "pipeline" in names
   # The reduced suite: the same items at tiny sizes.
   reduced = [name.replace("64x48", "640x480").replace("128x96", "1280x1024").replace("b4", "b32")
@@ -68,3 +70,15 @@ def test_memory_write_times_the_storage_it_names(capsys):
   assert result["runs"] == 2 and result["ms_per_write"] > 0
   with pytest.raises(SystemExit, match="--batch 8 must be between 1 and --num_patches 4"):
     bench.main(["memory-write", "--num_patches", "4", "--batch", "8"])
+
+
+def test_the_8bit_path_is_timed_beside_the_float_path_and_host_quantize(tmp_path):
+  bench = load_script("bench")
+  assert bench.main(["suite", "--reduced", "--out", str(tmp_path),
+                     "--only", "infer-student-64x48-8bit-b1"]) == 0
+  (item,) = json.loads((tmp_path / "bench.json").read_text())["items"]
+  result = item["result"]
+  assert result["levels"] == 8 and result["ms_per_image"] > 0
+  assert result["float_then_host_quantize_ms_per_image"] > 0
+  assert result["bound_bytes_per_image"] == 3 * 48 * 64  # One byte a pixel.
+  assert "then quantized on the host" in (tmp_path / "bench.md").read_text()

@@ -227,3 +227,48 @@ def test_docstring_example_on_eight_devices():
                         timeout=300)
   assert done.returncode == 0, done.stderr
   assert "failed=0" in done.stdout and "attempted=0" not in done.stdout, done.stdout
+
+
+def _shipped_student():
+  path = os.path.join(os.path.dirname(__file__), "..", "..", "weights", "student.npz")
+  return weight_files.load_params(path, "student")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("output", ["minmax", "clip"])
+def test_fuse_levels_equals_fuse_then_quantize(dtype, output):
+  params = _shipped_student()
+  full_scale = np.iinfo(dtype).max
+  rng = np.random.default_rng(7)
+  # Smooth images with dark and bright regions, so that some pixels clip and others do not.
+  ramp = np.linspace(0, 1, 40, dtype=np.float32)
+  base = np.stack([np.outer(ramp, ramp[::-1]), np.outer(ramp[::-1], ramp) ** 3,
+                   np.full((40, 40), 0.5, np.float32)])[..., None]
+  ir = np.round(np.clip(base + 0.05 * rng.standard_normal(base.shape), 0, 1) * full_scale)
+  vis = np.round(np.clip(base[::-1] + 0.05 * rng.standard_normal(base.shape), 0, 1) * full_scale)
+  ir, vis = ir.astype(dtype), vis.astype(dtype)
+  out = np.asarray(fusion.fuse_levels(params, ir, vis, output=output))
+  assert out.shape == ir.shape and out.dtype == dtype
+  fused = np.asarray(fusion.fuse(params, imageio.to_unit_float(ir), imageio.to_unit_float(vis)))
+  for b in range(len(ir)):  # Each image is stretched on its own.
+    y = fused[b, ..., 0]
+    expected = fusion.quantize(y, output, full_scale)
+    # Two compilations of the network may round its float output a few ulps apart; a pixel
+    # may then land one level apart, but only where the float value sits on a half level.
+    scale = full_scale / (y.max() - y.min()) if output == "minmax" else full_scale
+    values = (y - y.min()) * scale if output == "minmax" else np.clip(y, 0, 1) * scale
+    near_half = np.abs(values - np.floor(values) - 0.5) < 16 * np.finfo(np.float32).eps * scale
+    differs = out[b, ..., 0] != expected
+    assert np.all(np.abs(out[b, ..., 0].astype(int) - expected) <= 1)
+    assert np.all(near_half[differs]), f"image {b}: {differs.sum()} pixels differ off a half level"
+    assert differs.mean() < 1e-3
+
+
+def test_fuse_levels_refuses_floats_and_mixed_types(random_student):
+  u8 = np.zeros((1, 8, 8, 1), np.uint8)
+  with pytest.raises(fusion.FusionInputError, match="uint8 or uint16 images of one dtype"):
+    fusion.fuse_levels(random_student, u8.astype(np.float32), u8)
+  with pytest.raises(fusion.FusionInputError, match="ir uint8 and vis uint16"):
+    fusion.fuse_levels(random_student, u8, u8.astype(np.uint16))
+  with pytest.raises(ValueError, match="unknown output mode"):
+    fusion.fuse_levels(random_student, u8, u8, output="sigmoid")
