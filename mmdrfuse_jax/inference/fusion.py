@@ -177,8 +177,11 @@ def fuse_levels(params: Mapping[str, Any], ir: jax.Array, vis: jax.Array, *,
         f"fuse_levels takes uint8 or uint16 images of one dtype; got ir {dtype} and vis "
         f"{jnp.result_type(vis)} (for floats in [0, 1] use fuse)")
   full_scale = jnp.iinfo(dtype).max
-  unit = lambda x: x.astype(jnp.float32) / jnp.float32(full_scale)  # noqa: E731
-  fused = fuse(params, unit(ir), unit(vis))
+  # Converted in one pass and written out: read through the network's shifted loads, the
+  # integer inputs would be converted nine times a pixel and those loads do not vectorise.
+  both = jax.lax.optimization_barrier(
+      jnp.stack([ir, vis]).astype(jnp.float32) / jnp.float32(full_scale))
+  fused = fuse(params, both[0], both[1])
   if output == "minmax":
     low = jnp.min(fused, axis=(1, 2, 3), keepdims=True)
     high = jnp.max(fused, axis=(1, 2, 3), keepdims=True)

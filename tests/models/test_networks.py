@@ -1,6 +1,7 @@
 """Network parity with the published PyTorch code (golden/networks.npz) and shapes."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import random_params
@@ -220,3 +221,55 @@ def test_xla_and_planar_convolutions_agree():
   assert networks.resolve_conv_impl("auto") == "planar"  # This CPU.
   with pytest.raises(ValueError, match="conv_impl must be one of"):
     networks.resolve_conv_impl("winograd")
+
+
+def _published_student(params, x):
+  """The student as published, from its definition: reflection pad, 3x3 conv, ReLU, reflection
+  pad, 3x3 conv, tanh; every padded array written out (the form the banded path replaces)."""
+  pad = lambda p: jnp.pad(p, ((0, 0), (1, 1), (1, 1)), mode="reflect")  # noqa: E731
+  c1, c2 = params["conv1"], params["conv2"]
+  feat = [jax.nn.relu(f) for f in networks.conv3x3_planes(
+      [pad(x[..., 0]), pad(x[..., 1])], c1["kernel"], c1["bias"])]
+  (out_pre,) = networks.conv3x3_planes([pad(f) for f in feat], c2["kernel"], c2["bias"])
+  return out_pre[..., None], jnp.tanh(out_pre)[..., None]
+
+
+@pytest.mark.parametrize("height,width", [(5, 5), (5, 9), (6, 5), (17, 23), (64, 80)])
+def test_the_banded_student_equals_the_published_computation(height, width):
+  # Sizes from the smallest the banded path takes (5, where the bands meet in the middle).
+  params = jax.tree_util.tree_map(
+      lambda a: a + 0.3 * np.random.default_rng(a.size).standard_normal(a.shape, np.float32),
+      networks.init_params("student", jax.random.key(3)))
+  x = np.random.default_rng(height * width).random((2, height, width, 2), dtype=np.float32)
+  out = jax.jit(networks.Student(conv_impl="planar").apply)({"params": params}, x)
+  out_pre, fused = jax.jit(_published_student)(params, x)
+  # The same sums in the same order; XLA may still vectorise the two programs differently
+  # on another CPU, so the claim is "equal up to rounding" (tests/rounding.py), which a
+  # misplaced band or a wrong reflection misses by thousands of times.
+  ulps = network_ulps(params)
+  assert_equal_up_to_rounding(out["out_pre"], out_pre, ulps=ulps)
+  assert_equal_up_to_rounding(out["out"], fused, ulps=ulps)
+  # The gradient of a loss on the fused image, to float rounding (sums in another order).
+  grad = jax.grad(lambda p: jnp.sum(
+      networks.Student(conv_impl="planar").apply({"params": p}, x)["out"] ** 2))(params)
+  want = jax.grad(lambda p: jnp.sum(_published_student(p, x)[1] ** 2))(params)
+  for got, expected in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_banded_student_is_unchanged_under_vmap_and_with_weights_closed_over():
+  # Its fusion barriers are conds keyed by a weight and a pixel; each must still hold the
+  # same values where XLA removes one (weights as constants; a batched pixel).
+  params = networks.init_params("student", jax.random.key(4))
+  x = np.random.default_rng(5).random((3, 1, 12, 16, 2), dtype=np.float32)
+  apply = networks.Student(conv_impl="planar").apply
+  want = jnp.stack([_published_student(params, xi)[1] for xi in x])
+  closed = jax.jit(lambda xi: apply({"params": params}, xi)["out"])
+  mapped = jax.jit(jax.vmap(lambda xi: apply({"params": params}, xi)["out"]))
+  ulps = network_ulps(params)
+  assert_equal_up_to_rounding(jnp.stack([closed(xi) for xi in x]), want, ulps=ulps)
+  assert_equal_up_to_rounding(mapped(x), want, ulps=ulps)
+  nan_corner = x[0].copy()
+  nan_corner[0, 0, 0, 0] = np.nan  # The pixel key is NaN: the other branch, the same values.
+  got = closed(nan_corner)
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(_published_student(params, nan_corner)[1]))
