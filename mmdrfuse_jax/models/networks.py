@@ -223,10 +223,13 @@ def _student_out_banded(planes: Sequence[jax.Array], k1: jax.Array, b1: jax.Arra
   feat = [nn.relu(f) for f in conv3x3_planes(planes, k1, b1)]
   feat = _written_out(_written_out(feat, b1[0]), planes[0][0, 0, 0])
   (inner,) = conv3x3_planes(feat, k2, b2)
-  top = padded_student([p[:, :5] for p in planes])[:, :2]
-  bottom = padded_student([p[:, height - 5:] for p in planes])[:, 3:]
-  left = padded_student([p[:, :, :5] for p in planes])[:, 2:height - 2, :2]
-  right = padded_student([p[:, :, width - 5:] for p in planes])[:, 2:height - 2, 3:]
+  # The top and bottom bands in one call, the left and right ones in another (stacked on
+  # the batch axis): half the program to compile.
+  batch = planes[0].shape[0]
+  rows = padded_student([jnp.concatenate([p[:, :5], p[:, height - 5:]]) for p in planes])
+  top, bottom = rows[:batch, :2], rows[batch:, 3:]
+  cols = padded_student([jnp.concatenate([p[:, :, :5], p[:, :, width - 5:]]) for p in planes])
+  left, right = cols[:batch, 2:height - 2, :2], cols[batch:, 2:height - 2, 3:]
 
   def joined(f):
     middle = jnp.concatenate([f(left), f(inner), f(right)], axis=2)
@@ -244,12 +247,19 @@ class Student(nn.Module):
 
   `conv_impl`: see `resolve_conv_impl` (the parameters are the same either way).
 
+  `banded`: the form for fusing rather than training. With the planar convolutions, no
+  canvas and images of at least `BANDED_MIN_SIZE` a side, `out` and `out_pre` come from
+  `_student_out_banded`: the same values up to float rounding, 40% less time on a CPU, but
+  about twice the compile time and three times under differentiation, so training keeps
+  the padded form. `fusion.fuse` sets it (`get_model(..., inference=True)`).
+
   Returns:
     A dict with `feat_pre` (conv1 output), `feat` (its ReLU), `out_pre` (conv2 output) and
     `out` (tanh(out_pre), the fused image in [-1, 1]; in practice in [0, 1]), all NHWC.
   """
 
   conv_impl: str = "auto"
+  banded: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, sizes: jax.Array | None = None) -> dict[str, jax.Array]:
@@ -279,10 +289,10 @@ class Student(nn.Module):
     feat_pre_planes = _padded_conv3x3(planes, k1, b1, pad)
     feat_planes = [nn.relu(f) for f in feat_pre_planes]
     height, width = x.shape[1:3]
-    if (sizes is None and isinstance(height, int) and isinstance(width, int)
+    if (self.banded and sizes is None and isinstance(height, int) and isinstance(width, int)
         and min(height, width) >= BANDED_MIN_SIZE):
-      # The same values, faster (`_student_out_banded`); `feat_pre` and `feat` above are
-      # computed only when a caller uses them (jit drops what no output needs).
+      # `feat_pre` and `feat` above are computed only when a caller uses them (jit drops
+      # what no output needs).
       out_pre, out = _student_out_banded(planes, k1, b1, k2, b2)
     else:
       (out_pre,) = _padded_conv3x3(feat_planes, k2, b2, pad)
@@ -404,14 +414,17 @@ def check_model_name(name: str) -> None:
     raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
 
 
-def get_model(name: str, precision: str = "exact") -> nn.Module:
+def get_model(name: str, precision: str = "exact", *, inference: bool = False) -> nn.Module:
   """The network called `name` ("student" or "teacher").
 
   `precision` (see `precision.py`) applies to the teacher; the student is float32 always.
+  `inference`: the form for fusing rather than training (the student's `banded`).
   """
   check_model_name(name)
   precision_lib.check(precision)
-  return Teacher(precision=precision) if name == "teacher" else MODELS[name]()
+  if name == "teacher":
+    return Teacher(precision=precision)
+  return Student(banded=inference)
 
 
 def layer_names(name: str) -> tuple[str, ...]:

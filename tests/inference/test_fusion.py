@@ -272,3 +272,16 @@ def test_fuse_levels_refuses_floats_and_mixed_types(random_student):
     fusion.fuse_levels(random_student, u8, u8.astype(np.uint16))
   with pytest.raises(ValueError, match="unknown output mode"):
     fusion.fuse_levels(random_student, u8, u8, output="sigmoid")
+
+
+def test_an_image_that_fills_its_canvas_fuses_as_on_a_larger_one():
+  # 128x256 with bucket 128 fills its canvas and goes through `fuse` (the student's banded
+  # form); bucket 100 puts it on a 200x300 canvas (`fuse_within`, the padded form).
+  params = _shipped_student()
+  rng = np.random.default_rng(11)
+  ir = (rng.random((128, 256)) * 255).astype(np.uint8)
+  vis = (np.outer(np.linspace(0, 1, 128), np.linspace(1, 0, 256)) * 255).astype(np.uint8)
+  whole = fusion.Fuser(params, bucket=128).fuse_images(ir, vis)
+  on_canvas = fusion.Fuser(params, bucket=100).fuse_images(ir, vis)
+  differs = whole != on_canvas
+  assert np.abs(whole.astype(int) - on_canvas).max() <= 1 and differs.mean() < 1e-3

@@ -241,7 +241,7 @@ def test_the_banded_student_equals_the_published_computation(height, width):
       lambda a: a + 0.3 * np.random.default_rng(a.size).standard_normal(a.shape, np.float32),
       networks.init_params("student", jax.random.key(3)))
   x = np.random.default_rng(height * width).random((2, height, width, 2), dtype=np.float32)
-  out = jax.jit(networks.Student(conv_impl="planar").apply)({"params": params}, x)
+  out = jax.jit(networks.Student(conv_impl="planar", banded=True).apply)({"params": params}, x)
   out_pre, fused = jax.jit(_published_student)(params, x)
   # The same sums in the same order; XLA may still vectorise the two programs differently
   # on another CPU, so the claim is "equal up to rounding" (tests/rounding.py), which a
@@ -250,11 +250,16 @@ def test_the_banded_student_equals_the_published_computation(height, width):
   assert_equal_up_to_rounding(out["out_pre"], out_pre, ulps=ulps)
   assert_equal_up_to_rounding(out["out"], fused, ulps=ulps)
   # The gradient of a loss on the fused image, to float rounding (sums in another order).
-  grad = jax.grad(lambda p: jnp.sum(
-      networks.Student(conv_impl="planar").apply({"params": p}, x)["out"] ** 2))(params)
+  banded = networks.Student(conv_impl="planar", banded=True)
+  grad = jax.grad(lambda p: jnp.sum(banded.apply({"params": p}, x)["out"] ** 2))(params)
   want = jax.grad(lambda p: jnp.sum(_published_student(p, x)[1] ** 2))(params)
   for got, expected in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(want)):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_runs_the_banded_form_and_training_the_padded_one():
+  assert networks.get_model("student", inference=True).banded
+  assert not networks.get_model("student").banded  # What the train step builds.
 
 
 def test_the_banded_student_is_unchanged_under_vmap_and_with_weights_closed_over():
@@ -262,7 +267,7 @@ def test_the_banded_student_is_unchanged_under_vmap_and_with_weights_closed_over
   # same values where XLA removes one (weights as constants; a batched pixel).
   params = networks.init_params("student", jax.random.key(4))
   x = np.random.default_rng(5).random((3, 1, 12, 16, 2), dtype=np.float32)
-  apply = networks.Student(conv_impl="planar").apply
+  apply = networks.Student(conv_impl="planar", banded=True).apply
   want = jnp.stack([_published_student(params, xi)[1] for xi in x])
   closed = jax.jit(lambda xi: apply({"params": params}, xi)["out"])
   mapped = jax.jit(jax.vmap(lambda xi: apply({"params": params}, xi)["out"]))
