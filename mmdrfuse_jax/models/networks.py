@@ -290,7 +290,7 @@ class Student(nn.Module):
     feat_planes = [nn.relu(f) for f in feat_pre_planes]
     height, width = x.shape[1:3]
     if (self.banded and sizes is None and isinstance(height, int) and isinstance(width, int)
-        and min(height, width) >= BANDED_MIN_SIZE):
+        and min(height, width) >= BANDED_MIN_SIZE and x.shape[0] > 0):
       # `feat_pre` and `feat` above are computed only when a caller uses them (jit drops
       # what no output needs).
       out_pre, out = _student_out_banded(planes, k1, b1, k2, b2)

@@ -260,6 +260,10 @@ def test_the_banded_student_equals_the_published_computation(height, width):
 def test_fuse_runs_the_banded_form_and_training_the_padded_one():
   assert networks.get_model("student", inference=True).banded
   assert not networks.get_model("student").banded  # What the train step builds.
+  empty = np.zeros((0, 16, 16, 2), np.float32)  # No pixel to key a cond by: the padded form.
+  params = networks.init_params("student", jax.random.key(0))
+  assert networks.Student(banded=True).apply({"params": params}, empty)["out"].shape == (
+      0, 16, 16, 1)
 
 
 def test_the_banded_student_is_unchanged_under_vmap_and_with_weights_closed_over():
