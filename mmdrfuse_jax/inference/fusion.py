@@ -344,14 +344,14 @@ class Fuser:
   def _fuse_gray(self, ir: np.ndarray, vis: np.ndarray) -> np.ndarray:
     """Fuses two (B, H, W) float image stacks, on a bucketed canvas unless bucket is 0."""
     batch, height, width = ir.shape
-    if not self.bucket:
-      return np.asarray(fuse(self.params, ir[..., None], vis[..., None]))[..., 0]
-    canvas_h, canvas_w = bucket_shape(height, width, self.bucket)
-    if self.model == "teacher":  # Its stride-2 middle needs even canvas sides.
-      canvas_h, canvas_w = canvas_h + canvas_h % 2, canvas_w + canvas_w % 2
+    canvas_h, canvas_w = height, width
+    if self.bucket:
+      canvas_h, canvas_w = bucket_shape(height, width, self.bucket)
+      if self.model == "teacher":  # Its stride-2 middle needs even canvas sides.
+        canvas_h, canvas_w = canvas_h + canvas_h % 2, canvas_w + canvas_w % 2
     if (canvas_h, canvas_w) == (height, width):
-      # The image fills its canvas: `fuse` computes the same, and for the student faster
-      # (its banded form, which a canvas's inner borders rule out).
+      # Exact sizes, or an image that fills its canvas: `fuse` computes the same, and for the
+      # student faster (its banded form, which a canvas's inner borders rule out).
       return np.asarray(fuse(self.params, ir[..., None], vis[..., None]))[..., 0]
     pad = ((0, 0), (0, canvas_h - height), (0, canvas_w - width), (0, 0))
     sizes = np.tile(np.array([[height, width]], np.int32), (batch, 1))
